@@ -148,7 +148,7 @@ def _jax_txs(name: str, packed_ok: bool) -> dict[str, Any]:
         pair = (optax.adam(lr), rmsjax.adam(lr))
     else:
         raise ValueError(name)
-    txs = {"optax": pair[0], "rmsjax": pair[1]}
+    txs = {"optax": pair[0], "rmsjax": pair[1], "rmsjax.one_pass": rmsjax.one_pass(pair[1])}
     if packed_ok:
         txs["rmsjax.packed"] = rmsjax.packed(pair[1])
         txs["rmsjax, params kept packed"] = _KeptPacked(pair[1])

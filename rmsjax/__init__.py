@@ -11,6 +11,7 @@ Every public factory returns an ``optax.GradientTransformation``. Layers, bottom
 
 from rmsjax import averages, compat, transforms
 from rmsjax.diagnostics import EffectiveLearningRate, effective_learning_rate, learning_rate, step_count
+from rmsjax.fusion import one_pass
 from rmsjax.optimizers import adadelta, adagrad, adam, adamw, rmsprop, sgd
 from rmsjax.packing import packed
 from rmsjax.transforms import (
@@ -37,6 +38,7 @@ __all__ = [
     "leaky_average",
     "learning_rate",
     "momentum",
+    "one_pass",
     "packed",
     "rmsprop",
     "scale_by_adadelta",

@@ -3,16 +3,16 @@
 No optimizer does arithmetic of its own: each one lists, in order, the transformations of
 :mod:`rmsjax.transforms` that make it up, ending with the learning-rate step. A
 transformation that would do nothing for the given (concrete) hyperparameters, such as
-momentum 0 or weight decay 0, is left out of the chain. ``learning_rate`` may be a number,
+momentum 0 or weight decay 0, stays in the chain as ``optax.identity()``, so the layout of
+the state does not depend on hyperparameter values. ``learning_rate`` may be a number,
 a jax array, or a schedule ``f(step)`` with ``step`` counting updates from 0.
 """
 
 from __future__ import annotations
 
-import os
+from collections.abc import Callable
 from typing import Any
 
-import jax
 import optax
 
 from rmsjax import _validation as check
@@ -22,66 +22,16 @@ from rmsjax.transforms import MaskOrFn, Scalar, ScalarOrSchedule
 __all__ = ["adadelta", "adagrad", "adam", "adamw", "rmsprop", "sgd"]
 
 
-def _multi_output_fusion() -> bool:
-    """Whether XLA:CPU was started with multi-output fusion (see ``docs/performance.md``)."""
-    flags = os.environ.get("XLA_FLAGS", "")
-    return "xla_cpu_use_multi_output_fusion" in flags and jax.default_backend() == "cpu"
+def _unless_zero(
+    value: Any, make: Callable[[], optax.GradientTransformation]
+) -> optax.GradientTransformation:
+    """``make()``, or ``optax.identity()`` when ``value`` is a concrete zero (an array never is).
 
-
-def _worth_one_pass(updates: Any) -> bool:
-    """Whether tracing the step twice for one loop pays: traced, a few big leaves.
-
-    With many leaves the compile time (which grows faster than the number of operations)
-    matters more than a memory pass over small arrays; ``rmsjax.packed`` turns many small
-    leaves into a few big ones first.
+    The identity keeps the part's slot in the chain with an empty state, so the state tree
+    of an optimizer has the same layout whatever its hyperparameters' values: ``nu`` is at
+    the same path with and without weight decay or momentum.
     """
-    leaves = jax.tree.leaves(updates)
-    if not leaves or len(leaves) > 1024 or max(x.size for x in leaves) < 1 << 16:
-        return False
-    return any(isinstance(x, jax.core.Tracer) for x in leaves)
-
-
-def _chain(*parts: optax.GradientTransformation | None) -> optax.GradientTransformation:
-    """``optax.chain`` of the parts that are not ``None``, arranged for a one-pass step.
-
-    When XLA:CPU may fuse several outputs into one loop (``XLA_FLAGS`` holds
-    ``--xla_backend_extra_options=xla_cpu_use_multi_output_fusion``) and the tree has a
-    few big leaves (at most 1024 leaves, the largest with at least 65536 elements), the
-    first part's new state is traced from the inputs, and every later part's state and
-    the update from their own copies of the inputs (``optimization_barrier``; the same
-    operations, so the same numbers up to where XLA contracts a multiply-add into an FMA,
-    which depends on its fusion choices). The compiler then sees independent element-wise
-    computations of the same arrays and emits one loop that reads parameters, gradients
-    and state once and writes the new parameters and state (``docs/performance.md``).
-    Otherwise, and outside a trace, this is exactly ``optax.chain``.
-    """
-    parts = tuple(optax.with_extra_args_support(p) for p in parts if p is not None)
-    chained = optax.chain(*parts)
-
-    def update_fn(updates, state, params=None, **extra_args):
-        if not (_worth_one_pass(updates) and _multi_output_fusion()):
-            return chained.update(updates, state, params, **extra_args)
-
-        def run(count):
-            inputs = (updates, state, params)
-            if count > 1:
-                inputs = jax.lax.optimization_barrier(inputs)
-            grads, inner, where = inputs
-            new_states = []
-            for part, part_state in zip(parts[:count], inner):
-                grads, part_state = part.update(grads, part_state, where, **extra_args)
-                new_states.append(part_state)
-            return grads, new_states
-
-        new_state = tuple(run(i + 1)[1][i] for i in range(len(parts)))
-        return run(len(parts) + 1)[0], new_state
-
-    return optax.GradientTransformationExtraArgs(chained.init, update_fn)
-
-
-def _unless_zero(value: Any, make) -> optax.GradientTransformation | None:
-    """``make()``, or ``None`` when ``value`` is a concrete zero (an array never is)."""
-    return None if check.is_concrete_zero(value) else make()
+    return optax.identity() if check.is_concrete_zero(value) else make()
 
 
 def rmsprop(
@@ -155,7 +105,7 @@ def rmsprop(
     if nesterov and check.is_concrete_zero(momentum):
         raise ValueError(f"nesterov=True needs momentum in (0, 1), got momentum={momentum!r}")
     scaling = transforms.scale_by_stddev if centered else transforms.scale_by_rms
-    return _chain(
+    return optax.chain(
         _unless_zero(weight_decay, lambda: transforms.add_decayed_weights(weight_decay)),
         scaling(
             decay,
@@ -202,7 +152,7 @@ def adagrad(
     Reference:
       Duchi, Hazan and Singer, JMLR 12, 2011.
     """
-    return _chain(
+    return optax.chain(
         transforms.scale_by_rss(initial_accumulator_value, eps),
         transforms.scale_by_learning_rate(learning_rate),
     )
@@ -248,7 +198,7 @@ def adam(
     Reference:
       Kingma and Ba, ICLR 2015.
     """
-    return _chain(
+    return optax.chain(
         transforms.scale_by_adam(b1, b2, eps, eps_root=eps_root, nesterov=nesterov),
         transforms.scale_by_learning_rate(learning_rate),
     )
@@ -297,7 +247,7 @@ def adamw(
     Reference:
       Loshchilov and Hutter, *Decoupled Weight Decay Regularization*, ICLR 2019.
     """
-    return _chain(
+    return optax.chain(
         transforms.scale_by_adam(b1, b2, eps),
         _unless_zero(weight_decay, lambda: transforms.add_decayed_weights(weight_decay, mask)),
         transforms.scale_by_learning_rate(learning_rate),
@@ -339,7 +289,7 @@ def adadelta(
     Reference:
       Zeiler, arXiv:1212.5701, 2012.
     """
-    return _chain(
+    return optax.chain(
         _unless_zero(weight_decay, lambda: transforms.add_decayed_weights(weight_decay)),
         transforms.scale_by_adadelta(rho, eps),
         transforms.scale_by_learning_rate(learning_rate),
@@ -380,7 +330,7 @@ def sgd(
     check.check_flag("nesterov", nesterov)
     if nesterov and check.is_concrete_zero(momentum):
         raise ValueError(f"nesterov=True needs momentum in (0, 1), got momentum={momentum!r}")
-    return _chain(
+    return optax.chain(
         _unless_zero(momentum, lambda: transforms.momentum(momentum, nesterov=nesterov)),
         transforms.scale_by_learning_rate(learning_rate),
     )

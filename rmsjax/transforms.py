@@ -49,7 +49,7 @@ ScalarOrSchedule = float | jax.Array | Schedule
 MaskOrFn = PyTree | Callable[[PyTree], PyTree] | None
 
 
-def _zero_count(params: PyTree = None) -> jax.Array:
+def zero_count(params: PyTree = None) -> jax.Array:
     """An int32 zero, replicated over the mesh that holds ``params`` (if any)."""
     return averages.replicated_like(jnp.zeros([], jnp.int32), params)
 
@@ -129,7 +129,7 @@ def scale_by_rms(
 
     def init_fn(params):
         nu = averages.full_like(params, initial_scale, nu_dtype, real=True)
-        return ScaleByRmsState(count=_zero_count(params), nu=nu)
+        return ScaleByRmsState(count=zero_count(params), nu=nu)
 
     def update_fn(updates, state, params=None):
         del params
@@ -202,7 +202,7 @@ def scale_by_stddev(
 
     def init_fn(params):
         return ScaleByStddevState(
-            count=_zero_count(params),
+            count=zero_count(params),
             mu=averages.full_like(params, 0.0, moment_dtype),
             nu=averages.full_like(params, initial_scale, moment_dtype, real=True),
         )
@@ -273,7 +273,7 @@ def scale_by_rss(
 
     def init_fn(params):
         nu = averages.full_like(params, initial_accumulator_value, real=True)
-        return ScaleByRssState(count=_zero_count(params), nu=nu)
+        return ScaleByRssState(count=zero_count(params), nu=nu)
 
     def update_fn(updates, state, params=None):
         del params
@@ -371,7 +371,7 @@ def scale_by_adam(
     moment_dtype = _state_dtype(state_dtype)
 
     def init_fn(params):
-        count = _zero_count(params)
+        count = zero_count(params)
         mu = averages.full_like(params, 0.0, moment_dtype)
         nu = averages.full_like(params, 0.0, moment_dtype, real=True)
         if amsgrad:
@@ -450,7 +450,7 @@ def scale_by_adadelta(rho: Scalar = 0.9, eps: Scalar = 1e-6) -> optax.GradientTr
 
     def init_fn(params):
         return ScaleByAdaDeltaState(
-            count=_zero_count(params),
+            count=zero_count(params),
             nu=averages.full_like(params, 0.0, real=True),
             nu_delta=averages.full_like(params, 0.0, real=True),
         )
@@ -507,7 +507,7 @@ def leaky_average(
     mu_dtype = _state_dtype(state_dtype)
 
     def init_fn(params):
-        return LeakyAverageState(count=_zero_count(params), mu=averages.full_like(params, 0.0, mu_dtype))
+        return LeakyAverageState(count=zero_count(params), mu=averages.full_like(params, 0.0, mu_dtype))
 
     def update_fn(updates, state, params=None):
         del params
@@ -569,7 +569,7 @@ def momentum(
     check.check_unit_interval("dampening", dampening, include_one=True)
 
     def init_fn(params):
-        return MomentumState(count=_zero_count(params), mu=averages.full_like(params, 0.0))
+        return MomentumState(count=zero_count(params), mu=averages.full_like(params, 0.0))
 
     def update_fn(updates, state, params=None):
         del params
@@ -629,7 +629,7 @@ def scale_by_learning_rate(
     sign = -1.0 if flip_sign else 1.0
 
     def init_fn(params):
-        count = _zero_count(params)
+        count = zero_count(params)
         rate = averages.replicated_like(_readable_rate(_rate_at(learning_rate, count)), params)
         return ScaleByLearningRateState(count, rate)
 

@@ -243,7 +243,7 @@ def test_adagrad_stalls_where_rmsprop_does_not():
             return state, None
 
         state, _ = jax.lax.scan(body, tx.init(params), grads)
-        return state[0].nu
+        return optax.tree.get(state, "nu")
 
     adagrad_rate = alpha / jnp.sqrt(second_moment(adagrad) + eps)
     rmsprop_rate = alpha / jnp.sqrt(second_moment(rmsprop) + eps)

@@ -7,14 +7,14 @@ re-view, or route updates through the transformations of :mod:`rmsjax.transforms
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from rmsjax import _validation as check
-from rmsjax import averages, optimizers, transforms
+from rmsjax import averages, transforms
 
 PyTree = Any
 
@@ -22,18 +22,13 @@ PyTree = Any
 # --------------------------------------------------------------------------- chains
 
 
-def chain(*parts: optax.GradientTransformation | None) -> optax.GradientTransformation:
-    """``optax.chain`` of the parts that are not ``None`` (one-pass where it can be).
+def unless_zero(value: Any, make: Callable[[], optax.GradientTransformation]) -> optax.GradientTransformation:
+    """``make()``, or ``optax.identity()`` when ``value`` is a concrete zero (a jax array never is).
 
-    The same chain as layer 3's optimizers: with XLA:CPU's multi-output fusion on, a
-    jitted step over a few big leaves compiles to one loop (``docs/performance.md``).
+    The identity keeps the part's slot in the chain (with an empty state), so a framework
+    optimizer's state layout does not depend on its hyperparameters' values.
     """
-    return optimizers._chain(*parts)
-
-
-def unless_zero(value: Any, make: Callable[[], optax.GradientTransformation]):
-    """``make()``, or ``None`` when ``value`` is a concrete zero (a jax array never is)."""
-    return None if check.is_concrete_zero(value) else make()
+    return optax.identity() if check.is_concrete_zero(value) else make()
 
 
 # --------------------------------------------------------------------------- validation
@@ -105,33 +100,32 @@ def complex_as_real(inner: optax.GradientTransformation) -> optax.GradientTransf
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def on_params_added(inner: optax.GradientTransformation) -> optax.GradientTransformation:
-    """Adds ``inner``'s output for a zero update, given the parameters, to the updates.
+class DecoupledWeightDecayState(NamedTuple):
+    """State of :func:`decoupled_weight_decay`: the number of updates made (for the schedule)."""
 
-    With ``inner = chain(add_decayed_weights(wd), scale_by_learning_rate(lr))`` this is
-    decoupled weight decay ``-lr_t * wd * params`` that bypasses everything before it in a
-    chain, in particular a momentum buffer (Keras's ``weight_decay``).
-    """
-
-    def init_fn(params):
-        return inner.init(params)
-
-    def update_fn(updates, state, params=None):
-        check.require_params(params, "decoupled weight decay")
-        extra, state = inner.update(averages.full_like(updates, 0.0), state, params)
-        return averages.add_scaled(updates, extra, 1.0), state
-
-    return optax.GradientTransformation(init_fn, update_fn)
+    count: jax.Array
 
 
 def decoupled_weight_decay(weight_decay: Any, learning_rate: Any) -> optax.GradientTransformation:
-    """Adds ``-lr_t * weight_decay * params`` outside any momentum buffer (Keras's form)."""
-    return on_params_added(
-        optax.chain(
-            transforms.add_decayed_weights(weight_decay),
-            transforms.scale_by_learning_rate(learning_rate),
-        )
-    )
+    r"""Adds :math:`-\eta_t \lambda \theta_{t-1}` to the updates, outside any momentum buffer.
+
+    Keras's ``weight_decay``: ``params -= lr_t * weight_decay * params``, with the learning
+    rate of the current step (``learning_rate`` may be a schedule of the update count).
+    Placed last in a chain, it bypasses everything before it.
+    """
+
+    def init_fn(params):
+        return DecoupledWeightDecayState(count=transforms.zero_count(params))
+
+    def update_fn(updates, state, params=None):
+        check.require_params(params, "decoupled weight decay")
+        check.check_trees_match(updates, params, what="params", who="weight_decay", dtypes="kind")
+        rate = jnp.asarray(rate_at(learning_rate, state.count))
+        decayed = averages.scale(params, weight_decay)
+        updates = averages.add_scaled(updates, decayed, -rate)
+        return updates, DecoupledWeightDecayState(count=averages.increment_count(state.count))
+
+    return optax.GradientTransformation(init_fn, update_fn)
 
 
 # --------------------------------------------------------------------------- schedules

@@ -88,14 +88,13 @@ def RMSprop(
     if weight_decay is not None:
         common.require("weight_decay", weight_decay)
     scaling = transforms.scale_by_stddev if centered else transforms.scale_by_rms
-    return common.chain(
+    return optax.chain(
         scaling(rho, epsilon, eps_in_sqrt=True),
         transforms.scale_by_learning_rate(learning_rate),
         common.unless_zero(momentum, lambda: transforms.momentum(momentum)),
-        None
-        if weight_decay is None
-        else common.unless_zero(
-            weight_decay, lambda: common.decoupled_weight_decay(weight_decay, learning_rate)
+        common.unless_zero(
+            0.0 if weight_decay is None else weight_decay,
+            lambda: common.decoupled_weight_decay(weight_decay, learning_rate),
         ),
     )
 
@@ -138,7 +137,7 @@ def Adagrad(
     common.require_learning_rate("learning_rate", learning_rate)
     common.require("initial_accumulator_value", initial_accumulator_value)
     common.require("epsilon", epsilon)
-    return common.chain(
+    return optax.chain(
         transforms.scale_by_rss(initial_accumulator_value, epsilon, eps_in_sqrt=True),
         transforms.scale_by_learning_rate(learning_rate),
     )
@@ -192,7 +191,7 @@ def Adam(
     common.require("beta_2", beta_2, high=1.0)
     common.require("epsilon", epsilon)
     check.check_flag("amsgrad", amsgrad)
-    return common.chain(
+    return optax.chain(
         transforms.scale_by_adam(beta_1, beta_2, epsilon, amsgrad=amsgrad, eps_hat=True),
         transforms.scale_by_learning_rate(learning_rate),
     )
@@ -235,7 +234,7 @@ def Adadelta(
     common.require_learning_rate("learning_rate", learning_rate)
     common.require("rho", rho, high=1.0)
     common.require("epsilon", epsilon)
-    return common.chain(
+    return optax.chain(
         transforms.scale_by_adadelta(rho, epsilon),
         transforms.scale_by_learning_rate(learning_rate),
     )

@@ -75,7 +75,7 @@ def RMSPropOptimizer(
     common.require("epsilon", epsilon)
     check.check_flag("centered", centered)
     scaling = transforms.scale_by_stddev if centered else transforms.scale_by_rms
-    return common.chain(
+    return optax.chain(
         scaling(decay, epsilon, eps_in_sqrt=True, initial_scale=1.0),
         transforms.scale_by_learning_rate(learning_rate),
         common.unless_zero(momentum, lambda: transforms.momentum(momentum)),

@@ -37,12 +37,12 @@ from rmsjax.compat import _common as common
 __all__ = ["SGD", "Adadelta", "Adagrad", "Adam", "AdamW", "RMSprop"]
 
 
-def _maximize(maximize: bool) -> optax.GradientTransformation | None:
+def _maximize(maximize: bool) -> optax.GradientTransformation:
     check.check_flag("maximize", maximize)
-    return common.negate() if maximize else None
+    return common.negate() if maximize else optax.identity()
 
 
-def _l2(weight_decay: Any) -> optax.GradientTransformation | None:
+def _l2(weight_decay: Any) -> optax.GradientTransformation:
     return common.unless_zero(weight_decay, lambda: transforms.add_decayed_weights(weight_decay))
 
 
@@ -105,7 +105,7 @@ def RMSprop(
     common.require("alpha", alpha, high=1.0)
     check.check_flag("centered", centered)
     scaling = transforms.scale_by_stddev if centered else transforms.scale_by_rms
-    return common.chain(
+    return optax.chain(
         _maximize(maximize),
         _l2(weight_decay),
         common.complex_as_real(scaling(alpha, eps)),
@@ -163,7 +163,7 @@ def Adagrad(
     common.require("weight_decay", weight_decay)
     common.require("initial_accumulator_value", initial_accumulator_value)
     common.require("eps", eps)
-    return common.chain(
+    return optax.chain(
         _maximize(maximize),
         _l2(weight_decay),
         common.complex_as_real(transforms.scale_by_rss(initial_accumulator_value, eps)),
@@ -232,7 +232,7 @@ def Adam(
       (:func:`rmsjax.compat.keras.Adam`), which differs while :math:`\sqrt{v_t}` is small.
     """
     beta1, beta2 = _check_adam(lr, betas, eps, weight_decay, amsgrad)
-    return common.chain(
+    return optax.chain(
         _maximize(maximize),
         _l2(weight_decay),
         common.complex_as_real(transforms.scale_by_adam(beta1, beta2, eps, amsgrad=amsgrad)),
@@ -282,7 +282,7 @@ def AdamW(
       [0.5750, -1.4310]
     """
     beta1, beta2 = _check_adam(lr, betas, eps, weight_decay, amsgrad)
-    return common.chain(
+    return optax.chain(
         _maximize(maximize),
         common.complex_as_real(transforms.scale_by_adam(beta1, beta2, eps, amsgrad=amsgrad)),
         _l2(weight_decay),
@@ -335,7 +335,7 @@ def Adadelta(
     common.require("rho", rho, high=1.0)
     common.require("eps", eps)
     common.require("weight_decay", weight_decay)
-    return common.chain(
+    return optax.chain(
         _maximize(maximize),
         _l2(weight_decay),
         common.complex_as_real(transforms.scale_by_adadelta(rho, eps)),
@@ -398,7 +398,7 @@ def SGD(
             "Nesterov momentum requires a momentum and zero dampening: nesterov=True needs "
             f"momentum > 0 and dampening == 0, got momentum={momentum!r}, dampening={dampening!r}"
         )
-    return common.chain(
+    return optax.chain(
         _maximize(maximize),
         _l2(weight_decay),
         common.unless_zero(
