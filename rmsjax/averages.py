@@ -9,9 +9,20 @@ Dtype rules, shared by every function in this module:
 * arithmetic happens in the leaf's *compute dtype*: the leaf's own dtype, widened to at
   least float32 (so a bfloat16 or float16 leaf is computed in float32, a float64 leaf in
   float64, a complex64 leaf in complex64);
-* hyperparameters (decays, epsilons) are cast explicitly to that compute dtype, so a
-  Python float never promotes a low-precision leaf and a float32 hyperparameter never
-  promotes a float64 leaf under strict dtype promotion;
+* hyperparameter scalars are computed once per call, never per leaf: a concrete number's
+  complement ``1 - decay`` is computed on the host in float64 and then rounded to the
+  compute dtype (float32 gets the correctly rounded ``f32(1 - 0.999)`` that optax and
+  PyTorch use, not ``f32(1) - f32(0.999)``, which is 1.3e-5 off); a jax array
+  (``optax.inject_hyperparams``) is complemented once, in its own dtype. Every scalar is
+  cast explicitly to the leaf's compute dtype, so a Python float never promotes a
+  low-precision leaf and a float32 hyperparameter never promotes a float64 leaf under
+  strict dtype promotion;
+* formulas are chosen when the update is traced: a term or a guard that a concrete
+  hyperparameter makes dead (``+ eps_root`` with ``eps_root = 0``, the 0/0 guard when
+  ``eps > 0``, a dampening of 0) is not emitted;
+* the only overflow policy is :func:`_saturate`, used when storing second moments: a
+  state narrower than its compute dtype (float16, bfloat16) saturates at its largest
+  finite value instead of becoming ``inf``;
 * results that are *stored* (averages, sums, counters) are cast back to the dtype of the
   state they replace; results that are *returned as updates* are cast to the gradient's
   dtype.
@@ -90,23 +101,82 @@ def real_dtype(dtype: Any) -> jnp.dtype:
     return dtype
 
 
+def _is_concrete(value: Any) -> bool:
+    """Whether ``value`` is a plain number, known when the update is traced."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
 def _as(value: Scalar, dtype: Any) -> jax.Array:
     """Casts a hyperparameter (number, array or tracer) explicitly to ``dtype``.
 
-    A complex hyperparameter (``optax.inject_hyperparams`` gives hyperparameters the
-    parameters' dtype, so complex parameters make them complex) keeps its real part when
-    ``dtype`` is real.
+    A concrete number becomes a constant rounded once to ``dtype`` on the host. A complex
+    hyperparameter (``optax.inject_hyperparams`` gives hyperparameters the parameters'
+    dtype, so complex parameters make them complex) keeps its real part when ``dtype`` is
+    real.
     """
+    if _is_concrete(value):
+        return jnp.asarray(np.asarray(value, dtype=dtype))
     value = jnp.asarray(value)
     if jnp.iscomplexobj(value) and not jnp.issubdtype(jnp.dtype(dtype), jnp.complexfloating):
         value = jnp.real(value)
     return value.astype(dtype)
 
 
-def _correction(decay: Scalar, count: jax.Array, dtype: Any) -> jax.Array:
-    """The bias-correction factor ``1 - decay**count`` in the real ``dtype``."""
-    rate = _as(decay, dtype)
-    return jnp.ones_like(rate) - rate ** count.astype(dtype)
+def _complement(value: Scalar) -> Scalar:
+    """``1 - value``, once per call: on the host in float64 for a concrete number."""
+    if _is_concrete(value):
+        return 1.0 - float(value)
+    value = jnp.asarray(value)
+    return jnp.ones_like(value) - value
+
+
+def _is_positive(value: Scalar) -> bool:
+    """Whether ``value`` is a concrete number known to be > 0 (an array never is)."""
+    return _is_concrete(value) and float(value) > 0
+
+
+def _is_zero(value: Scalar) -> bool:
+    """Whether ``value`` is a concrete zero (an array never is)."""
+    return _is_concrete(value) and float(value) == 0
+
+
+class _PerDtype:
+    """A scalar computed on first use for each real dtype of the leaves, then reused."""
+
+    def __init__(self, compute: Any):
+        self._compute, self._cache = compute, {}
+
+    def __call__(self, dtype: Any) -> jax.Array:
+        dtype = jnp.dtype(dtype)
+        if dtype not in self._cache:
+            self._cache[dtype] = self._compute(dtype)
+        return self._cache[dtype]
+
+
+def _widest_float() -> jnp.dtype:
+    """float64 when ``jax_enable_x64`` is on, else float32."""
+    return jnp.dtype(jnp.float64 if jax.config.read("jax_enable_x64") else jnp.float32)
+
+
+def _correction_factor(decay: Scalar, count: jax.Array) -> _PerDtype:
+    """The bias-correction factor ``1 - decay**count``, computed once per call.
+
+    It is computed as optax computes it, in the widest float JAX has on (float64 with
+    ``jax_enable_x64``, where it is the correctly rounded double PyTorch uses; float32
+    otherwise, where ``1 - f32(decay)**count`` loses digits to cancellation: 1.3e-5
+    relative at ``decay = 0.999, count = 1``), and then rounded once to each real dtype of
+    the leaves. rmsjax's float32 steps are therefore optax's, bit for bit up to FMA
+    contraction, in both modes.
+    """
+    if _is_concrete(decay) and float(decay) == 0.0:
+        return _PerDtype(lambda dtype: jnp.ones((), dtype))
+    if _is_concrete(decay):
+        wide = _widest_float()
+    else:
+        wide = common_compute_dtype(real_dtype(jnp.asarray(decay).dtype), jnp.float32)
+    rate = _as(decay, wide)
+    factor = jnp.ones_like(rate) - rate ** count.astype(wide)
+    return _PerDtype(lambda dtype: factor.astype(dtype))
 
 
 def squared_magnitude(x: jax.Array) -> jax.Array:
@@ -118,11 +188,8 @@ def squared_magnitude(x: jax.Array) -> jax.Array:
 
 
 def _moment(x: jax.Array, order: int) -> jax.Array:
-    if order == 1:
-        return x.astype(compute_dtype(x.dtype))
-    if order == 2:
-        return squared_magnitude(x)
-    raise ValueError(f"order must be 1 or 2, got {order!r}")
+    """``x`` (order 1) or ``|x|**2`` (order 2), in the compute dtype."""
+    return squared_magnitude(x) if order == 2 else x.astype(compute_dtype(x.dtype))
 
 
 def full_like(tree: PyTree, value: Scalar = 0.0, dtype: Any = None, *, real: bool = False) -> PyTree:
@@ -200,36 +267,40 @@ def increment_count(count: jax.Array) -> jax.Array:
 
 
 def _saturate(second_moment: jax.Array, dtype: Any) -> jax.Array:
-    """Casts a second moment to ``dtype``, stopping at its largest finite value instead of inf.
+    """Stores a second moment in ``dtype``; saturating where ``dtype`` is the narrower one.
 
-    When ``g**2`` overflows the state's dtype (``|g|`` above about 1.8e19 in float32, 256 in
-    float16) the stored average becomes that dtype's maximum rather than ``inf``, so the
-    step stays finite and the average can decay again. Finite values are unchanged bit for
-    bit, and NaN still propagates (``jnp.minimum`` keeps NaN).
+    The one overflow policy of rmsjax. When the state dtype is narrower than the compute
+    dtype (a float16 or bfloat16 state, where ``|g| > 256`` already overflows float16's
+    square) the stored average stops at the dtype's largest finite value instead of
+    ``inf``, so the step stays finite and the average can decay again; finite values are
+    unchanged bit for bit and NaN still propagates (``jnp.minimum`` keeps NaN). A state in
+    the compute dtype itself (float32, float64) is stored as computed, as optax and PyTorch
+    do: only ``|g|`` above about 1.8e19 (float32) overflows it, the average is then ``inf``
+    and that element's step ``g / inf`` is 0.
     """
-    largest = jnp.asarray(jnp.finfo(dtype).max).astype(second_moment.dtype)
-    # Written as a select rather than jnp.minimum (same bits, NaN included): XLA:CPU
-    # duplicates a minimum into the step's loop, which then needs a copy of the donated
-    # state (three memory passes instead of two); see docs/performance.md.
-    return jnp.where(second_moment > largest, largest, second_moment).astype(dtype)
+    if jnp.dtype(dtype).itemsize >= jnp.dtype(second_moment.dtype).itemsize:
+        return second_moment.astype(dtype)
+    largest = jnp.asarray(np.asarray(jnp.finfo(dtype).max, dtype=second_moment.dtype))
+    return jnp.minimum(second_moment, largest).astype(dtype)
 
 
 def update_leaky_average(average: PyTree, x: PyTree, decay: Scalar, *, order: int = 1) -> PyTree:
     """The leaky (exponential moving) average ``s <- decay*s + (1-decay)*x**order``.
 
-    For ``order=2`` and complex ``x``, ``x**2`` means ``|x|**2``.
+    For ``order=2`` and complex ``x``, ``x**2`` means ``|x|**2``, and the new average is
+    stored with :func:`_saturate`. ``1 - decay`` is computed once per call (on the host,
+    for a number).
 
     >>> import jax.numpy as jnp
     >>> update_leaky_average(jnp.zeros(2), jnp.array([1.0, 2.0]), 0.9, order=2).round(4)
     Array([0.1, 0.4], dtype=float32)
     """
+    keep, take = decay, _complement(decay)
 
     def leaf(s, g):
         value = _moment(g, order)
         dtype = common_compute_dtype(s.dtype, real_dtype(value.dtype))
-        rate = _as(decay, dtype)
-        one = jnp.ones_like(rate)
-        new = rate * s.astype(dtype) + (one - rate) * value.astype(dtype)
+        new = _as(keep, dtype) * s.astype(dtype) + _as(take, dtype) * value.astype(dtype)
         return _saturate(new, s.dtype) if order == 2 else new.astype(s.dtype)
 
     return jax.tree.map(leaf, average, x)
@@ -258,17 +329,19 @@ def update_momentum_buffer(
     """The heavy-ball buffer ``b <- decay*b + (1-dampening)*x``; ``b = x`` on the first step.
 
     ``count`` is the number of updates made *before* this one; when it is zero the buffer
-    takes ``x`` undampened (PyTorch's convention; with ``dampening=0`` it is the same as
-    starting from a zero buffer).
+    takes ``x`` undampened (PyTorch's convention). With a concrete ``dampening`` of 0 that
+    is what ``decay*0 + x`` gives anyway, so the buffer is the plain ``decay*b + x``.
     """
+    undampened = _is_zero(dampening)
+    keep = _complement(dampening)
     first = count == 0
 
     def leaf(b, g):
         dtype = common_compute_dtype(b.dtype, g.dtype)
-        rate = _as(decay, dtype)
-        keep = jnp.ones_like(rate) - _as(dampening, dtype)
         g = g.astype(dtype)
-        new = rate * b.astype(dtype) + keep * g
+        if undampened:
+            return (_as(decay, dtype) * b.astype(dtype) + g).astype(b.dtype)
+        new = _as(decay, dtype) * b.astype(dtype) + _as(keep, dtype) * g
         return jnp.where(first, g, new).astype(b.dtype)
 
     return jax.tree.map(leaf, buffer, x)
@@ -277,26 +350,22 @@ def update_momentum_buffer(
 def bias_correction(average: PyTree, decay: Scalar, count: jax.Array) -> PyTree:
     """Adam's bias correction ``s_hat = s / (1 - decay**count)``.
 
-    The factor ``1 - decay**count`` is computed in float32 (float64 for float64 leaves)
-    and the result cast back to each leaf's dtype; a finite average whose corrected value
-    would overflow that dtype saturates at its largest finite value.
+    The factor ``1 - decay**count`` is computed once per call and real dtype, in float32
+    (float64 for float64 leaves; see :func:`_correction_factor`), and each leaf is divided
+    in its compute dtype and cast back. With a concrete ``decay = 0`` the factor is 1 and
+    the average is returned as it is.
 
     >>> import jax.numpy as jnp
     >>> bias_correction(jnp.array([0.1]), 0.9, jnp.asarray(1, jnp.int32))
     Array([1.], dtype=float32)
     """
+    if _is_zero(decay):
+        return average
+    factor = _correction_factor(decay, count)
 
     def leaf(s):
         dtype = compute_dtype(s.dtype)
-        rdtype = real_dtype(dtype)
-        corrected = s.astype(dtype) / _correction(decay, count, rdtype).astype(dtype)
-        if jnp.iscomplexobj(corrected):
-            return corrected.astype(s.dtype)
-        # A finite average near the dtype's maximum must not become +-inf when divided by
-        # the factor (< 1): it saturates at +-max instead (an inf or NaN average stays so).
-        largest = jnp.asarray(jnp.finfo(s.dtype).max).astype(dtype)
-        clipped = jnp.clip(corrected, -largest, largest)
-        return jnp.where(jnp.isfinite(s), clipped, corrected).astype(s.dtype)
+        return (s.astype(dtype) / factor(real_dtype(dtype)).astype(dtype)).astype(s.dtype)
 
     return jax.tree.map(leaf, average)
 
@@ -305,14 +374,15 @@ def multiply_by_root_correction(x: PyTree, decay: Scalar, count: jax.Array) -> P
     """``x * sqrt(1 - decay**count)``: folds a second moment's bias correction into a step.
 
     Keras's "epsilon hat" Adam divides by the root of the *uncorrected* second moment and
-    multiplies the step by this factor instead. The factor is computed as in
-    :func:`bias_correction`.
+    multiplies the step by this factor instead. The factor is computed once per call, as
+    in :func:`bias_correction`.
     """
+    correction = _correction_factor(decay, count)
+    root = _PerDtype(lambda dtype: jnp.sqrt(correction(dtype)))
 
     def leaf(a):
         dtype = compute_dtype(a.dtype)
-        factor = jnp.sqrt(_correction(decay, count, real_dtype(dtype)))
-        return (a.astype(dtype) * factor.astype(dtype)).astype(a.dtype)
+        return (a.astype(dtype) * root(real_dtype(dtype)).astype(dtype)).astype(a.dtype)
 
     return jax.tree.map(leaf, x)
 
@@ -350,30 +420,45 @@ def divide_by_root(x: PyTree, v: PyTree, *, eps: Scalar, eps_root: Scalar = 0.0)
     """The adaptive step ``x / (sqrt(v + eps_root) + eps)``, in ``x``'s dtype.
 
     ``eps`` outside the root is PyTorch's form; ``eps_root`` inside it is Keras's, TF1's
-    and the d2l book's (pass ``eps=0`` then).
+    and the d2l book's (pass ``eps=0`` then). A term whose hyperparameter is a concrete 0
+    is not emitted, and the 0/0 rule of :func:`_divide_or_zero` only where the denominator
+    can be 0 (neither ``eps`` nor ``eps_root`` known to be positive).
 
     >>> import jax.numpy as jnp
     >>> divide_by_root(jnp.array([2.0]), jnp.array([4.0]), eps=0.0)
     Array([1.], dtype=float32)
     """
+    add_inside, add_outside = not _is_zero(eps_root), not _is_zero(eps)
+    guarded = not (_is_positive(eps) or _is_positive(eps_root))
 
     def leaf(g, s):
         dtype = compute_dtype(g.dtype)
         rdtype = real_dtype(dtype)
-        denominator = jnp.sqrt(s.astype(rdtype) + _as(eps_root, rdtype)) + _as(eps, rdtype)
-        return _divide_or_zero(g.astype(dtype), denominator).astype(g.dtype)
+        s = s.astype(rdtype)
+        denominator = jnp.sqrt(s + _as(eps_root, rdtype) if add_inside else s)
+        if add_outside:
+            denominator = denominator + _as(eps, rdtype)
+        if guarded:
+            return _divide_or_zero(g.astype(dtype), denominator).astype(g.dtype)
+        return (g.astype(dtype) / denominator.astype(dtype)).astype(g.dtype)
 
     return jax.tree.map(leaf, x, v)
 
 
 def multiply_by_root_ratio(x: PyTree, top: PyTree, bottom: PyTree, *, eps: Scalar) -> PyTree:
-    """AdaDelta's step ``x * sqrt(top + eps) / sqrt(bottom + eps)``, in ``x``'s dtype."""
+    """AdaDelta's step ``x * sqrt(top + eps) / sqrt(bottom + eps)``, in ``x``'s dtype.
+
+    The 0/0 rule of :func:`_divide_or_zero` is emitted only when ``eps`` is not known to
+    be positive.
+    """
+    guarded = not _is_positive(eps)
 
     def leaf(g, a, b):
         dtype = compute_dtype(g.dtype)
         rdtype = real_dtype(dtype)
         e = _as(eps, rdtype)
-        ratio = _divide_or_zero(jnp.sqrt(a.astype(rdtype) + e), jnp.sqrt(b.astype(rdtype) + e))
+        top_root, bottom_root = jnp.sqrt(a.astype(rdtype) + e), jnp.sqrt(b.astype(rdtype) + e)
+        ratio = _divide_or_zero(top_root, bottom_root) if guarded else top_root / bottom_root
         return (g.astype(dtype) * ratio.astype(dtype)).astype(g.dtype)
 
     return jax.tree.map(leaf, x, top, bottom)

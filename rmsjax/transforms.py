@@ -636,7 +636,9 @@ def scale_by_learning_rate(
     def update_fn(updates, state, params=None):
         del params
         rate = _rate_at(learning_rate, state.count)
-        updates = averages.scale(updates, sign * jnp.asarray(rate))
+        # A number is negated on the host (one constant per leaf); an array once per update.
+        step = sign * rate if averages._is_concrete(rate) else sign * jnp.asarray(rate)
+        updates = averages.scale(updates, step)
         count = averages.increment_count(state.count)
         next_rate = _readable_rate(_rate_at(learning_rate, count))
         return updates, ScaleByLearningRateState(count, next_rate)
