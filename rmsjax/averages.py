@@ -158,18 +158,23 @@ def _widest_float() -> jnp.dtype:
     return jnp.dtype(jnp.float64 if jax.config.read("jax_enable_x64") else jnp.float32)
 
 
-def _correction_factor(decay: Scalar, count: jax.Array) -> _PerDtype:
+def _correction_factor(decay: Scalar, count: jax.Array, exact: bool = False) -> _PerDtype:
     """The bias-correction factor ``1 - decay**count``, computed once per call.
 
-    It is computed as optax computes it, in the widest float JAX has on (float64 with
-    ``jax_enable_x64``, where it is the correctly rounded double PyTorch uses; float32
-    otherwise, where ``1 - f32(decay)**count`` loses digits to cancellation: 1.3e-5
-    relative at ``decay = 0.999, count = 1``), and then rounded once to each real dtype of
-    the leaves. rmsjax's float32 steps are therefore optax's, bit for bit up to FMA
-    contraction, in both modes.
+    By default it is computed as optax computes it: the literal formula in the widest
+    float JAX has on (float64 with ``jax_enable_x64``; float32 otherwise, where
+    ``1 - f32(decay)**count`` loses digits to cancellation, 1.3e-5 relative at
+    ``decay = 0.999, count = 1``), then rounded once to each real dtype of the leaves.
+    With ``exact`` (PyTorch's double-precision factor, for :mod:`rmsjax.compat.torch`) a
+    concrete ``decay`` gives ``-expm1(count * log(decay))`` with ``log(decay)`` taken on the
+    host in float64: within about one ulp of the correctly rounded factor in every dtype.
+    A traced ``decay`` always uses the literal formula, in its own dtype.
     """
     if _is_concrete(decay) and float(decay) == 0.0:
         return _PerDtype(lambda dtype: jnp.ones((), dtype))
+    if _is_concrete(decay) and exact:
+        log_decay = float(np.log(float(decay)))
+        return _PerDtype(lambda dtype: -jnp.expm1(count.astype(dtype) * _as(log_decay, dtype)))
     if _is_concrete(decay):
         wide = _widest_float()
     else:
@@ -347,13 +352,13 @@ def update_momentum_buffer(
     return jax.tree.map(leaf, buffer, x)
 
 
-def bias_correction(average: PyTree, decay: Scalar, count: jax.Array) -> PyTree:
+def bias_correction(average: PyTree, decay: Scalar, count: jax.Array, *, exact: bool = False) -> PyTree:
     """Adam's bias correction ``s_hat = s / (1 - decay**count)``.
 
-    The factor ``1 - decay**count`` is computed once per call and real dtype, in float32
-    (float64 for float64 leaves; see :func:`_correction_factor`), and each leaf is divided
-    in its compute dtype and cast back. With a concrete ``decay = 0`` the factor is 1 and
-    the average is returned as it is.
+    The factor ``1 - decay**count`` is computed once per call (as optax does, or to about
+    one ulp with ``exact``, as PyTorch does; see :func:`_correction_factor`), and each leaf
+    is divided in its compute dtype and cast back. With a concrete ``decay = 0`` the factor
+    is 1 and the average is returned as it is.
 
     >>> import jax.numpy as jnp
     >>> bias_correction(jnp.array([0.1]), 0.9, jnp.asarray(1, jnp.int32))
@@ -361,7 +366,7 @@ def bias_correction(average: PyTree, decay: Scalar, count: jax.Array) -> PyTree:
     """
     if _is_zero(decay):
         return average
-    factor = _correction_factor(decay, count)
+    factor = _correction_factor(decay, count, exact)
 
     def leaf(s):
         dtype = compute_dtype(s.dtype)
@@ -370,14 +375,14 @@ def bias_correction(average: PyTree, decay: Scalar, count: jax.Array) -> PyTree:
     return jax.tree.map(leaf, average)
 
 
-def multiply_by_root_correction(x: PyTree, decay: Scalar, count: jax.Array) -> PyTree:
+def multiply_by_root_correction(x: PyTree, decay: Scalar, count: jax.Array, *, exact: bool = False) -> PyTree:
     """``x * sqrt(1 - decay**count)``: folds a second moment's bias correction into a step.
 
     Keras's "epsilon hat" Adam divides by the root of the *uncorrected* second moment and
     multiplies the step by this factor instead. The factor is computed once per call, as
     in :func:`bias_correction`.
     """
-    correction = _correction_factor(decay, count)
+    correction = _correction_factor(decay, count, exact)
     root = _PerDtype(lambda dtype: jnp.sqrt(correction(dtype)))
 
     def leaf(a):

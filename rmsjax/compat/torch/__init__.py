@@ -185,6 +185,11 @@ def _check_adam(lr, betas, eps, weight_decay, amsgrad):
     return beta1, beta2
 
 
+def _adam_scaling(beta1: Any, beta2: Any, eps: Any, amsgrad: bool) -> optax.GradientTransformation:
+    """Adam's scaling with PyTorch's double-precision bias-correction factors."""
+    return transforms.scale_by_adam(beta1, beta2, eps, amsgrad=amsgrad, exact_bias_correction=True)
+
+
 def Adam(
     lr=1e-3,
     betas=(0.9, 0.999),
@@ -235,7 +240,7 @@ def Adam(
     return optax.chain(
         _maximize(maximize),
         _l2(weight_decay),
-        common.complex_as_real(transforms.scale_by_adam(beta1, beta2, eps, amsgrad=amsgrad)),
+        common.complex_as_real(_adam_scaling(beta1, beta2, eps, amsgrad)),
         transforms.scale_by_learning_rate(lr),
     )
 
@@ -284,7 +289,7 @@ def AdamW(
     beta1, beta2 = _check_adam(lr, betas, eps, weight_decay, amsgrad)
     return optax.chain(
         _maximize(maximize),
-        common.complex_as_real(transforms.scale_by_adam(beta1, beta2, eps, amsgrad=amsgrad)),
+        common.complex_as_real(_adam_scaling(beta1, beta2, eps, amsgrad)),
         _l2(weight_decay),
         transforms.scale_by_learning_rate(lr),
     )
