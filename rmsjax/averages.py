@@ -155,7 +155,7 @@ class _PerDtype:
 
 def _widest_float() -> jnp.dtype:
     """float64 when ``jax_enable_x64`` is on, else float32."""
-    return jnp.dtype(jnp.float64 if jax.config.read("jax_enable_x64") else jnp.float32)
+    return jnp.dtype(jax.dtypes.canonicalize_dtype(jnp.float64))
 
 
 def _correction_factor(decay: Scalar, count: jax.Array, exact: bool = False) -> _PerDtype:
