@@ -17,17 +17,19 @@ Exactness. Most PyTorch schedulers are *chainable*: each ``step()`` computes the
 learning rate from the one in the optimizer, so what PyTorch produces is a running product
 rounded at every epoch, not its closed form. These schedules reproduce the recursion:
 
-* :func:`MultiStepLR`, :func:`ConstantLR`, :func:`LinearLR`, :func:`PolynomialLR` and
-  :func:`CosineAnnealingLR` replay PyTorch's recursion on the host in float64 once, at
-  construction, and look the result up (a table of ``total_iters + 1``, the number of
-  distinct milestones + 1, or ``3 * T_max + 1`` values): bit for bit PyTorch's numbers.
+* :func:`MultiStepLR`, :func:`ConstantLR`, :func:`LinearLR`, :func:`PolynomialLR`,
+  :func:`CosineAnnealingLR` and :func:`OneCycleLR` replay PyTorch's arithmetic on the
+  host in float64 once, at construction, and look the result up (a table of
+  ``total_iters + 1``, distinct milestones + 1, ``3 * T_max + 1`` or ``total_steps + 1``
+  values): bit for bit PyTorch's numbers (past ``3 * T_max``, CosineAnnealingLR repeats
+  its last period; see there).
 * :func:`StepLR` and :func:`ExponentialLR` multiply host-computed powers
   ``gamma ** 2**j`` selected by the bits of the number of decays (at most 31 products):
-  within 1e-14 relative of PyTorch's running product for 10^4 decays (measured), as long
-  as the rate stays a normal float.
-* :func:`CosineAnnealingWarmRestarts` and :func:`OneCycleLR` are not recursive in PyTorch;
-  they use PyTorch's formulas with integer epoch arithmetic (within 1e-15 relative,
-  measured; the only difference is XLA's ``cos`` against the C library's).
+  within 1e-14 relative of PyTorch's running product over 10^4 decays (measured), as
+  long as the rate stays a normal float.
+* :func:`CosineAnnealingWarmRestarts` is not recursive in PyTorch; it uses PyTorch's
+  formula with integer epoch arithmetic (equal to PyTorch over 10^5 epochs, measured; the
+  only possible difference is XLA's ``cos`` against the C library's).
 
 Counts are integers; the epoch is ``count // steps_per_epoch`` in int32. The schedule
 computes in float64 when ``jax_enable_x64`` is on and in float32 otherwise; constants are
@@ -127,13 +129,19 @@ def _epoch(count: Any, steps_per_epoch: int) -> jax.Array:
     return jnp.maximum(jnp.floor_divide(count, jnp.int32(steps_per_epoch)), 0)
 
 
+def _const(table: np.ndarray, dtype) -> jax.Array:
+    """A host float64 table as a jax array of ``dtype`` (rates beyond float32's range become inf or 0)."""
+    with np.errstate(over="ignore", under="ignore"):
+        return jnp.asarray(table.astype(dtype))
+
+
 def _dense(values: list[float]) -> _Program:
     """``values[min(epoch, len - 1)]``: a recursion replayed on the host, constant after."""
     table = np.asarray(values, np.float64)
     last = len(values) - 1
 
     def program(epoch, dtype):
-        return jnp.asarray(table, dtype)[jnp.minimum(epoch, last)]
+        return _const(table, dtype)[jnp.minimum(epoch, last)]
 
     return program
 
@@ -148,7 +156,7 @@ def _piecewise(starts: list[int], values: list[float]) -> _Program:
 
     def program(epoch, dtype):
         index = jnp.searchsorted(jnp.asarray(bounds), epoch, side="right")
-        return jnp.asarray(table, dtype)[index]
+        return _const(table, dtype)[index]
 
     return program
 
@@ -165,7 +173,7 @@ def _geometric(lr: float, gamma: float, period: int) -> _Program:
 
     def program(epoch, dtype):
         decays = jnp.floor_divide(epoch, jnp.int32(period))
-        factors = jnp.asarray(powers, dtype)
+        factors = _const(powers, dtype)
         result = jnp.asarray(lr, dtype)
         for j in range(31):
             bit = jnp.bitwise_and(jnp.right_shift(decays, j), 1) == 1
@@ -478,7 +486,7 @@ def CosineAnnealingLR(lr, T_max, eta_min=0.0, *, steps_per_epoch=1) -> TorchSche
         def program(epoch, dtype):
             beyond = T_max + 1 + jnp.remainder(epoch - (T_max + 1), 2 * T_max)
             index = jnp.where(epoch <= size, epoch, beyond)
-            return jnp.asarray(table, dtype)[index]
+            return _const(table, dtype)[index]
 
         return program
 
@@ -533,7 +541,7 @@ def CosineAnnealingWarmRestarts(lr, T_0, T_mult=1, eta_min=0.0, *, steps_per_epo
             t_cur, t_i = jnp.remainder(epoch, jnp.int32(T_0)), jnp.asarray(float(T_0), dtype)
         else:
             i = jnp.searchsorted(jnp.asarray(starts[1:]), epoch, side="right")
-            t_cur, t_i = epoch - jnp.asarray(starts)[i], jnp.asarray(lengths, dtype)[i]
+            t_cur, t_i = epoch - jnp.asarray(starts)[i], _const(lengths, dtype)[i]
         pi = jnp.asarray(math.pi, dtype)
         cosine = jnp.cos(pi * t_cur.astype(dtype) / t_i)
         return jnp.asarray(eta_min, dtype) + jnp.asarray(span, dtype) * (1 + cosine) / 2
@@ -571,7 +579,9 @@ def OneCycleLR(
 
     with PyTorch's phase ends :math:`\lfloor\text{pct\_start}\cdot N\rfloor - 1` (as a
     float), :math:`N - 1` (and :math:`2\,\text{pct\_start}\,N - 2` for three phases). Not
-    recursive in PyTorch; the formula is PyTorch's, term for term.
+    recursive in PyTorch; the schedule tabulates PyTorch's formula on the host for steps
+    :math:`0 \ldots N` (exact; with XLA's ``cos`` instead, :math:`1 + \cos \pi p` near the
+    end of a long cycle would differ by up to 3e-12 relative).
 
     ``lr`` is accepted for uniformity and ignored, as PyTorch ignores the optimizer's
     learning rate here: OneCycleLR overwrites it with ``max_lr / div_factor``.
@@ -652,25 +662,27 @@ def OneCycleLR(
     if lengths[-1] == 0:
         last = total - 1  # PyTorch divides by zero at step total_steps: hold step total_steps - 1
 
-    def make(first: int, second: int) -> _Program:
-        def program(step, dtype):
-            n = jnp.minimum(step, last).astype(dtype)
-            results = []
-            for (end, *names), start, length in zip(phases, starts, lengths):
-                a, b = rates[names[first]], rates[names[second]]
-                pct = (n - jnp.asarray(start, dtype)) / jnp.asarray(length if length else 1.0, dtype)
-                if anneal_strategy == "cos":
-                    cos_out = jnp.cos(jnp.asarray(math.pi, dtype) * pct) + 1
-                    results.append(jnp.asarray(b, dtype) + jnp.asarray((a - b) / 2.0, dtype) * cos_out)
-                else:
-                    results.append(jnp.asarray(b - a, dtype) * pct + jnp.asarray(a, dtype))
-            conditions = [n <= jnp.asarray(end, dtype) for end, *_ in phases[:-1]]
-            return jnp.select(conditions, results[:-1], results[-1])
+    if last + 1 > _MAX_TABLE:
+        raise ValueError(f"total_steps must be at most {_MAX_TABLE - 1} (a table of total_steps + 1 rates), got {total}")
 
-        return program
+    def table(first: int, second: int) -> list[float]:
+        # PyTorch's formulas on the host, in float64 with the C library's cos (XLA's cos
+        # differs by an ulp, which 1 + cos(pi * p) amplifies near the end of the cycle)
+        values, phase = [], 0
+        for n in range(last + 1):
+            while phase < len(phases) - 1 and n > phases[phase][0]:
+                phase += 1
+            names = phases[phase][1:]
+            a, b = rates[names[first]], rates[names[second]]
+            pct = (n - starts[phase]) / lengths[phase]
+            if anneal_strategy == "cos":
+                values.append(b + (a - b) / 2.0 * (math.cos(math.pi * pct) + 1))
+            else:
+                values.append((b - a) * pct + a)
+        return values
 
-    momentum = TorchSchedule("OneCycleLR.momentum", lr, 1, make(2, 3)) if cycle_momentum else None
-    return TorchSchedule("OneCycleLR", lr, 1, make(0, 1), None, momentum=momentum)
+    momentum = TorchSchedule("OneCycleLR.momentum", lr, 1, _dense(table(2, 3))) if cycle_momentum else None
+    return TorchSchedule("OneCycleLR", lr, 1, _dense(table(0, 1)), None, momentum=momentum)
 
 
 def SequentialLR(lr, schedulers, milestones, *, steps_per_epoch=1) -> TorchSchedule:
