@@ -138,7 +138,9 @@ def test_jit_and_eager_agree(name):
                 if x64:  # XLA's fused cos may differ from the eager one by an ulp
                     np.testing.assert_allclose(jitted(jnp.int32(count)), eager, rtol=5e-16, atol=0)
                 else:
-                    np.testing.assert_allclose(jitted(jnp.int32(count)), eager, rtol=1e-6, atol=1e-6 * spec["lr"])
+                    np.testing.assert_allclose(
+                        jitted(jnp.int32(count)), eager, rtol=1e-6, atol=1e-6 * spec["lr"]
+                    )
             # one compilation for every count
             assert jitted._cache_size() == 1
 
@@ -236,7 +238,8 @@ def test_reduce_on_plateau_chained_with_a_compat_optimizer():
     spec = CONFIGS["plateau_patience"]
     with jax.enable_x64(True):
         lr = spec["lr"]
-        tx = optax.chain(pt.SGD(lr=lr, momentum=0.5), lrs.ReduceLROnPlateau(lr, **spec["kwargs"], steps_per_epoch=2))
+        plateau = lrs.ReduceLROnPlateau(lr, **spec["kwargs"], steps_per_epoch=2)
+        tx = optax.chain(pt.SGD(lr=lr, momentum=0.5), plateau)
         params = jnp.array([1.0, -2.0])
         state = tx.init(params)
         buffer, reference = np.zeros(2), np.array([1.0, -2.0])
@@ -258,7 +261,9 @@ def test_reduce_on_plateau_chained_with_a_compat_optimizer():
 def test_sgd_with_step_lr_reproduces_torch_fixture():
     run = DATA["end_to_end"]
     with jax.enable_x64(True):
-        schedule = lrs.StepLR(run["lr"], run["step_size"], gamma=run["gamma"], steps_per_epoch=run["steps_per_epoch"])
+        schedule = lrs.StepLR(
+            run["lr"], run["step_size"], gamma=run["gamma"], steps_per_epoch=run["steps_per_epoch"]
+        )
         tx = pt.SGD(lr=schedule, momentum=run["momentum"])
         params, target = jnp.asarray(run["init"]), jnp.asarray(run["target"])
         state = tx.init(params)
@@ -310,12 +315,13 @@ def test_live_torch_fresh_configurations():
     finally:
         sys.path.pop(0)
     specs = [
-        {"scheduler": "CosineAnnealingLR", "kwargs": {"T_max": 17, "eta_min": 0.002}, "lr": 0.07, "epochs": 120},
+        {"scheduler": "CosineAnnealingLR", "kwargs": {"T_max": 17, "eta_min": 0.002}, "lr": 0.07,
+         "epochs": 120},
         {"scheduler": "LinearLR", "kwargs": {"start_factor": 0.37, "end_factor": 0.11, "total_iters": 33},
          "lr": 0.9, "epochs": 60},
         {"scheduler": "PolynomialLR", "kwargs": {"total_iters": 41, "power": 3.3}, "lr": 0.4, "epochs": 60},
-        {"scheduler": "OneCycleLR", "kwargs": {"max_lr": 0.8, "total_steps": 77, "pct_start": 0.45}, "lr": 0.1,
-         "epochs": 78},
+        {"scheduler": "OneCycleLR", "kwargs": {"max_lr": 0.8, "total_steps": 77, "pct_start": 0.45},
+         "lr": 0.1, "epochs": 78},
         {"scheduler": "CosineAnnealingWarmRestarts", "kwargs": {"T_0": 3, "T_mult": 4, "eta_min": 0.01},
          "lr": 0.2, "epochs": 120},
         {"scheduler": "SequentialLR", "kwargs": {

@@ -47,13 +47,15 @@ def configurations() -> list[dict]:
     c = []
 
     def add(name, scheduler, kwargs, lr=0.1, epochs=200, **extra):
-        c.append({"name": name, "scheduler": scheduler, "kwargs": kwargs, "lr": lr, "epochs": epochs, **extra})
+        spec = {"name": name, "scheduler": scheduler, "kwargs": kwargs, "lr": lr, "epochs": epochs}
+        c.append({**spec, **extra})
 
     add("step_basic", "StepLR", {"step_size": 3})
     add("step_gamma", "StepLR", {"step_size": 7, "gamma": 0.7}, lr=0.3, epochs=300)
     add("step_one", "StepLR", {"step_size": 1, "gamma": 0.97}, lr=1.0, epochs=300)
     add("multistep_basic", "MultiStepLR", {"milestones": [30, 80, 150]})
-    add("multistep_repeated", "MultiStepLR", {"milestones": [10, 40, 40, 0, 90, 90, 90], "gamma": 0.3}, lr=0.05)
+    add("multistep_repeated", "MultiStepLR", {"milestones": [10, 40, 40, 0, 90, 90, 90], "gamma": 0.3},
+        lr=0.05)
     add("multistep_unsorted", "MultiStepLR", {"milestones": [120, 5, 60], "gamma": 0.5}, lr=1.0, epochs=150)
     add("exponential_basic", "ExponentialLR", {"gamma": 0.95}, epochs=300)
     add("exponential_slow", "ExponentialLR", {"gamma": 0.999}, lr=0.01, epochs=300)
@@ -75,8 +77,8 @@ def configurations() -> list[dict]:
     add("polynomial_sqrt", "PolynomialLR", {"total_iters": 97, "power": 0.5}, epochs=150)
     add("polynomial_zero_power", "PolynomialLR", {"total_iters": 20, "power": 0.0}, epochs=100)
     add("warm_restarts_basic", "CosineAnnealingWarmRestarts", {"T_0": 10}, epochs=200)
-    add("warm_restarts_mult", "CosineAnnealingWarmRestarts", {"T_0": 5, "T_mult": 2, "eta_min": 1e-4}, lr=0.05,
-        epochs=300)
+    add("warm_restarts_mult", "CosineAnnealingWarmRestarts", {"T_0": 5, "T_mult": 2, "eta_min": 1e-4},
+        lr=0.05, epochs=300)
     add("warm_restarts_mult3", "CosineAnnealingWarmRestarts", {"T_0": 1, "T_mult": 3}, lr=1.0, epochs=300)
     add("onecycle_default", "OneCycleLR", {"max_lr": 0.1, "total_steps": 200}, lr=0.01, epochs=201)
     add("onecycle_linear_three", "OneCycleLR",
@@ -232,7 +234,8 @@ def generate() -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="compare with the stored fixture, bit for bit")
-    parser.add_argument("--measure", action="store_true", help="print rmsjax's errors on long runs, write nothing")
+    parser.add_argument("--measure", action="store_true",
+                        help="print rmsjax's errors on long runs, write nothing")
     args = parser.parse_args(argv)
     if args.measure:
         measure()

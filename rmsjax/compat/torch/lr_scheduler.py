@@ -206,7 +206,8 @@ class TorchSchedule:
         return self._fresh(_epoch(count, self.steps_per_epoch), _float_dtype())
 
     def __repr__(self) -> str:
-        return f"<rmsjax.compat.torch.lr_scheduler.{self.name}(lr={self.lr!r}, steps_per_epoch={self.steps_per_epoch})>"
+        return (f"<rmsjax.compat.torch.lr_scheduler.{self.name}(lr={self.lr!r}, "
+                f"steps_per_epoch={self.steps_per_epoch})>")
 
 
 def _start(name: str, lr: Any, steps_per_epoch: Any) -> tuple[float, int]:
@@ -477,7 +478,9 @@ def CosineAnnealingLR(lr, T_max, eta_min=0.0, *, steps_per_epoch=1) -> TorchSche
     T_max = _integer("T_max", T_max, low=1)
     eta_min = _real("eta_min", eta_min)
     if 3 * T_max + 1 > _MAX_TABLE:
-        raise ValueError(f"T_max must be at most {(_MAX_TABLE - 1) // 3} (a table of 3 * T_max + 1 rates), got {T_max}")
+        raise ValueError(
+            f"T_max must be at most {(_MAX_TABLE - 1) // 3} (a table of 3 * T_max + 1 rates), got {T_max}"
+        )
 
     def build(first: float) -> _Program:
         table = np.asarray(_cosine_table(lr, T_max, eta_min, first), np.float64)
@@ -663,7 +666,9 @@ def OneCycleLR(
         last = total - 1  # PyTorch divides by zero at step total_steps: hold step total_steps - 1
 
     if last + 1 > _MAX_TABLE:
-        raise ValueError(f"total_steps must be at most {_MAX_TABLE - 1} (a table of total_steps + 1 rates), got {total}")
+        raise ValueError(
+            f"total_steps must be at most {_MAX_TABLE - 1} (a table of total_steps + 1 rates), got {total}"
+        )
 
     def table(first: int, second: int) -> list[float]:
         # PyTorch's formulas on the host, in float64 with the C library's cos (XLA's cos
@@ -744,9 +749,13 @@ def SequentialLR(lr, schedulers, milestones, *, steps_per_epoch=1) -> TorchSched
         if part.name in ("OneCycleLR", "SequentialLR", "OneCycleLR.momentum"):
             raise ValueError(f"{where}: SequentialLR does not take {part.name}")
         if part.lr != lr:
-            raise ValueError(f"{where} was made with lr={part.lr!r}, SequentialLR with lr={lr!r}: they must agree")
+            raise ValueError(
+                f"{where} was made with lr={part.lr!r}, SequentialLR with lr={lr!r}: they must agree"
+            )
         if part.steps_per_epoch != 1:
-            raise ValueError(f"{where} must have steps_per_epoch=1 (give it to SequentialLR), got {part.steps_per_epoch}")
+            raise ValueError(
+                f"{where} must have steps_per_epoch=1 (give it to SequentialLR), got {part.steps_per_epoch}"
+            )
         # parts before `first` (milestones at 0) never run
         program = part._fresh if j <= first else part._restarted
         if program is None:
@@ -871,7 +880,8 @@ def ReduceLROnPlateau(
         if threshold_mode == "rel":
             limit = best * jnp.asarray(rel, dtype)
         else:
-            limit = best - jnp.asarray(threshold, dtype) if mode == "min" else best + jnp.asarray(threshold, dtype)
+            margin = jnp.asarray(threshold, dtype)
+            limit = best - margin if mode == "min" else best + margin
         return a < limit if mode == "min" else a > limit
 
     def init_fn(params):
