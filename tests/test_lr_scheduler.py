@@ -444,3 +444,32 @@ def test_signatures_follow_pytorch():
         "cycle_momentum", "base_momentum", "max_momentum", "div_factor", "final_div_factor", "three_phase"]
     for f in (lrs.StepLR, lrs.MultiStepLR, lrs.ExponentialLR, lrs.SequentialLR, lrs.ReduceLROnPlateau):
         assert _inspect.signature(f).parameters["steps_per_epoch"].kind is _inspect.Parameter.KEYWORD_ONLY
+
+
+@pytest.mark.skipif(not HAVE_TORCH, reason="torch is not installed")
+def test_one_cycle_with_cycled_momentum_reproduces_live_torch():
+    """optax.inject_hyperparams(pt.SGD)(lr=s, momentum=s.momentum) is SGD with OneCycleLR."""
+    import torch
+
+    init, target = [0.7, -1.3], [0.2, 0.4]
+    p = torch.tensor(init, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor(target, dtype=torch.float64)
+    opt = torch.optim.SGD([p], lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.5, total_steps=30)
+    theirs = []
+    for _ in range(30):
+        with torch.no_grad():
+            p.grad = 3 * (p - t) + torch.sin(p)
+        opt.step()
+        sched.step()
+        theirs.append(p.detach().numpy().copy())
+    with jax.enable_x64(True):
+        schedule = lrs.OneCycleLR(0.1, max_lr=0.5, total_steps=30)
+        tx = optax.inject_hyperparams(pt.SGD)(lr=schedule, momentum=schedule.momentum)
+        params, tgt = jnp.asarray(init), jnp.asarray(target)
+        state = tx.init(params)
+        step = jax.jit(tx.update)
+        for expected in theirs:
+            updates, state = step(3 * (params - tgt) + jnp.sin(params), state, params)
+            params = optax.apply_updates(params, updates)
+            np.testing.assert_allclose(params, expected, rtol=1e-12, atol=1e-15)
