@@ -33,8 +33,9 @@ import optax
 from rmsjax import _validation as check
 from rmsjax import transforms
 from rmsjax.compat import _common as common
+from rmsjax.compat.torch import lr_scheduler
 
-__all__ = ["SGD", "Adadelta", "Adagrad", "Adam", "AdamW", "RMSprop"]
+__all__ = ["SGD", "Adadelta", "Adagrad", "Adam", "AdamW", "RMSprop", "lr_scheduler"]
 
 
 def _maximize(maximize: bool) -> optax.GradientTransformation:
