@@ -3,8 +3,9 @@
 An rmsjax optimizer is an ``optax.chain`` of small transformations, so its state is a tuple of
 NamedTuples, often wrapped again by ``optax.inject_hyperparams``, ``optax.MultiSteps``,
 ``optax.apply_if_finite``, ``optax.masked`` or Flax's ``nnx.Optimizer``. The functions here walk
-that pytree and find the NamedTuples by their field names, so that nobody has to write
-``opt_state[1].inner_state[0].nu``:
+that pytree and find rmsjax's states by their types (another library's NamedTuples, such as
+optax's, by their field names), so that nobody has to write ``opt_state[1].inner_state[0].nu``;
+the numbers are computed with the formulas of :mod:`rmsjax.averages` the transformations use:
 
 * ``nu``: the second-moment state (leaky average of squared gradients in ``scale_by_rms``,
   ``scale_by_stddev`` and ``scale_by_adam``; the running sum of squares in ``scale_by_rss``);
@@ -19,11 +20,13 @@ All three functions are pure and can be called inside ``jax.jit``.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from rmsjax import averages, transforms
 
 __all__ = ["EffectiveLearningRate", "effective_learning_rate", "learning_rate", "step_count"]
 
@@ -75,6 +78,23 @@ def _find(tree: Any, field: str) -> list[Any]:
     return [node for node in _namedtuples(tree) if field in node._fields]
 
 
+# The states of rmsjax's own transformations that hold the second moment a step divides by.
+_SECOND_MOMENT_STATES = (
+    transforms.ScaleByRmsState,
+    transforms.ScaleByStddevState,
+    transforms.ScaleByRssState,
+    transforms.ScaleByAdamState,
+    transforms.ScaleByAmsgradState,
+    transforms.ScaleByAdaDeltaState,
+)
+
+
+def _by_type(states: list[Any], types: tuple[type, ...]) -> list[Any]:
+    """The states of rmsjax's own ``types`` if any; else all (another library's, by field)."""
+    own = [state for state in states if isinstance(state, types)]
+    return own or states
+
+
 def _scalar(x: Any) -> jax.Array:
     return jnp.asarray(x)
 
@@ -89,7 +109,8 @@ def _available(tree: Any) -> str:
 
 
 def _learning_rates(tree: Any) -> list[jax.Array]:
-    states = _find(tree, "learning_rate")
+    # rmsjax's learning-rate step by its type; another library's state by its field name.
+    states = _by_type(_find(tree, "learning_rate"), (transforms.ScaleByLearningRateState,))
     if states:
         return [_scalar(state.learning_rate) for state in states]
     # Fallback: optax.inject_hyperparams keeps its hyperparameters in a dict.
@@ -200,7 +221,11 @@ def step_count(opt_state: Any) -> jax.Array:
 def _second_moment(
     state: Any, *, centered: bool, decay: float | jax.Array | None
 ) -> Any:
-    """The (bias-corrected, centred) second moment the optimizer divides by, in float32."""
+    """The (bias-corrected, centred) second moment the optimizer divides by, in float32.
+
+    Computed with the formulas of :mod:`rmsjax.averages` that the transformations use
+    (``bias_correction``, ``centered_variance``), on float32 copies of the state.
+    """
     # AMSGrad divides by the running maximum of nu, kept in nu_max.
     nu = state.nu_max if "nu_max" in state._fields else state.nu
     nu = jax.tree.map(lambda v: jnp.asarray(v).astype(jnp.float32), nu)
@@ -217,14 +242,12 @@ def _second_moment(
             raise ValueError(
                 f"decay= asks for bias correction, but {_describe(state)} has no 'count' field."
             )
-        t = jnp.asarray(state.count).astype(jnp.float32)
-        correction = jnp.float32(1.0) - jnp.asarray(decay, jnp.float32) ** t
-        nu = jax.tree.map(lambda v: v / correction, nu)
+        count = jnp.asarray(state.count)
+        nu = averages.bias_correction(nu, decay, count)
         if mu is not None:
-            mu = jax.tree.map(lambda m: m / correction, mu)
+            mu = averages.bias_correction(mu, decay, count)
     if mu is not None:
-        # As scale_by_stddev does: a variance that rounding makes negative counts as zero.
-        nu = jax.tree.map(lambda v, m: jnp.maximum(v - jnp.square(m), jnp.float32(0.0)), nu, mu)
+        nu = averages.centered_variance(nu, mu)
     return nu
 
 
@@ -296,7 +319,7 @@ def effective_learning_rate(
       [0.0316, 0.3162]
     """
     tree = _to_pure(opt_state)
-    states = _find(tree, "nu")
+    states = _by_type(_find(tree, "nu"), _SECOND_MOMENT_STATES)
     if not states:
         raise ValueError(
             "opt_state holds no second-moment state (a NamedTuple with a 'nu' field), so it "
@@ -319,31 +342,21 @@ def effective_learning_rate(
     else:
         alpha = learning_rate
     alpha = jnp.asarray(alpha, jnp.float32)
-    eps32 = jnp.asarray(eps, jnp.float32)
+    # eps as given: a number lets the formulas below drop the 0/0 guard, as the optimizer does.
+    eps32 = eps if isinstance(eps, (int, float)) else jnp.asarray(eps, jnp.float32)
 
     nu = _second_moment(states[0], centered=centered, decay=decay)
-    denominator: Callable[[jax.Array], jax.Array]
-    if eps_in_sqrt:
-        def denominator(v: jax.Array) -> jax.Array:
-            return jnp.sqrt(v + eps32)
-    else:
-        def denominator(v: jax.Array) -> jax.Array:
-            return jnp.sqrt(v) + eps32
-
     state = states[0]
-    if "nu_delta" in state._fields:
-        # AdaDelta: the numerator is the root of the leaky average of past squared updates.
-        per_leaf = jax.tree.map(
-            lambda v, d: alpha
-            * jnp.sqrt(jnp.asarray(d).astype(jnp.float32) + eps32)
-            / jnp.sqrt(jnp.asarray(v).astype(jnp.float32) + eps32),
-            nu,
-            state.nu_delta,
-        )
+    ones = jax.tree.map(jnp.ones_like, nu)
+    # The step of a unit gradient, with the formulas the transformations use.
+    if "nu_delta" in state._fields:  # AdaDelta: sqrt(delta + eps) / sqrt(nu + eps)
+        delta = jax.tree.map(lambda d: jnp.asarray(d).astype(jnp.float32), state.nu_delta)
+        unit = averages.multiply_by_root_ratio(ones, delta, nu, eps=eps32)
+    elif eps_in_sqrt:
+        unit = averages.divide_by_root(ones, nu, eps=0.0, eps_root=eps32)
     else:
-        per_leaf = jax.tree.map(
-            lambda v: alpha / denominator(jnp.asarray(v).astype(jnp.float32)), nu
-        )
+        unit = averages.divide_by_root(ones, nu, eps=eps32)
+    per_leaf = averages.scale(unit, alpha)
     leaves = jax.tree_util.tree_leaves(per_leaf)
     if not leaves:
         raise ValueError("the second-moment state 'nu' holds no arrays (no parameters?).")
