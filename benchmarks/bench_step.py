@@ -148,7 +148,9 @@ def _jax_txs(name: str, packed_ok: bool) -> dict[str, Any]:
         pair = (optax.adam(lr), rmsjax.adam(lr))
     else:
         raise ValueError(name)
-    txs = {"optax": pair[0], "rmsjax": pair[1], "rmsjax.one_pass": rmsjax.one_pass(pair[1])}
+    txs = {"optax": pair[0], "rmsjax": pair[1]}
+    if not packed_ok:  # the opt-in one-loop arrangement, meant for a few big leaves
+        txs["rmsjax.one_pass"] = rmsjax.one_pass(pair[1])
     if packed_ok:
         txs["rmsjax.packed"] = rmsjax.packed(pair[1])
         txs["rmsjax, params kept packed"] = _KeptPacked(pair[1])
@@ -384,7 +386,8 @@ def memory_worker(spec: dict) -> dict:
     import jax
 
     label = spec["impl"]
-    tx = _jax_txs(spec["optimizer"], packed_ok=True)[label]
+    txs = {**_jax_txs(spec["optimizer"], packed_ok=False), **_jax_txs(spec["optimizer"], packed_ok=True)}
+    tx = txs[label]
     # The runtime's own: the same step compiled and run on a tiny tree first.
     spec = dict(spec, lean=True)
     # (as many leaves as the real tree, 8 elements each: the compiler's own memory too)
@@ -458,11 +461,15 @@ def targets(results: list[dict], memory: list[dict]) -> list[dict]:
 
     for mode in sorted({c["mode"] for c in results}):
         for opt in ("rmsprop", "adam"):
-            rj = _find(results, tree="one_leaf", optimizer=opt, impl="rmsjax", mode=mode)
+            # The one-loop target is the opt-in wrapper's with the flag (mof); with default
+            # flags, plain rmsjax must take at most optax's time.
+            impl = "rmsjax.one_pass" if mode == "mof" else "rmsjax"
+            rj = _find(results, tree="one_leaf", optimizer=opt, impl=impl, mode=mode)
             ox = _find(results, tree="one_leaf", optimizer=opt, impl="optax", mode=mode)
             if rj and ox:
                 r = rj["ms_per_step"] / ox["ms_per_step"]
-                add(f"one leaf, {opt}: rmsjax / optax time [{mode}]", r, "<= 0.8", r <= 0.8)
+                goal = 0.8 if mode == "mof" else 1.0
+                add(f"one leaf, {opt}: {impl} / optax time [{mode}]", r, f"<= {goal}", r <= goal)
                 if opt == "rmsprop":
                     f = rj["fraction_of_bandwidth"]
                     add(f"one leaf, rmsprop: fraction of measured bandwidth [{mode}]", f, ">= 0.9",
