@@ -20,9 +20,12 @@ loaded on its own: the rest of timm needs torchvision), in four families, writte
   recipe (RMSprop with momentum, two parameter groups -- no weight decay on biases -- and
   ``SequentialLR(LinearLR warm-up, StepLR)``), on a fixed data set and batch order. Stored:
   the data, the initial weights, the per-step losses, the per-step learning rates, and the
-  one-ulp noise floor: the same PyTorch run repeated from ``NUDGES`` initial weights that each
-  differ from the original by one ulp in every entry (independent random directions),
-  ``floor[t] = max_k |loss_k[t] - loss[t]|``. ``foreach_gap`` records the largest loss gap
+  one-ulp noise floor: the same PyTorch run repeated ``NUDGES`` times from initial weights
+  that each differ from the original by one ulp in every entry (independent random
+  directions), and ``NUDGES`` times with every gradient entry moved by one ulp (random
+  direction) at every step -- the rounding a forward and backward pass summed in another
+  order makes, which is what differs between two frameworks --;
+  ``floor[t] = max_k |loss_k[t] - loss[t]|`` over both families. ``foreach_gap`` records the largest loss gap
   between PyTorch's foreach and for-loop implementations (an other floor, often zero).
 
 Usage (torch==2.13.0 and timm installed; ``pip install --no-deps timm``)::
@@ -337,8 +340,14 @@ def recipe_data():
     return x, y.astype(np.int64), batches.astype(np.int64), init
 
 
-def run_recipe(init, x, y, batches, *, foreach=False):
-    """Per-step losses (before each step) and learning rates of the PyTorch recipe."""
+def run_recipe(init, x, y, batches, *, foreach=False, grad_nudge=None):
+    """Per-step losses (before each step) and learning rates of the PyTorch recipe.
+
+    ``grad_nudge=k`` moves every gradient entry by one ulp in a random direction (seed
+    ``k``) at every step: the size of the rounding differences of a forward and backward
+    pass summed in another (equally valid) order, which is what differs between frameworks.
+    """
+    rng = None if grad_nudge is None else np.random.default_rng(5000 + grad_nudge)
     torch = _torch()
     r = RECIPE
     t = {k: torch.tensor(v).requires_grad_(True) for k, v in init.items()}
@@ -358,6 +367,12 @@ def run_recipe(init, x, y, batches, *, foreach=False):
         loss = torch.nn.functional.cross_entropy(h @ t["w2"].T + t["b2"], yt[idx])
         opt.zero_grad()
         loss.backward()
+        if rng is not None:
+            with torch.no_grad():
+                for p in t.values():
+                    up = torch.from_numpy(rng.random(tuple(p.shape)) < 0.5)
+                    inf = torch.tensor(float("inf"), dtype=p.grad.dtype)
+                    p.grad.copy_(torch.where(up, torch.nextafter(p.grad, inf), torch.nextafter(p.grad, -inf)))
         lrs.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
@@ -380,14 +395,20 @@ def build_recipe(case, vers):
     x, y, batches, init = recipe_data()
     losses, lrs = run_recipe(init, x, y, batches)
     runs = np.stack([run_recipe(nudged(init, k), x, y, batches)[0] for k in range(NUDGES)])
-    floor = np.max(np.abs(runs - losses), axis=0)
+    grad_runs = np.stack([run_recipe(init, x, y, batches, grad_nudge=k)[0] for k in range(NUDGES)])
+    floor_init = np.max(np.abs(runs - losses), axis=0)
+    floor_grad = np.max(np.abs(grad_runs - losses), axis=0)
+    floor = np.maximum(floor_init, floor_grad)
     foreach_losses, _ = run_recipe(init, x, y, batches, foreach=True)
     meta = {"recipe": RECIPE, "nudges": NUDGES, "versions": {"numpy": vers["numpy"], "torch": vers["torch"]},
             "foreach_gap": float(np.max(np.abs(foreach_losses - losses))),
-            "floor": "floor[t] = max over NUDGES runs of |loss_k[t] - loss[t]|, run k starting from the "
-                     "initial weights each moved by one ulp in a random direction"}
+            "floor": "floor[t] = max(floor_init[t], floor_grad[t]); floor_init[t] = max over NUDGES runs of "
+                     "|loss_k[t] - loss[t]|, run k starting from the initial weights each moved by one ulp in a "
+                     "random direction; floor_grad[t]: the same for runs whose gradients are each moved by one "
+                     "ulp in a random direction at every step"}
     arrays = {"meta": np.array(json.dumps(meta, sort_keys=True)), "x": x, "y": y, "batches": batches,
-              "losses": losses, "lrs": lrs, "floor": floor, "nudged_losses": runs}
+              "losses": losses, "lrs": lrs, "floor": floor, "floor_init": floor_init,
+              "floor_grad": floor_grad, "nudged_losses": runs, "grad_nudged_losses": grad_runs}
     for name, value in init.items():
         arrays[f"init_{name}"] = value
     return arrays
