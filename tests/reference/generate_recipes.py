@@ -37,6 +37,7 @@ Usage (torch==2.13.0 and timm installed; ``pip install --no-deps timm``)::
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 import json
 import sys
@@ -227,9 +228,7 @@ def run_problem(case, init, coef, *, save_at=None):
     saved = None
     for step in range(STEPS):
         if save_at is not None and step == save_at:
-            saved = opt.state_dict()
-            saved = {"state": {i: {k: v.clone() for k, v in s.items()} for i, s in saved["state"].items()},
-                     "param_groups": [dict(g) for g in saved["param_groups"]]}
+            saved = copy.deepcopy(opt.state_dict())  # load_state_dict keeps tensors by reference
             checkpoint = ({n: t.detach().clone() for n, t in tensors.items()},
                           None if sched is None else sched.state_dict())
         with torch.no_grad():
@@ -252,7 +251,7 @@ def run_problem(case, init, coef, *, save_at=None):
     opt, sched, _ = build()
     if sched is not None:
         sched.load_state_dict(sched_state)
-    opt.load_state_dict(saved)
+    opt.load_state_dict(copy.deepcopy(saved))
     for step in range(save_at, STEPS):
         with torch.no_grad():
             for n in LEAVES:

@@ -498,6 +498,9 @@ def load_state_dict(
         if kind != "SGD" and count > 0 and any(not e for e in entries.values()):
             raise ValueError(f"{where}: some parameters have no saved state")
         lr = g.hyper["lr"] if g.hyper is not None else saved.get("lr")
+        if kind == "Adagrad" and lr is not None:  # the rate rmsjax records is the decayed one
+            decay = g.hyper["lr_decay"] if g.hyper is not None else saved.get("lr_decay", 0.0)
+            lr = common.divided_by_decay(lr, decay)
         new_states.append(_rebuild(g.state, lambda part: _fill(part, entries, g, count, lr, index, leaves,
                                                                names, layout)))
     if isinstance(tx, _groups.ParamGroups):
