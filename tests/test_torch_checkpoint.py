@@ -22,7 +22,16 @@ import numpy as np
 import optax
 import pytest
 from recipe_fixtures import (
-    RTOL64, hyperparams, load, make, names, problem, relative_error, run, saved_state_dict, trajectory,
+    RTOL64,
+    hyperparams,
+    load,
+    make,
+    names,
+    problem,
+    relative_error,
+    run,
+    saved_state_dict,
+    trajectory,
 )
 
 from rmsjax import compat

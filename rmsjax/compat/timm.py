@@ -18,7 +18,7 @@ import optax
 from rmsjax import _validation as check
 from rmsjax import transforms
 from rmsjax.compat import _common as common
-from rmsjax.transforms import ScalarOrSchedule, Scalar
+from rmsjax.transforms import Scalar, ScalarOrSchedule
 
 __all__ = ["RMSpropTF"]
 
