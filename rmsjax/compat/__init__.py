@@ -25,6 +25,6 @@ Example:
 """
 
 from rmsjax.compat import keras, tf1, timm, torch
-from rmsjax.compat._groups import ParamGroupsState, param_groups
+from rmsjax.compat._groups import ParamGroupsState, param_groups, path_name
 
-__all__ = ["ParamGroupsState", "keras", "param_groups", "tf1", "timm", "torch"]
+__all__ = ["ParamGroupsState", "keras", "param_groups", "path_name", "tf1", "timm", "torch"]

@@ -170,7 +170,8 @@ def _groups_of(tx, opt_state, params) -> tuple[list[_Group], Callable | None]:
         states = opt_state.inner_states
         if len(states) != len(assigned):
             raise ValueError(f"opt_state has {len(states)} groups, tx gives {len(assigned)} for params")
-        return [_Group(s, idx, hyper, i) for i, ((hyper, idx), s) in enumerate(zip(assigned, states))], tx.factory
+        pairs = enumerate(zip(assigned, states, strict=True))
+        return [_Group(s, idx, hyper, i) for i, ((hyper, idx), s) in pairs], tx.factory
     if isinstance(opt_state, _groups.ParamGroupsState):
         raise TypeError("opt_state is a param_groups state: pass the param_groups transformation as tx")
     n = len(jax.tree.leaves(params))
@@ -456,7 +457,9 @@ def load_state_dict(
         where = f"state_dict['param_groups'][{g.position}]"
         wanted = sorted(index[j] for j in g.leaves)
         if sorted(int(i) for i in saved.get("params", [])) != wanted:
-            raise ValueError(f"{where}['params'] is {saved.get('params')}, tx's group holds parameters {wanted}")
+            raise ValueError(
+                f"{where}['params'] is {saved.get('params')}, tx's group holds parameters {wanted}"
+            )
         _check_group(kind, saved, g.hyper, where)
         parts = _parts(g.state)
         expected = _expected_keys(kind, parts)
@@ -477,7 +480,7 @@ def load_state_dict(
                     )
             entries[j] = entry
         steps = set()
-        for j, entry in entries.items():
+        for entry in entries.values():
             if "step" in entry:
                 steps.add(int(round(float(_to_numpy(entry["step"])))))
             elif entry or kind != "SGD":
@@ -489,11 +492,15 @@ def load_state_dict(
             if step is not None:
                 steps = {int(step)}
             elif g.hyper is not None and callable(g.hyper["lr"]) and not isinstance(g.hyper["lr"], jax.Array):
-                raise ValueError("SGD's state_dict has no step count: pass step= (optimizer.step() calls made)")
+                raise ValueError(
+                    "SGD's state_dict has no step count: pass step= (optimizer.step() calls made)"
+                )
             else:
                 steps = {1 if True in has else 0}
         if len(steps) != 1:
-            raise ValueError(f"{where}: the parameters' steps differ ({sorted(steps)}); rmsjax keeps one per group")
+            raise ValueError(
+                f"{where}: the parameters' steps differ ({sorted(steps)}); rmsjax keeps one per group"
+            )
         count = steps.pop()
         if kind != "SGD" and count > 0 and any(not e for e in entries.values()):
             raise ValueError(f"{where}: some parameters have no saved state")
