@@ -4,7 +4,11 @@
   ``SGD`` with ``torch.optim``'s argument names and defaults;
 * :mod:`rmsjax.compat.keras`: ``RMSprop``, ``Adagrad``, ``Adam``, ``Adadelta`` with
   ``keras.optimizers``' (Keras 3);
-* :mod:`rmsjax.compat.tf1`: ``RMSPropOptimizer`` with ``tf.compat.v1.train``'s.
+* :mod:`rmsjax.compat.tf1`: ``RMSPropOptimizer`` with ``tf.compat.v1.train``'s;
+* :mod:`rmsjax.compat.timm`: ``RMSpropTF`` with ``timm.optim``'s.
+
+:func:`param_groups` gives any of them PyTorch-style parameter groups (per-group
+overrides of any constructor argument).
 
 Each factory returns an ``optax.GradientTransformation`` built from rmsjax's own
 transformations; applied with ``optax.apply_updates``, its updates reproduce the
@@ -20,6 +24,7 @@ Example:
   [-0.1 -0.1]
 """
 
-from rmsjax.compat import keras, tf1, torch
+from rmsjax.compat import keras, tf1, timm, torch
+from rmsjax.compat._groups import ParamGroupsState, param_groups, path_name
 
-__all__ = ["keras", "tf1", "torch"]
+__all__ = ["ParamGroupsState", "keras", "param_groups", "path_name", "tf1", "timm", "torch"]

@@ -33,9 +33,22 @@ import optax
 from rmsjax import _validation as check
 from rmsjax import transforms
 from rmsjax.compat import _common as common
+from rmsjax.compat._groups import param_groups
 from rmsjax.compat.torch import lr_scheduler
+from rmsjax.compat.torch._checkpoint import load_state_dict, state_dict
 
-__all__ = ["SGD", "Adadelta", "Adagrad", "Adam", "AdamW", "RMSprop", "lr_scheduler"]
+__all__ = [
+    "SGD",
+    "Adadelta",
+    "Adagrad",
+    "Adam",
+    "AdamW",
+    "RMSprop",
+    "load_state_dict",
+    "lr_scheduler",
+    "param_groups",
+    "state_dict",
+]
 
 
 def _maximize(maximize: bool) -> optax.GradientTransformation:

@@ -1,0 +1,280 @@
+"""PyTorch-style parameter groups for any :mod:`rmsjax.compat` optimizer.
+
+``torch.optim.RMSprop([{"params": weights}, {"params": biases, "weight_decay": 0.0}],
+lr=0.01, momentum=0.9, weight_decay=1e-4)`` runs one optimizer whose hyperparameters differ
+between groups of parameters. :func:`param_groups` is the same recipe for a parameter *tree*:
+each group selects leaves by path or by a function of path and leaf, and overrides any of
+the factory's arguments; each group gets its own instance of the factory's transformation,
+run on that group's leaves only (exactly what PyTorch does: a group is an independent
+optimizer over its parameters with its own hyperparameters and step counts).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import optax
+
+PyTree = Any
+Selector = str | Sequence[str] | Callable[[str, Any], bool]
+
+__all__ = ["ParamGroups", "ParamGroupsState", "param_groups", "path_name"]
+
+
+class ParamGroupsState(NamedTuple):
+    """State of :func:`param_groups`: one inner state per group, in the groups' order.
+
+    Each inner state is the state of that group's transformation over the *list* of the
+    group's leaves (in the order of ``jax.tree.leaves(params)``).
+    """
+
+    inner_states: tuple
+
+
+def _key_name(key: Any) -> str:
+    for attribute in ("key", "idx", "name"):
+        if hasattr(key, attribute):
+            return str(getattr(key, attribute))
+    return str(key)  # pragma: no cover (a key type jax adds later)
+
+
+def path_name(path: Sequence[Any]) -> str:
+    """The ``"/"``-joined name of a jax key path: ``{"dense": {"bias": x}}`` -> ``"dense/bias"``.
+
+    Dict keys, sequence indices and attribute names are written as they are, e.g.
+    ``"layers/0/kernel"``. This is the path :func:`param_groups` selectors and
+    :mod:`rmsjax.compat.torch`'s checkpoint functions use.
+
+    >>> import jax
+    >>> [path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path({"a": [1, 2]})[0]]
+    ['a/0', 'a/1']
+    """
+    return "/".join(_key_name(k) for k in path)
+
+
+def _named_leaves(tree: PyTree) -> list[tuple[str, Any]]:
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return [(path_name(path), leaf) for path, leaf in flat]
+
+
+def _selects(selector: Selector, name: str, leaf: Any) -> bool:
+    if callable(selector):
+        return bool(selector(name, leaf))
+    names = [selector] if isinstance(selector, str) else list(selector)
+    return any(name == s or name.startswith(s.rstrip("/") + "/") for s in names)
+
+
+def _check_selector(index: int, selector: Any) -> None:
+    if callable(selector) or isinstance(selector, str):
+        return
+    if isinstance(selector, Sequence) and all(isinstance(s, str) for s in selector):
+        return
+    raise TypeError(
+        f"param group {index}: 'params' must be a path, a list of paths or a function "
+        f"f(path, leaf) -> bool, got {selector!r}"
+    )
+
+
+class _Group(NamedTuple):
+    index: int  # position in the exported (PyTorch) order
+    kwargs: dict  # the overrides merged over the defaults
+    selector: Any  # None: the rest
+    tx: optax.GradientTransformationExtraArgs
+
+
+class ParamGroups(optax.GradientTransformationExtraArgs):
+    """The transformation :func:`param_groups` returns: an optax transformation that knows its groups.
+
+    Besides ``init`` and ``update`` it carries ``factory``, ``defaults`` (the keyword
+    arguments shared by all groups) and ``groups`` (the group dicts as given), which
+    :func:`rmsjax.compat.torch.state_dict` reads to write PyTorch's ``param_groups``.
+    """
+
+    def assign(self, tree: PyTree) -> list[tuple[dict, list[int]]]:
+        """``[(hyperparameters, leaf indices)]`` per group, in PyTorch's group order.
+
+        The leaf indices are positions in ``jax.tree.leaves(tree)``, in tree order; the
+        hyperparameters are the factory's full keyword arguments (its own defaults
+        included) for that group. Raises ``ValueError`` for a group that selects no leaf
+        and for a leaf that two groups select.
+        """
+        return [(_full_kwargs(self.factory, g.kwargs), leaves) for g, leaves in _assign(self, tree)]
+
+
+def _full_kwargs(factory: Callable, kwargs: dict) -> dict:
+    out = {}
+    for name, p in inspect.signature(factory).parameters.items():
+        if p.default is not inspect.Parameter.empty:
+            out[name] = p.default
+    out.update(kwargs)
+    return out
+
+
+def _assign(tx: ParamGroups, tree: PyTree) -> list[tuple[_Group, list[int]]]:
+    named = _named_leaves(tree)
+    explicit = [g for g in tx._groups if g.selector is not None]
+    rest = [g for g in tx._groups if g.selector is None]
+    members: dict[int, list[int]] = {g.index: [] for g in tx._groups}
+    unmatched = []
+    for j, (name, leaf) in enumerate(named):
+        hits = [g for g in explicit if _selects(g.selector, name, leaf)]
+        if len(hits) > 1:
+            raise ValueError(
+                f"parameter {name!r} is selected by more than one parameter group "
+                f"(groups {[g.index for g in hits]}); PyTorch puts each parameter in exactly one"
+            )
+        if hits:
+            members[hits[0].index].append(j)
+        else:
+            unmatched.append(j)
+    groups = list(tx._groups)
+    if rest:
+        members[rest[0].index] = unmatched
+    elif unmatched:
+        implicit = tx._implicit
+        groups.append(implicit)
+        members[implicit.index] = unmatched
+    for g in groups:
+        if not members[g.index]:
+            what = "the remaining parameters" if g.selector is None else repr(g.selector)
+            raise ValueError(
+                f"param group {g.index} selects no parameter (params={what}); "
+                f"the tree's paths are {[n for n, _ in named]}"
+            )
+    return [(g, members[g.index]) for g in sorted(groups, key=lambda g: g.index)]
+
+
+def param_groups(
+    factory: Callable[..., optax.GradientTransformation],
+    groups: Sequence[Mapping[str, Any]] = (),
+    **defaults: Any,
+) -> ParamGroups:
+    r"""Per-group hyperparameters, as PyTorch's ``param_groups``, for any compat optimizer.
+
+    ``param_groups(factory, [{"params": selector, **overrides}, ...], **defaults)`` is the
+    optimizer ``torch.optim.<Optimizer>([{"params": ..., **overrides}, ...], **defaults)``:
+    each group's leaves are updated by ``factory(**{**defaults, **overrides})`` with its own
+    state (step counts included), so a group's learning rate, schedule, weight decay,
+    momentum, betas... may be anything the factory accepts.
+
+    Selecting leaves: ``"params"`` is a path (``"dense/bias"``: that leaf and every leaf
+    under it, paths as :func:`path_name` writes them), a list of paths, or a function
+    ``f(path, leaf) -> bool`` (``leaf`` is the parameter, or the update when ``update`` is
+    called without parameters: test shapes and names, not values). A group without a
+    ``"params"`` key takes every leaf no other group selects (at most one such group).
+    Leaves that no group selects, when there is no such group, form an implicit last group
+    with the defaults alone. PyTorch's parameter order is the groups' order, each group's
+    leaves in tree order; this is the order :func:`rmsjax.compat.torch.state_dict` uses.
+
+    Args:
+      factory: a compat optimizer factory, e.g. :func:`rmsjax.compat.torch.RMSprop` or
+        :func:`rmsjax.compat.timm.RMSpropTF` (any function of keyword arguments returning
+        an ``optax.GradientTransformation``).
+      groups: the group dicts; may be empty (one group: the whole tree).
+      **defaults: the arguments every group shares (PyTorch's constructor keywords).
+
+    Returns:
+      A :class:`ParamGroups` transformation with state :class:`ParamGroupsState`.
+
+    Raises:
+      TypeError: an argument (in ``defaults`` or a group) that ``factory`` does not take,
+        naming it, or a malformed selector.
+      ValueError: a hyperparameter out of range (naming the group), two groups without
+        ``"params"``; at ``init``/``update``, a group that selects no leaf or a leaf that
+        two groups select.
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> from rmsjax import compat
+      >>> params = {"dense": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}}
+      >>> tx = compat.param_groups(
+      ...     compat.torch.RMSprop,
+      ...     [{"params": lambda path, leaf: path.endswith("bias"), "weight_decay": 0.0, "lr": 0.1}],
+      ...     lr=0.01, momentum=0.9, weight_decay=1e-4,
+      ... )
+      >>> state = tx.init(params)
+      >>> updates, state = tx.update(params, state, params)
+      >>> print(updates["dense"]["bias"].round(4))  # lr 0.1, no decay: -0.1 / sqrt(1 - 0.99)
+      [-1. -1.]
+
+    Warning:
+      PyTorch requires every parameter to be in exactly one group and raises otherwise;
+      here the leaves no group selects get the defaults (an implicit last group). Write
+      an explicit group for them (one without ``"params"``) to choose their position.
+    """
+    if not callable(factory):
+        raise TypeError(f"param_groups: factory must be an optimizer factory, got {factory!r}")
+    accepted = {n for n in inspect.signature(factory).parameters if n != "params"}
+    name = getattr(factory, "__name__", repr(factory))
+
+    def check_names(where: str, keys) -> None:
+        for key in keys:
+            if key not in accepted:
+                raise TypeError(
+                    f"param_groups: {where} sets {key!r}, which {name} does not take "
+                    f"(its arguments: {', '.join(sorted(accepted))})"
+                )
+
+    def make(where: str, kwargs: dict):
+        try:
+            return optax.with_extra_args_support(factory(**kwargs))
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"{where} of {name}: {error}") from None
+
+    check_names("the defaults", defaults)
+    if isinstance(groups, Mapping) or not isinstance(groups, Sequence):
+        raise TypeError(f"param_groups: groups must be a list of dicts, got {groups!r}")
+    built = []
+    rest_count = 0
+    for i, group in enumerate(groups):
+        if not isinstance(group, Mapping):
+            raise TypeError(f"param group {i} must be a dict, got {group!r}")
+        overrides = {k: v for k, v in group.items() if k != "params"}
+        check_names(f"param group {i}", overrides)
+        selector = group.get("params")
+        if "params" in group:
+            _check_selector(i, selector)
+        else:
+            rest_count += 1
+        kwargs = {**defaults, **overrides}
+        built.append(_Group(i, kwargs, selector, make(f"param group {i}", kwargs)))
+    if rest_count > 1:
+        raise ValueError("param_groups: at most one group may omit 'params' (the remaining leaves)")
+    implicit = _Group(len(built), dict(defaults), None, make("the defaults", dict(defaults)))
+
+    def init_fn(params):
+        assigned = _assign(tx, params)
+        leaves = jax.tree.leaves(params)
+        return ParamGroupsState(
+            tuple(g.tx.init([leaves[j] for j in idx]) for g, idx in assigned)
+        )
+
+    def update_fn(updates, state, params=None, **extra_args):
+        assigned = _assign(tx, updates if params is None else params)
+        if len(assigned) != len(state.inner_states):
+            raise ValueError(
+                f"param_groups: the state has {len(state.inner_states)} groups but the tree "
+                f"gives {len(assigned)}"
+            )
+        flat, treedef = jax.tree.flatten(updates)
+        p_flat = None if params is None else jax.tree.leaves(params)
+        out = list(flat)
+        states = []
+        for (g, idx), inner in zip(assigned, state.inner_states, strict=True):
+            sub_params = None if p_flat is None else [p_flat[j] for j in idx]
+            new, inner = g.tx.update([flat[j] for j in idx], inner, sub_params, **extra_args)
+            for j, leaf in zip(idx, new, strict=True):
+                out[j] = leaf
+            states.append(inner)
+        return jax.tree.unflatten(treedef, out), ParamGroupsState(tuple(states))
+
+    tx = ParamGroups(init_fn, update_fn)
+    tx.factory = factory
+    tx.defaults = dict(defaults)
+    tx.groups = tuple(dict(g) for g in groups)
+    tx._groups = tuple(built)
+    tx._implicit = implicit
+    return tx

@@ -1,0 +1,577 @@
+"""PyTorch optimizer checkpoints: ``torch.optim.<Optimizer>.state_dict()`` in and out.
+
+:func:`load_state_dict` turns a PyTorch optimizer's ``state_dict()`` into the optax state of
+the matching :mod:`rmsjax.compat.torch` transformation, so that a run started in PyTorch
+continues in JAX exactly; :func:`state_dict` goes the other way and returns a dict that
+``torch.optim.<Optimizer>.load_state_dict`` accepts. Neither imports torch unless asked to
+return tensors: numpy arrays are accepted wherever PyTorch has tensors.
+
+The mapping (PyTorch 2.13's per-parameter state keys, rmsjax's state fields):
+
+==========  =========================================  ==========================================
+optimizer   PyTorch keys                               rmsjax state
+==========  =========================================  ==========================================
+RMSprop     ``step, square_avg[, grad_avg]``            ``ScaleByRmsState`` / ``ScaleByStddevState``
+            ``[, momentum_buffer]``                    ``(count, [mu,] nu)``, ``MomentumState.mu``
+Adagrad     ``step, sum``                              ``ScaleByRssState(count, nu)``
+Adam(W)     ``step, exp_avg, exp_avg_sq``              ``ScaleByAdamState(count, mu, nu)``
+            ``[, max_exp_avg_sq]``                     ``ScaleByAmsgradState.nu_max``
+Adadelta    ``step, square_avg, acc_delta``            ``ScaleByAdaDeltaState(count, nu, nu_delta)``
+SGD         ``[momentum_buffer]`` (no step)            ``MomentumState.mu``
+==========  =========================================  ==========================================
+
+PyTorch keeps a ``step`` per parameter; rmsjax one ``count`` per transformation of a group.
+Loading sets every count of the group's chain (scaling, momentum, learning rate) to the
+group's ``step`` (all parameters of a group must have the same); exporting writes each
+parameter's ``step`` from the scaling's count.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from rmsjax import transforms as T
+from rmsjax.compat import _common as common
+from rmsjax.compat import _groups
+
+__all__ = ["load_state_dict", "state_dict"]
+
+PyTree = Any
+Layout = Callable[[str, np.ndarray], np.ndarray]
+
+# PyTorch 2.13's param_groups keys (in its order) beside the constructor's own, per class.
+_GROUP_KEYS = {
+    "RMSprop": ("lr", "momentum", "alpha", "eps", "centered", "weight_decay", "capturable",
+                "foreach", "maximize", "differentiable"),
+    "Adagrad": ("lr", "lr_decay", "eps", "weight_decay", "initial_accumulator_value", "foreach",
+                "maximize", "differentiable", "fused"),
+    "Adam": ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "foreach", "capturable",
+             "differentiable", "fused", "decoupled_weight_decay"),
+    "Adadelta": ("lr", "rho", "eps", "weight_decay", "maximize", "capturable", "foreach",
+                 "differentiable"),
+    "SGD": ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize", "foreach",
+            "differentiable", "fused"),
+}
+_GROUP_KEYS["AdamW"] = _GROUP_KEYS["Adam"]
+_SWITCHES = {"capturable": False, "foreach": None, "differentiable": False, "fused": None}
+_SCALINGS = (T.ScaleByRmsState, T.ScaleByStddevState, T.ScaleByRssState, T.ScaleByAdamState,
+             T.ScaleByAmsgradState, T.ScaleByAdaDeltaState)
+# rmsjax field of the scaling state behind each PyTorch key (momentum_buffer: MomentumState.mu).
+_FIELDS = {
+    T.ScaleByRmsState: {"square_avg": "nu"},
+    T.ScaleByStddevState: {"square_avg": "nu", "grad_avg": "mu"},
+    T.ScaleByRssState: {"sum": "nu"},
+    T.ScaleByAdamState: {"exp_avg": "mu", "exp_avg_sq": "nu"},
+    T.ScaleByAmsgradState: {"exp_avg": "mu", "exp_avg_sq": "nu", "max_exp_avg_sq": "nu_max"},
+    T.ScaleByAdaDeltaState: {"square_avg": "nu", "acc_delta": "nu_delta"},
+}
+
+
+# --------------------------------------------------------------------------- chain parts
+
+
+def _parts(state: Any) -> list:
+    """The NamedTuple states inside a (nested) chain state, depth first."""
+    if isinstance(state, tuple) and hasattr(state, "_fields"):
+        if any(isinstance(state, t) for t in (*_SCALINGS, T.MomentumState, T.ScaleByLearningRateState)):
+            return [state]
+        if "count" in state._fields:
+            return [state]
+        return [p for x in state for p in _parts(x)]
+    if isinstance(state, (tuple, list)):
+        return [p for x in state for p in _parts(x)]
+    return []
+
+
+def _rebuild(state: Any, fn: Callable[[Any], Any]) -> Any:
+    """``state`` with each part returned by :func:`_parts` replaced by ``fn(part)``."""
+    if isinstance(state, tuple) and hasattr(state, "_fields"):
+        if _parts(state) == [state]:
+            return fn(state)
+        return type(state)(*[_rebuild(x, fn) for x in state])
+    if isinstance(state, tuple):
+        return tuple(_rebuild(x, fn) for x in state)
+    if isinstance(state, list):
+        return [_rebuild(x, fn) for x in state]
+    return state
+
+
+def _of_type(parts: list, *types) -> Any:
+    found = [p for p in parts if isinstance(p, types)]
+    return found[0] if found else None
+
+
+def _kind(state: Any, factory: Callable | None) -> str:
+    """PyTorch's class name for a compat chain's state (or its factory)."""
+    if factory is not None:
+        name = getattr(factory, "__name__", "")
+        if getattr(factory, "__module__", "") != "rmsjax.compat.torch" or name not in _GROUP_KEYS:
+            raise ValueError(
+                f"PyTorch checkpoints are for rmsjax.compat.torch's optimizers, not {factory!r}"
+            )
+        return name
+    top = list(state) if isinstance(state, tuple) and not hasattr(state, "_fields") else [state]
+    parts = _parts(state)
+    scaling = _of_type(parts, *_SCALINGS)
+    if scaling is None:
+        if _of_type(parts, T.ScaleByLearningRateState) is None:
+            raise ValueError(
+                "this state is not that of an rmsjax.compat.torch optimizer (no learning-rate step found)"
+            )
+        return "SGD"
+    if isinstance(scaling, (T.ScaleByRmsState, T.ScaleByStddevState)):
+        return "RMSprop"
+    if isinstance(scaling, T.ScaleByRssState):
+        return "Adagrad"
+    if isinstance(scaling, T.ScaleByAdaDeltaState):
+        return "Adadelta"
+    # Adam: [maximize, L2, scaling, lr]; AdamW: [maximize, scaling, decay, lr] (stable layout).
+    position = next(i for i, x in enumerate(top) if any(p is scaling for p in _parts(x)))
+    rate = next(i for i, x in enumerate(top) if _of_type(_parts(x), T.ScaleByLearningRateState) is not None)
+    return "AdamW" if rate - position == 2 else "Adam"
+
+
+def _expected_keys(kind: str, parts: list) -> set[str]:
+    keys = set()
+    scaling = _of_type(parts, *_SCALINGS)
+    if scaling is not None:
+        keys |= {"step", *_FIELDS[type(scaling)]}
+    if _of_type(parts, T.MomentumState) is not None:
+        keys.add("momentum_buffer")
+    return keys
+
+
+def _factory(kind: str):
+    from rmsjax.compat import torch as pt
+
+    return getattr(pt, kind)
+
+
+# --------------------------------------------------------------------------- groups and order
+
+
+class _Group:
+    """One PyTorch parameter group: its tx state, leaf indices and hyperparameters (if known)."""
+
+    def __init__(self, state, leaves, hyper, position):
+        self.state, self.leaves, self.hyper, self.position = state, leaves, hyper, position
+
+
+def _groups_of(tx, opt_state, params) -> tuple[list[_Group], Callable | None]:
+    if isinstance(tx, _groups.ParamGroups):
+        assigned = tx.assign(params)
+        states = opt_state.inner_states
+        if len(states) != len(assigned):
+            raise ValueError(f"opt_state has {len(states)} groups, tx gives {len(assigned)} for params")
+        pairs = enumerate(zip(assigned, states, strict=True))
+        return [_Group(s, idx, hyper, i) for i, ((hyper, idx), s) in pairs], tx.factory
+    if isinstance(opt_state, _groups.ParamGroupsState):
+        raise TypeError("opt_state is a param_groups state: pass the param_groups transformation as tx")
+    n = len(jax.tree.leaves(params))
+    return [_Group(opt_state, list(range(n)), None, 0)], None
+
+
+def _torch_order(groups: list[_Group], names: list[str], order) -> dict[int, int]:
+    """``{leaf index: PyTorch index}``."""
+    n = len(names)
+    if order is None:
+        flat = [j for g in groups for j in g.leaves]
+    else:
+        flat = []
+        for item in order:
+            if isinstance(item, str):
+                if item not in names:
+                    raise ValueError(f"order names {item!r}, which is not a leaf path ({names})")
+                flat.append(names.index(item))
+            else:
+                flat.append(int(item))
+    if sorted(flat) != list(range(n)):
+        raise ValueError(f"order must list each of the {n} parameters exactly once, got {list(order)}")
+    return {j: i for i, j in enumerate(flat)}
+
+
+# --------------------------------------------------------------------------- arrays
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):  # a torch tensor, without importing torch
+        x = x.detach().cpu()
+        if hasattr(x, "resolve_conj"):
+            x = x.resolve_conj()
+        return x.numpy()
+    return np.asarray(x)
+
+
+def _as_torch(array: np.ndarray, kind: str) -> Any:
+    if kind == "numpy":
+        return array
+    import torch
+
+    return torch.from_numpy(np.array(array, copy=True))
+
+
+def _step_value(step: int, kind: str) -> Any:
+    if kind == "numpy":
+        return np.asarray(float(step), np.float32)
+    import torch
+
+    return torch.tensor(float(step), dtype=torch.float32)
+
+
+def _array_kind(arrays: str) -> str:
+    if arrays not in ("auto", "torch", "numpy"):
+        raise ValueError(f"arrays must be 'auto', 'torch' or 'numpy', got {arrays!r}")
+    if arrays != "auto":
+        return arrays
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return "numpy"
+    return "torch"
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, jax.Array | np.ndarray | np.generic):
+        return np.asarray(value).item()
+    if isinstance(value, (tuple, list)):
+        return tuple(_plain(v) for v in value)
+    return value
+
+
+def _rate(lr: Any, step: int) -> float:
+    return float(np.asarray(common.rate_at(lr, jnp.asarray(step, jnp.int32))))
+
+
+# --------------------------------------------------------------------------- state_dict
+
+
+def state_dict(
+    tx: optax.GradientTransformation,
+    opt_state: PyTree,
+    params: PyTree,
+    *,
+    order: Sequence[str | int] | None = None,
+    layout: Layout | None = None,
+    hyperparams: Mapping[str, Any] | None = None,
+    arrays: str = "auto",
+) -> dict:
+    r"""The PyTorch ``state_dict()`` of a :mod:`rmsjax.compat.torch` optimizer's state.
+
+    Returns ``{"state": {i: {"step": ..., "square_avg": ..., ...}}, "param_groups": [...]}``
+    in PyTorch 2.13's format, which ``torch.optim.<Optimizer>.load_state_dict`` accepts:
+    constructed on the same parameters (in PyTorch's order, see ``order``) and groups, the
+    PyTorch optimizer then continues this run. Parameters that have made no step have no
+    entry (as in PyTorch; Adagrad's always have one).
+
+    Args:
+      tx: the transformation: a compat factory's result, or
+        :func:`rmsjax.compat.param_groups` of one (which also records the
+        hyperparameters PyTorch's ``param_groups`` hold).
+      opt_state: its state.
+      params: the parameters (their tree gives the order and paths).
+      order: PyTorch's parameter order, as leaf paths (``"dense/kernel"``, see
+        :func:`rmsjax.compat.path_name`) or indices into ``jax.tree.leaves(params)``;
+        default: the tree's leaf order (with groups: the groups' order, each group's leaves
+        in tree order).
+      layout: ``layout(path, array) -> array`` applied to every exported state array of the
+        leaf at ``path`` (in PyTorch's complex form), e.g. ``lambda path, a: a.T if
+        path.endswith("kernel") else a`` for a Flax ``Dense`` kernel ``(in, out)`` that is a
+        PyTorch ``Linear`` weight ``(out, in)``.
+      hyperparams: the factory's keyword arguments, needed for ``param_groups`` when ``tx``
+        is a plain factory result (it does not record them); ignored otherwise.
+      arrays: ``"torch"`` (tensors; imports torch), ``"numpy"``, or ``"auto"`` (tensors if
+        torch can be imported).
+
+    Returns:
+      The state dict. A scheduled learning rate is written as its current value ``lr``.
+
+    Raises:
+      ValueError: ``tx`` is not a compat.torch optimizer, ``hyperparams`` are missing for a
+        plain ``tx`` or name an unknown argument, or ``order`` is not a permutation.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from rmsjax.compat import torch as pt
+      >>> params = {"w": jnp.ones(2)}
+      >>> tx = pt.param_groups(pt.RMSprop, lr=0.1, momentum=0.9)
+      >>> _, state = tx.update(params, tx.init(params), params)
+      >>> sd = pt.state_dict(tx, state, params, arrays="numpy")
+      >>> sorted(sd["state"][0]), float(sd["state"][0]["step"])
+      (['momentum_buffer', 'square_avg', 'step'], 1.0)
+      >>> sd["param_groups"][0]["lr"], sd["param_groups"][0]["params"]
+      (0.1, [0])
+
+    Warning:
+      PyTorch's ``load_state_dict`` replaces each group's hyperparameters by the saved
+      ones, so they must be right: build ``tx`` with :func:`param_groups` or pass
+      ``hyperparams``. The learning-rate *scheduler* has its own state in PyTorch
+      (``scheduler.state_dict()``); this dict holds only the current rate.
+    """
+    kind_of_arrays = _array_kind(arrays)
+    groups, factory = _groups_of(tx, opt_state, params)
+    names = [n for n, _ in _groups._named_leaves(params)]
+    leaves = jax.tree.leaves(params)
+    index = _torch_order(groups, names, order)
+    out_state: dict[int, dict] = {}
+    out_groups = []
+    for g in groups:
+        kind = _kind(g.state, factory)
+        hyper = g.hyper
+        if hyper is None:
+            if hyperparams is None:
+                raise ValueError(
+                    f"state_dict needs the hyperparameters PyTorch's param_groups hold: build tx with "
+                    f"rmsjax.compat.torch.param_groups({kind}, lr=..., ...) or pass "
+                    f"hyperparams={{'lr': ..., ...}} (the arguments given to {kind})"
+                )
+            accepted = _groups._full_kwargs(_factory(kind), {})
+            for key in hyperparams:
+                if key not in accepted:
+                    raise ValueError(f"hyperparams: {kind} takes no argument {key!r}")
+            hyper = {**accepted, **hyperparams}
+        parts = _parts(g.state)
+        scaling = _of_type(parts, *_SCALINGS)
+        buffer = _of_type(parts, T.MomentumState)
+        counter = scaling or buffer or _of_type(parts, T.ScaleByLearningRateState)
+        step = int(np.asarray(counter.count))
+        for k, j in enumerate(g.leaves):
+            param = leaves[j]
+            entry: dict[str, Any] = {}
+            if scaling is not None and (step > 0 or kind == "Adagrad"):
+                entry["step"] = _step_value(step, kind_of_arrays)
+                for key, field in _FIELDS[type(scaling)].items():
+                    value = jax.tree.leaves(getattr(scaling, field))[k]
+                    entry[key] = _export_leaf(value, param, names[j], layout)
+            if buffer is not None and int(np.asarray(buffer.count)) > 0:
+                value = jax.tree.leaves(buffer.mu)[k]
+                entry["momentum_buffer"] = _export_leaf(value, param, names[j], layout)
+            if entry:
+                out_state[index[j]] = {key: _as_torch(v, kind_of_arrays) if key != "step" else v
+                                       for key, v in entry.items()}
+        group: dict[str, Any] = {}
+        for key in _GROUP_KEYS[kind]:
+            if key == "decoupled_weight_decay":
+                group[key] = kind == "AdamW"
+            elif key in _SWITCHES:
+                group[key] = _SWITCHES[key]
+            elif key == "lr":
+                group[key] = _rate(hyper["lr"], step)
+            else:
+                group[key] = _plain(hyper[key])
+        group["params"] = sorted(index[j] for j in g.leaves)
+        out_groups.append(group)
+    return {"state": dict(sorted(out_state.items())), "param_groups": out_groups}
+
+
+def _export_leaf(value: Any, param: Any, name: str, layout: Layout | None) -> np.ndarray:
+    array = np.asarray(value)
+    if jnp.iscomplexobj(param) and not np.iscomplexobj(array) and array.shape == (*param.shape, 2):
+        array = (array[..., 0] + 1j * array[..., 1]).astype(param.dtype)
+    return np.asarray(layout(name, array)) if layout is not None else array
+
+
+# --------------------------------------------------------------------------- load_state_dict
+
+
+def load_state_dict(
+    tx: optax.GradientTransformation,
+    state_dict: Mapping[str, Any],
+    params: PyTree,
+    *,
+    order: Sequence[str | int] | None = None,
+    layout: Layout | None = None,
+    step: int | None = None,
+) -> PyTree:
+    r"""The optax state that continues a PyTorch run from its optimizer's ``state_dict()``.
+
+    ``tx`` must be the :mod:`rmsjax.compat.torch` optimizer (or
+    :func:`rmsjax.compat.param_groups` of one) with the hyperparameters of the PyTorch
+    optimizer that saved ``state_dict``, and ``params`` the parameters saved with it
+    (``model.state_dict()`` converted to a tree). Then
+    ``tx.update(grads, load_state_dict(tx, sd, params), params)`` makes the very step that
+    PyTorch's ``optimizer.step()`` would have made next.
+
+    Each parameter's state is copied into the fields of the chain's parts, found by their
+    type (see the module's table); every step count of a group is set to the group's
+    ``step``, and the recorded learning rate to the rate of the next update.
+
+    Args:
+      tx: the transformation to continue with.
+      state_dict: ``optimizer.state_dict()`` (tensors or numpy arrays; integer or
+        numeric-string parameter keys).
+      params: the parameters, in rmsjax's tree.
+      order: PyTorch's parameter order (paths or leaf indices), as for :func:`state_dict`.
+      layout: ``layout(path, array) -> array`` applied to every PyTorch state array of the
+        leaf at ``path`` before it is stored (e.g. transposing a ``Linear`` weight's
+        ``(out, in)`` into a Flax kernel's ``(in, out)``).
+      step: the number of ``optimizer.step()`` calls made, for ``SGD``, whose state has no
+        step count (needed when its learning rate is a schedule); default: 1 if the
+        momentum buffers exist, else 0.
+
+    Returns:
+      The optax state, with the structure of ``tx.init(params)``.
+
+    Raises:
+      ValueError: naming what is wrong: a state dict for another optimizer or
+        configuration (an unexpected or missing key), a different number of groups or
+        parameters, a hyperparameter that differs from ``tx``'s, a parameter whose saved
+        state has another shape (its index, the key and both shapes), or steps that differ
+        within a group.
+
+    Example:
+      >>> import jax.numpy as jnp, numpy as np
+      >>> from rmsjax.compat import torch as pt
+      >>> params = {"w": jnp.ones(2)}
+      >>> sd = {  # torch.optim.Adam([w], lr=0.01).state_dict() after 3 steps, as numpy
+      ...     "state": {0: {"step": np.float32(3), "exp_avg": np.ones(2), "exp_avg_sq": np.ones(2)}},
+      ...     "param_groups": [{"lr": 0.01, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0,
+      ...                       "amsgrad": False, "maximize": False, "params": [0]}]}
+      >>> state = pt.load_state_dict(pt.Adam(lr=0.01), sd, params)
+      >>> adam = state[2]  # the chain's ScaleByAdamState
+      >>> int(adam.count), adam.mu["w"].tolist()
+      (3, [1.0, 1.0])
+    """
+    if not isinstance(state_dict, Mapping) or "state" not in state_dict or "param_groups" not in state_dict:
+        raise ValueError("state_dict must be a PyTorch optimizer state dict with 'state' and 'param_groups'")
+    init = tx.init(params)
+    groups, factory = _groups_of(tx, init, params)
+    names = [n for n, _ in _groups._named_leaves(params)]
+    leaves = jax.tree.leaves(params)
+    index = _torch_order(groups, names, order)
+    saved_groups = list(state_dict["param_groups"])
+    saved_state = {int(k): v for k, v in state_dict["state"].items()}
+    if len(saved_groups) != len(groups):
+        raise ValueError(
+            f"state_dict has {len(saved_groups)} parameter groups, tx has {len(groups)} for these params"
+        )
+    new_states = []
+    for g, saved in zip(groups, saved_groups, strict=True):
+        kind = _kind(g.state, factory)
+        where = f"state_dict['param_groups'][{g.position}]"
+        wanted = sorted(index[j] for j in g.leaves)
+        if sorted(int(i) for i in saved.get("params", [])) != wanted:
+            raise ValueError(
+                f"{where}['params'] is {saved.get('params')}, tx's group holds parameters {wanted}"
+            )
+        _check_group(kind, saved, g.hyper, where)
+        parts = _parts(g.state)
+        expected = _expected_keys(kind, parts)
+        entries = {}
+        for j in g.leaves:
+            i = index[j]
+            entry = saved_state.get(i, {})
+            if entry:
+                keys = set(entry)
+                for key in sorted(keys - expected):
+                    raise ValueError(
+                        f"state_dict['state'][{i}] has the key {key!r}, which {_describe(kind, parts)} "
+                        f"does not keep (a state dict for another optimizer or configuration?)"
+                    )
+                for key in sorted(expected - keys):
+                    raise ValueError(
+                        f"state_dict['state'][{i}] lacks the key {key!r} that {_describe(kind, parts)} keeps"
+                    )
+            entries[j] = entry
+        steps = set()
+        for entry in entries.values():
+            if "step" in entry:
+                steps.add(int(round(float(_to_numpy(entry["step"])))))
+            elif entry or kind != "SGD":
+                steps.add(0)
+        if kind == "SGD":
+            has = {bool(e) for e in entries.values()}
+            if len(has) > 1:
+                raise ValueError(f"{where}: some parameters have a momentum buffer and some do not")
+            if step is not None:
+                steps = {int(step)}
+            elif g.hyper is not None and callable(g.hyper["lr"]) and not isinstance(g.hyper["lr"], jax.Array):
+                raise ValueError(
+                    "SGD's state_dict has no step count: pass step= (optimizer.step() calls made)"
+                )
+            else:
+                steps = {1 if True in has else 0}
+        if len(steps) != 1:
+            raise ValueError(
+                f"{where}: the parameters' steps differ ({sorted(steps)}); rmsjax keeps one per group"
+            )
+        count = steps.pop()
+        if kind != "SGD" and count > 0 and any(not e for e in entries.values()):
+            raise ValueError(f"{where}: some parameters have no saved state")
+        lr = g.hyper["lr"] if g.hyper is not None else saved.get("lr")
+        if kind == "Adagrad" and lr is not None:  # the rate rmsjax records is the decayed one
+            decay = g.hyper["lr_decay"] if g.hyper is not None else saved.get("lr_decay", 0.0)
+            lr = common.divided_by_decay(lr, decay)
+        new_states.append(_rebuild(g.state, lambda part: _fill(part, entries, g, count, lr, index, leaves,
+                                                               names, layout)))
+    if isinstance(tx, _groups.ParamGroups):
+        return _groups.ParamGroupsState(tuple(new_states))
+    return new_states[0]
+
+
+def _describe(kind: str, parts: list) -> str:
+    return f"this tx (torch.optim.{kind}, keys {sorted(_expected_keys(kind, parts))})"
+
+
+def _check_group(kind: str, saved: Mapping, hyper: Mapping | None, where: str) -> None:
+    for key in _GROUP_KEYS[kind]:
+        if key not in _SWITCHES and key != "decoupled_weight_decay" and key not in saved:
+            raise ValueError(
+                f"{where} lacks {key!r}: not a torch.optim.{kind} state dict (its keys: {sorted(saved)})"
+            )
+    if "decoupled_weight_decay" in saved and bool(saved["decoupled_weight_decay"]) != (kind == "AdamW"):
+        other = "AdamW" if saved["decoupled_weight_decay"] else "Adam"
+        raise ValueError(f"{where} is a torch.optim.{other} state dict, tx is {kind}")
+    if hyper is None:
+        return
+    for key in _GROUP_KEYS[kind]:
+        if key in _SWITCHES or key == "decoupled_weight_decay" or key not in saved:
+            continue
+        ours = hyper[key]
+        if key == "lr" and callable(ours) and not isinstance(ours, jax.Array):
+            continue
+        a, b = _plain(ours), _plain(saved[key])
+        same = a == b if isinstance(a, (bool, tuple)) or isinstance(b, (bool, tuple)) else (
+            math.isclose(float(a), float(b), rel_tol=1e-12, abs_tol=0.0))
+        if not same:
+            raise ValueError(f"{where}[{key!r}] is {saved[key]!r}, tx's group has {key}={ours!r}")
+
+
+def _fill(part, entries, g, count, lr, index, leaves, names, layout):
+    fields = part._asdict()
+    if "count" in fields:
+        fields["count"] = jnp.full_like(part.count, count)
+    if isinstance(part, T.ScaleByLearningRateState) and lr is not None:
+        rate = _rate(lr, count)
+        fields["learning_rate"] = jnp.full_like(part.learning_rate, rate)
+    mapping = dict(_FIELDS.get(type(part), {}))
+    if isinstance(part, T.MomentumState):
+        mapping = {"momentum_buffer": "mu"}
+    for key, field in mapping.items():
+        current, treedef = jax.tree.flatten(fields[field])
+        for k, j in enumerate(g.leaves):
+            entry = entries[j]
+            if key in entry:
+                current[k] = _import_leaf(entry[key], current[k], leaves[j], names[j], index[j], key, layout)
+        fields[field] = jax.tree.unflatten(treedef, current)
+    return type(part)(**fields)
+
+
+def _import_leaf(value, like, param, name, i, key, layout) -> jax.Array:
+    array = _to_numpy(value)
+    if layout is not None:
+        array = np.asarray(layout(name, array))
+    if array.shape != tuple(param.shape):
+        raise ValueError(
+            f"state_dict['state'][{i}][{key!r}] has shape {array.shape}, but parameter {i} "
+            f"({name!r}) has shape {tuple(param.shape)}; pass layout= to convert"
+        )
+    if np.iscomplexobj(array) and not jnp.iscomplexobj(like):
+        array = np.stack([array.real, array.imag], axis=-1)
+    return jnp.asarray(array.astype(like.dtype))
