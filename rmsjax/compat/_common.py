@@ -6,6 +6,9 @@ re-view, or route updates through the transformations of :mod:`rmsjax.transforms
 
 from __future__ import annotations
 
+import functools
+import inspect
+import weakref
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -157,3 +160,35 @@ def divided_by_decay(learning_rate: Any, lr_decay: Any) -> Any:
         return base.astype(dtype) / (jnp.ones_like(decay) + steps * decay)
 
     return schedule
+
+
+# --------------------------------------------------------------------------- recorded arguments
+
+# The arguments each framework optimizer was built with, keyed by its update function (one per
+# call of a factory), so that a checkpoint exporter can write PyTorch's ``param_groups``.
+_ARGUMENTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def records_arguments(factory: Callable[..., optax.GradientTransformation]):
+    """Decorates a framework factory so that :func:`arguments_of` can read its arguments back."""
+
+    signature = inspect.signature(factory)
+
+    @functools.wraps(factory)
+    def wrapper(*args: Any, **kwargs: Any) -> optax.GradientTransformation:
+        tx = factory(*args, **kwargs)
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        _ARGUMENTS[tx.update] = (factory.__name__, dict(bound.arguments))
+        return tx
+
+    return wrapper
+
+
+def arguments_of(tx: Any) -> tuple[str, dict[str, Any]] | None:
+    """``(factory name, arguments)`` of a transformation made by a recording factory, else None."""
+    update = getattr(tx, "update", None)
+    try:
+        return _ARGUMENTS.get(update) if update is not None else None
+    except TypeError:  # not weak-referenceable: not one of ours
+        return None

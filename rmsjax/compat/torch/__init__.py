@@ -60,6 +60,7 @@ def _l2(weight_decay: Any) -> optax.GradientTransformation:
     return common.unless_zero(weight_decay, lambda: transforms.add_decayed_weights(weight_decay))
 
 
+@common.records_arguments
 def RMSprop(
     lr=1e-2,
     alpha=0.99,
@@ -128,6 +129,7 @@ def RMSprop(
     )
 
 
+@common.records_arguments
 def Adagrad(
     lr=1e-2,
     lr_decay=0.0,
@@ -204,6 +206,7 @@ def _adam_scaling(beta1: Any, beta2: Any, eps: Any, amsgrad: bool) -> optax.Grad
     return transforms.scale_by_adam(beta1, beta2, eps, amsgrad=amsgrad, exact_bias_correction=True)
 
 
+@common.records_arguments
 def Adam(
     lr=1e-3,
     betas=(0.9, 0.999),
@@ -259,6 +262,7 @@ def Adam(
     )
 
 
+@common.records_arguments
 def AdamW(
     lr=1e-3,
     betas=(0.9, 0.999),
@@ -309,6 +313,7 @@ def AdamW(
     )
 
 
+@common.records_arguments
 def Adadelta(
     lr=1.0,
     rho=0.9,
@@ -362,6 +367,7 @@ def Adadelta(
     )
 
 
+@common.records_arguments
 def SGD(
     lr=1e-3,
     momentum=0.0,

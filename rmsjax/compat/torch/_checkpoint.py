@@ -324,6 +324,10 @@ def state_dict(
     for g in groups:
         kind = _kind(g.state, factory)
         hyper = g.hyper
+        if hyper is None and hyperparams is None:
+            recorded = common.arguments_of(tx)
+            if recorded is not None and recorded[0] == kind:
+                hyper = {**_groups._full_kwargs(_factory(kind), {}), **recorded[1]}
         if hyper is None:
             if hyperparams is None:
                 raise ValueError(
