@@ -260,12 +260,16 @@ def test_group_mismatches_are_refused():
             pt.load_state_dict(other, sd, params)
 
 
-def test_plain_tx_export_needs_hyperparams():
+def test_plain_tx_export_uses_the_recorded_arguments():
     params = {"w": jnp.ones(2)}
-    tx = pt.RMSprop(lr=0.1)
+    tx = pt.RMSprop(lr=0.1, alpha=0.9, momentum=0.5)
     state = tx.init(params)
+    (group,) = pt.state_dict(tx, state, params, arrays="numpy")["param_groups"]
+    assert (group["lr"], group["alpha"], group["momentum"], group["params"]) == (0.1, 0.9, 0.5, [0])
+    # A transformation rebuilt around the factory's functions records nothing: it must say.
+    rebuilt = optax.GradientTransformation(tx.init, lambda u, s, p=None: tx.update(u, s, p))
     with pytest.raises(ValueError, match="param_groups"):
-        pt.state_dict(tx, state, params, arrays="numpy")
+        pt.state_dict(rebuilt, state, params, arrays="numpy")
     with pytest.raises(ValueError, match="no argument 'learning_rate'"):
         pt.state_dict(tx, state, params, arrays="numpy", hyperparams={"learning_rate": 0.1})
     with pytest.raises(ValueError, match="order must list each"):
