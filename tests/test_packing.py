@@ -66,8 +66,14 @@ def test_bit_for_bit(name, jit):
         for a, b in zip(jax.tree.leaves((u1, p1)), jax.tree.leaves((u2, p2))):
             assert a.dtype == b.dtype and a.shape == b.shape
             a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-            if not jit:
+            if not jit and a.ndim > 0:
                 np.testing.assert_array_equal(a, b)
+            elif not jit:
+                # A 0-d leaf is divided by a broadcast scalar (Adam's bias correction) in
+                # XLA:CPU's scalar code when alone and in its vector code once packed, and the
+                # vector code is not correctly rounded there (1 ulp, measured: 0.74999976 alone,
+                # 0.74999982 packed, for 0.075/0.100000024).
+                np.testing.assert_allclose(a, b, rtol=2.5e-7, atol=0)
             else:
                 # Compiled, XLA:CPU contracts multiply-adds into FMAs, and the vectorised
                 # body and the scalar remainder of a loop may contract differently: an
