@@ -392,33 +392,34 @@ def dequantize(q: QuantizedArray | PackedQuantizedArray) -> jax.Array:
     return value.reshape(layout.leaf_shape()).astype(dtype)
 
 
-def _absmax(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
-    """max |x| over the trailing ``axes``, as a tree of element-wise maxima of halves.
+_EXPONENT = {  # compute dtype -> (same-width unsigned int, mantissa bits, exponent mask, byte type)
+    jnp.dtype(jnp.float32): (jnp.uint32, 23, 0xFF, jnp.uint8),
+    jnp.dtype(jnp.float64): (jnp.uint64, 52, 0x7FF, jnp.uint16),
+}
 
-    Written with slices and ``maximum`` rather than a reduction so that XLA fuses it with the
-    arithmetic producing ``x`` (on XLA:CPU a reduction is handed to a library kernel that
-    first writes ``x`` out in full, one extra pass over the state in float32).
+
+def _block_scale(x: jax.Array, axes: tuple[int, ...], old: jax.Array | None) -> jax.Array:
+    """Each block's scale: the power of two just above its largest magnitude.
+
+    The scale changes only when that power of two leaves ``(old / SCALE_SLACK, old]``, so
+    that the level grid stays put from step to step. Only the biased exponents are reduced
+    (one byte per element): XLA:CPU writes the operand of a reduction out in full, and one
+    byte costs a quarter of the float32 values themselves.
     """
-    y = jnp.abs(x)
-    y = y.reshape(*y.shape[: y.ndim - len(axes)], -1)
-    while y.shape[-1] > 1:
-        n = y.shape[-1]
-        half = n // 2
-        top = jnp.maximum(y[..., :half], y[..., half : 2 * half])
-        y = jnp.concatenate([top, y[..., 2 * half :]], axis=-1) if n % 2 else top
-    return y[..., 0]
-
-
-def _block_scale(absmax: jax.Array, old: jax.Array | None) -> jax.Array:
-    """The power of two at or above each block's absmax, kept while the absmax stays within
-    ``(old / SCALE_SLACK, old]`` so that the level grid does not move from step to step."""
-    _, exponent = jnp.frexp(absmax)
-    fresh = jnp.where(absmax > 0, jnp.ldexp(jnp.ones_like(absmax), exponent), jnp.zeros_like(absmax))
-    if old is None:
-        return fresh
-    old = old.astype(absmax.dtype)
-    keep = (absmax <= old) & (absmax * jnp.asarray(SCALE_SLACK, absmax.dtype) > old)
-    return jnp.where(keep, old, fresh)
+    utype, mantissa, mask, etype = _EXPONENT[jnp.dtype(x.dtype)]
+    top = mask - 1  # largest finite biased exponent
+    raw = lax.bitcast_convert_type(x, utype)
+    exponent = ((raw >> jnp.asarray(mantissa, utype)) & jnp.asarray(mask, utype)).astype(etype)
+    biased = jnp.minimum(jnp.max(exponent, axis=axes).astype(utype), jnp.asarray(top - 1, utype))
+    # 2**(e - bias + 1) >= every |x| with biased exponent e; e == 0 (zeros, denormals): 0.
+    fresh = jnp.where(biased > 0, (biased + jnp.asarray(1, utype)) << jnp.asarray(mantissa, utype),
+                      jnp.zeros_like(biased))
+    if old is not None:
+        old_raw = lax.bitcast_convert_type(old.astype(x.dtype), utype)
+        slack = jnp.asarray(SCALE_SLACK.bit_length() - 1, utype) << jnp.asarray(mantissa, utype)
+        keep = (fresh <= old_raw) & (fresh + slack > old_raw)
+        fresh = jnp.where(keep, old_raw, fresh)
+    return lax.bitcast_convert_type(fresh, x.dtype)
 
 
 def _quantize(x: jax.Array, layout: _Layout, bits: int, signed: bool, count: jax.Array | None,
@@ -431,7 +432,7 @@ def _quantize(x: jax.Array, layout: _Layout, bits: int, signed: bool, count: jax
     ct = _compute_dtype(dtype)
     blocked = x.astype(ct).reshape(layout.blocked_shape())
     block_axes = (-2, -1) if layout.pairs else (-1,)
-    scale = _block_scale(_absmax(blocked, block_axes), old_scale)
+    scale = _block_scale(blocked, block_axes, old_scale)
     scale = scale.astype(dtype)
     scale_c = scale.astype(ct).reshape(scale.shape + (1,) * len(block_axes))
     u = None if (nearest or count is None) else _uniform(layout.blocked_shape(), count, leaf_id)
