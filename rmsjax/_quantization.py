@@ -149,7 +149,7 @@ def _check_arguments(inner: Any, bits: Any, block_size: Any, min_size: Any) -> t
         raise TypeError(
             f"inner must be an optax.GradientTransformation (with init and update), got {inner!r}"
         )
-    if isinstance(bits, (bool, np.bool_)) or bits not in (8, 4):
+    if isinstance(bits, (bool, np.bool_)) or not isinstance(bits, numbers.Integral) or bits not in (8, 4):
         raise ValueError(f"bits must be 8 or 4, got {bits!r}")
     bits = int(bits)
     if block_size is None:
