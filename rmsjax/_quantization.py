@@ -47,7 +47,9 @@ average by 0.1 % a step); unbiased rounding lets it move on average at the right
 
 from __future__ import annotations
 
+import functools
 import numbers
+import sys
 from typing import Any, NamedTuple
 
 import jax
@@ -318,7 +320,8 @@ def _code_dtype(signed: bool) -> Any:
 
 
 def _compute_dtype(dtype: Any) -> Any:
-    return jnp.promote_types(dtype, jnp.float32)
+    """float32, or float64 for float64 moments (never narrower than float32)."""
+    return jnp.dtype(jnp.float64) if jnp.dtype(dtype).itemsize > 4 else jnp.dtype(jnp.float32)
 
 
 def _encode(x: jax.Array, scale: jax.Array, u: jax.Array | None, bits: int, signed: bool) -> jax.Array:
@@ -422,6 +425,7 @@ def _block_scale(x: jax.Array, axes: tuple[int, ...], old: jax.Array | None) -> 
     return lax.bitcast_convert_type(fresh, x.dtype)
 
 
+@functools.partial(jax.jit, static_argnames=("layout", "bits", "signed", "leaf_id", "nearest"))
 def _quantize(x: jax.Array, layout: _Layout, bits: int, signed: bool, count: jax.Array | None,
               leaf_id: int, *, old_scale: jax.Array | None = None,
               nearest: bool = False) -> QuantizedArray | PackedQuantizedArray:
@@ -551,6 +555,15 @@ def quantized(
     return _wrap(inner, bits, block, minimum, nearest=False)
 
 
+def _is_variable(x: Any) -> bool:
+    nnx = sys.modules.get("flax.nnx")
+    return nnx is not None and isinstance(x, nnx.Variable)
+
+
+def _value(x: Any) -> Any:
+    return x.get_value() if _is_variable(x) else x
+
+
 def _is_centered(x: Any) -> bool:
     return isinstance(x, ScaleByStddevState)
 
@@ -567,6 +580,7 @@ def _centered_to_variance(state: Any, stored: Any, *, forward: bool) -> Any:
         def leaf(nu: Any, mu: Any, flag: Any) -> Any:
             if not (flag is True or _is_quantized(flag)):
                 return nu
+            nu, mu = _value(nu), _value(mu)
             ct = _compute_dtype(nu.dtype)
             n, m = nu.astype(ct), mu.astype(ct)
             if forward:  # nu -> variance; the one rounding can never make negative
@@ -575,10 +589,11 @@ def _centered_to_variance(state: Any, stored: Any, *, forward: bool) -> Any:
                 out = n + m * m
             return out.astype(nu.dtype)
 
-        nu = jax.tree_util.tree_map(leaf, node.nu, node.mu, flags.nu, is_leaf=_is_quantized)
+        nu = jax.tree_util.tree_map(leaf, node.nu, node.mu, flags.nu,
+                                    is_leaf=lambda x: _is_quantized(x) or _is_variable(x))
         return node._replace(nu=nu)
 
-    return jax.tree_util.tree_map(swap, state, stored, is_leaf=_is_centered)
+    return jax.tree_util.tree_map(swap, state, stored, is_leaf=lambda x: _is_centered(x) or _is_variable(x))
 
 
 def _wrap(inner: optax.GradientTransformation, bits: int, block: int, minimum: int, *,
@@ -590,19 +605,22 @@ def _wrap(inner: optax.GradientTransformation, bits: int, block: int, minimum: i
         shapes = {
             tuple(np.shape(leaf)) for leaf in jax.tree_util.tree_leaves(params) if hasattr(leaf, "shape")
         }
-        flat, treedef = jax.tree_util.tree_flatten_with_path(state)
+        # A Flax NNX Variable (init called on nnx.Param leaves) is taken as one leaf; where its
+        # value is quantized, the quantized node replaces the Variable.
+        flat, treedef = jax.tree_util.tree_flatten_with_path(state, is_leaf=_is_variable)
         plans = [
-            (_plan(path, leaf, shapes, bits, block, minimum), _field(path) not in UNSIGNED_FIELDS)
+            (_plan(path, _value(leaf), shapes, bits, block, minimum), _field(path) not in UNSIGNED_FIELDS)
             for path, leaf in flat
         ]
         flags = treedef.unflatten([layout is not None for layout, _ in plans])
         state = _centered_to_variance(state, flags, forward=True)
         leaves = []
-        for leaf_id, (leaf, (layout, signed)) in enumerate(zip(treedef.flatten_up_to(state), plans)):
+        for leaf_id, (leaf, (layout, signed)) in enumerate(zip(treedef.flatten_up_to(state), plans,
+                                                                strict=True)):
             if layout is None:
                 leaves.append(leaf)
             else:
-                leaves.append(_quantize(jnp.asarray(leaf), layout, bits, signed, jnp.int32(0), leaf_id,
+                leaves.append(_quantize(jnp.asarray(_value(leaf)), layout, bits, signed, jnp.int32(0), leaf_id,
                                         nearest=nearest))
         return QuantizedState(count=jnp.zeros([], jnp.int32), inner=treedef.unflatten(leaves))
 
