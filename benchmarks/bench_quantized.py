@@ -102,8 +102,10 @@ def markdown(result) -> str:
               "| optimizer | float32 ms | 8-bit ms (ratio) | 4-bit ms (ratio) |", "|---|---|---|---|"]
     for name in OPTIMIZERS:
         row = {r["bits"]: r for r in result["speed"] if r["optimizer"] == name}
-        lines.append(f"| {name} | {row[32]['median_ms']:.1f} | {row[8]['median_ms']:.1f} ({row[8]['ratio']:.2f}x) "
-                     f"| {row[4]['median_ms']:.1f} ({row[4]['ratio']:.2f}x) |")
+        eight, four = row[8], row[4]
+        lines.append(f"| {name} | {row[32]['median_ms']:.1f} "
+                     f"| {eight['median_ms']:.1f} ({eight['ratio']:.2f}x) "
+                     f"| {four['median_ms']:.1f} ({four['ratio']:.2f}x) |")
     return "\n".join(lines) + "\n"
 
 

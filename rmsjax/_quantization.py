@@ -620,8 +620,8 @@ def _wrap(inner: optax.GradientTransformation, bits: int, block: int, minimum: i
             if layout is None:
                 leaves.append(leaf)
             else:
-                leaves.append(_quantize(jnp.asarray(_value(leaf)), layout, bits, signed, jnp.int32(0), leaf_id,
-                                        nearest=nearest))
+                leaves.append(_quantize(jnp.asarray(_value(leaf)), layout, bits, signed, jnp.int32(0),
+                                        leaf_id, nearest=nearest))
         return QuantizedState(count=jnp.zeros([], jnp.int32), inner=treedef.unflatten(leaves))
 
     def update_fn(updates: Any, state: QuantizedState, params: Any = None, **extra_args: Any):
