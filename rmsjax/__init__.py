@@ -10,6 +10,7 @@ Every public factory returns an ``optax.GradientTransformation``. Layers, bottom
 """
 
 from rmsjax import averages, compat, transforms
+from rmsjax._quantization import quantized
 from rmsjax.diagnostics import EffectiveLearningRate, effective_learning_rate, learning_rate, step_count
 from rmsjax.fusion import one_pass
 from rmsjax.optimizers import adadelta, adagrad, adam, adamw, rmsprop, sgd
@@ -40,6 +41,7 @@ __all__ = [
     "momentum",
     "one_pass",
     "packed",
+    "quantized",
     "rmsprop",
     "scale_by_adadelta",
     "scale_by_adam",

@@ -319,6 +319,9 @@ def effective_learning_rate(
       [0.0316, 0.3162]
     """
     tree = _to_pure(opt_state)
+    low_bit = sys.modules.get("rmsjax._quantization")
+    if low_bit is not None:  # rmsjax.quantized: decode the moments its state stores as codes
+        tree = low_bit.dequantize_state(tree)
     states = _by_type(_find(tree, "nu"), _SECOND_MOMENT_STATES)
     if not states:
         raise ValueError(

@@ -90,3 +90,12 @@ def test_nonstationary(tmp_path):
     # After the loss scale drops, RMSprop's effective learning rate rises; SGD's cannot.
     assert summary["RMSprop"]["eff_lr_after"] > 3 * summary["RMSprop"]["eff_lr_before"]
     assert summary["SGD"]["eff_lr_after"] == pytest.approx(summary["SGD"]["eff_lr_before"])
+
+
+def test_low_bit_state(tmp_path):
+    result = load("low_bit_state").main(["--tasks", "classifier", "quadratic", "--steps-scale", "0.01",
+                                         "--out", str(tmp_path)])
+    check_png(result["figure"], tmp_path)
+    for per in result["results"].values():
+        assert set(per) == {"float32", "8-bit", "4-bit"}
+        assert all(r["final_loss"] == r["final_loss"] < float("inf") for r in per.values())

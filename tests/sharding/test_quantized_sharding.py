@@ -1,0 +1,94 @@
+"""rmsjax.quantized on 8 simulated devices: codes and scales live where their parameter lives.
+
+Run by ``tests/test_quantized_sharding_subprocess.py`` (see ``conftest.py`` here for the flag).
+
+Rule checked: blocks run along the parameter's last axis, so a leaf sharded along any other
+axis keeps whole blocks on each device; when the last axis itself is sharded, the block
+divides the per-shard length (eager init picks it from the sharding; under jit the default
+block must divide it, as 256 divides 4096 / 8 = 512 here).
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import rmsjax
+from rmsjax import _quantization as qz
+
+COLLECTIVE = re.compile(r"\b(all-reduce|all-gather|reduce-scatter|collective-permute|all-to-all)(-start)?\(")
+
+MESH = jax.make_mesh((8,), ("x",))
+SPECS = {"rows": P("x", None), "cols": P(None, "x")}
+SHAPE = (64, 4096)
+
+
+def _params(spec):
+    w = jnp.arange(np.prod(SHAPE), dtype=jnp.float32).reshape(SHAPE) / 1e5
+    return {"w": jax.device_put(w, NamedSharding(MESH, spec))}
+
+
+def _quantized_leaves(state):
+    return [x for x in jax.tree.leaves(state, is_leaf=qz._is_quantized) if qz._is_quantized(x)]
+
+
+def _check_blocks_inside_shards(q, spec):
+    """Each device holds whole blocks: its scale shard covers exactly its codes shard, and
+    both are sharded along the parameter's sharded axis."""
+    assert q.codes.sharding.spec[: len(spec)] == tuple(spec), q.codes.sharding.spec
+    assert q.scale.sharding.spec[: len(spec)] == tuple(spec), q.scale.sharding.spec
+    codes_shard = q.codes.sharding.shard_shape(q.codes.shape)
+    scale_shard = q.scale.sharding.shard_shape(q.scale.shape)
+    assert codes_shard[: q.scale.ndim] == scale_shard
+    assert np.prod(codes_shard) * (2 if isinstance(q, qz.PackedQuantizedArray) else 1) == np.prod(SHAPE) // 8
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("where", sorted(SPECS))
+@pytest.mark.parametrize("jitted", [False, True], ids=["eager", "jit"])
+def test_codes_and_scales_are_sharded_like_their_parameter(bits, where, jitted):
+    spec = SPECS[where]
+    params = _params(spec)
+    tx = rmsjax.quantized(rmsjax.adam(1e-3), bits=bits)
+    state = jax.jit(tx.init)(params) if jitted else tx.init(params)
+    leaves = _quantized_leaves(state)
+    assert len(leaves) == 2
+    for q in leaves:
+        _check_blocks_inside_shards(q, spec)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("where", sorted(SPECS))
+def test_update_compiles_to_no_collectives_and_matches_one_device(bits, where):
+    spec = SPECS[where]
+    params = _params(spec)
+    tx = rmsjax.quantized(rmsjax.adam(1e-3), bits=bits)
+    state = tx.init(params)
+    grads = {"w": jax.device_put(jnp.cos(params["w"] * 7.0), NamedSharding(MESH, spec))}
+    step = jax.jit(tx.update)
+    hlo = step.lower(grads, state, params).compile().as_text()
+    assert not COLLECTIVE.search(hlo), COLLECTIVE.search(hlo).group(0)
+    updates, new_state = step(grads, state, params)
+    for q in _quantized_leaves(new_state):
+        _check_blocks_inside_shards(q, spec)
+    # the same step on one device gives the same bits (the rounding hash uses global indices)
+    local = jax.tree.map(lambda a: jax.device_put(np.asarray(a), jax.devices()[0]), (grads, state, params))
+    ref_updates, ref_state = jax.jit(tx.update)(*local)
+    np.testing.assert_array_equal(np.asarray(updates["w"]), np.asarray(ref_updates["w"]))
+    for a, b in zip(jax.tree.leaves(new_state), jax.tree.leaves(ref_state), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_eager_init_picks_a_block_that_fits_the_shard():
+    # last axis 1024 over 8 devices: 128 per shard, smaller than the default block of 256
+    w = jax.device_put(jnp.ones((64, 1024)), NamedSharding(MESH, P(None, "x")))
+    state = rmsjax.quantized(rmsjax.adam(1e-3)).init({"w": w})
+    for q in _quantized_leaves(state):
+        assert q.codes.shape == (64, 8, 128)
+        assert q.scale.sharding.spec[:2] == (None, "x")

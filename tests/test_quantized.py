@@ -1,0 +1,486 @@
+"""rmsjax.quantized: low-bit (8/4-bit) optimizer state.
+
+Reference values come from outside the code under test: the code maps and the quantizer are
+re-implemented here in NumPy from the formula in the docs (``x = s sign(c) (|c|/Q)**p``, ``s``
+the power of two above the block's absmax), and training with quantized state is compared
+with the same optimizer keeping float32 state.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import pathlib
+import sys
+
+import flax.serialization
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import rmsjax
+from rmsjax import _quantization as qz
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# The documented maps (docs/low_bit.md, rmsjax/_quantization.py): (bits, signed) -> (Q, p).
+MAPS = {(8, True): (127, 4), (8, False): (255, 4), (4, True): (7, 2), (4, False): (15, 4)}
+
+
+def np_levels(bits: int, signed: bool) -> np.ndarray:
+    """All decoded levels of a map for scale 1, in code order, in float64."""
+    q, p = MAPS[(bits, signed)]
+    c = np.arange(-q, q + 1) if signed else np.arange(0, q + 1)
+    return np.sign(c) * (np.abs(c) / q) ** p
+
+
+def np_scale(block: np.ndarray) -> float:
+    """The documented scale: the power of two above the block's absmax (2**(e+1) for absmax
+    in [2**e, 2**(e+1)))."""
+    m = float(np.max(np.abs(block)))
+    return 0.0 if m == 0 else 2.0 ** (math.floor(math.log2(m)) + 1)
+
+
+def np_nearest(x: np.ndarray, bits: int, signed: bool) -> np.ndarray:
+    """Round-to-nearest quantize-dequantize of the rows of ``x`` (one block per row);
+    a positive value never rounds to zero."""
+    out = np.empty_like(x)
+    for i, row in enumerate(np.atleast_2d(x)):
+        s = np_scale(row)
+        levels = np_levels(bits, signed) * s
+        if not signed:
+            levels = levels[1:]  # zero is kept for exact zeros
+        mid = (levels[1:] + levels[:-1]) / 2
+        value = levels[np.searchsorted(mid, row)]
+        out[i] = value if signed else np.where(row > 0, value, 0.0)
+    return out
+
+
+def state_bytes(state) -> int:
+    return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(state))
+
+
+def big_tree():
+    return {
+        "dense1": {"kernel": jnp.zeros((1024, 1024)), "bias": jnp.zeros(1024)},
+        "dense2": {"kernel": jnp.zeros((1024, 4096)), "bias": jnp.zeros(4096)},
+        "embed": jnp.zeros((2048, 512)),
+        "norm": jnp.zeros(512),
+    }
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+@pytest.mark.parametrize("bits", [16, 2, 0, True, "8", 8.0])
+def test_bad_bits_raise(bits):
+    with pytest.raises(ValueError, match="bits"):
+        rmsjax.quantized(rmsjax.adam(1e-3), bits=bits)
+
+
+@pytest.mark.parametrize("block_size", [0, -2, 3, 1, 2.5, 1 << 20, "256", False])
+def test_bad_block_size_raise(block_size):
+    with pytest.raises(ValueError, match="block_size"):
+        rmsjax.quantized(rmsjax.adam(1e-3), block_size=block_size)
+
+
+@pytest.mark.parametrize("min_size", [-1, 1.5, None, True])
+def test_bad_min_size_raise(min_size):
+    with pytest.raises(ValueError, match="min_size"):
+        rmsjax.quantized(rmsjax.adam(1e-3), min_size=min_size)
+
+
+def test_inner_must_be_a_transformation():
+    with pytest.raises(TypeError, match="inner"):
+        rmsjax.quantized(rmsjax.adam)
+
+
+# --------------------------------------------------------------------------- maps and codec
+
+
+@pytest.mark.parametrize("bits,signed", sorted(MAPS))
+def test_decoded_levels_follow_the_documented_map(bits, signed):
+    q, _ = MAPS[(bits, signed)]
+    layout = qz._Layout((), 1, 2 * q + 2 if signed else q + 1 + (q + 1) % 2, False)
+    codes = np.zeros(layout.block, np.int64)
+    codes[: (2 * q + 1 if signed else q + 1)] = np.arange(-q, q + 1) if signed else np.arange(q + 1)
+    scale = jnp.asarray([0.5], jnp.float32)
+    if bits == 8:
+        arr = qz.QuantizedArray(jnp.asarray(codes[None], jnp.int8 if signed else jnp.uint8), scale)
+    else:
+        nib = codes + (7 if signed else 0)
+        packed = (nib[0::2] | (nib[1::2] << 4)).astype(np.uint8)
+        arr = qz.PackedQuantizedArray(jnp.asarray(packed[None].view(np.int8 if signed else np.uint8)), scale)
+    decoded = np.asarray(qz.dequantize(arr), np.float64)[: len(np_levels(bits, signed))]
+    expected = 0.5 * np_levels(bits, signed)
+    np.testing.assert_allclose(decoded, expected, rtol=2e-6, atol=0)
+    assert np.all(np.diff(decoded) > 0)
+    assert decoded[-1] == 0.5 and (decoded[0] == -0.5 if signed else decoded[0] == 0.0)
+
+
+@pytest.mark.parametrize("bits,signed", sorted(MAPS))
+def test_quantize_picks_a_neighbouring_level_and_a_power_of_two_scale(bits, signed):
+    rng = np.random.default_rng(bits + signed)
+    block = qz.DEFAULT_BLOCK_SIZE[bits]
+    x = rng.standard_normal((8, block)) * np.exp(rng.standard_normal((8, block)) * 2)
+    x = x if signed else np.abs(x)
+    x = x.astype(np.float32)
+    layout = qz._Layout((8,), 1, block, False)
+    q = qz._quantize(jnp.asarray(x), layout, bits, signed, jnp.int32(5), 0)
+    got = np.asarray(qz.dequantize(q), np.float64)
+    for row in range(8):
+        s = np_scale(x[row])
+        assert float(q.scale[row, 0]) == s
+        levels = np.sort(np_levels(bits, signed) * s)
+        xr = x[row].astype(np.float64)
+        hi = levels[np.clip(np.searchsorted(levels, xr), 0, len(levels) - 1)]
+        lo = levels[np.clip(np.searchsorted(levels, xr, side="right") - 1, 0, len(levels) - 1)]
+        ok = np.isclose(got[row], lo, rtol=1e-5, atol=0) | np.isclose(got[row], hi, rtol=1e-5, atol=0)
+        if not signed:  # below the smallest positive level a positive value rounds up to it
+            ok |= (xr > 0) & (xr < levels[1]) & np.isclose(got[row], levels[1], rtol=1e-5)
+        assert ok.all(), (row, xr[~ok][:4], got[row][~ok][:4])
+
+
+def test_a_positive_second_moment_never_decodes_to_zero():
+    x = np.zeros((1, 256), np.float32)
+    x[0, 0] = 1.0
+    x[0, 1:100] = 1e-30  # far below the smallest positive level (2.4e-10 of the scale)
+    for bits, block in ((8, 256), (4, 128)):
+        q = qz._quantize(jnp.asarray(x[:, :block]), qz._Layout((1,), 1, block, False), bits, False,
+                         jnp.int32(1), 0)
+        got = np.asarray(qz.dequantize(q))
+        assert np.all(got[0, 1:100] > 0), bits
+        assert np.all(got[0, 100:block] == 0), bits  # exact zeros stay exact
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_rounding_is_unbiased_over_steps(bits):
+    rng = np.random.default_rng(0)
+    block = qz.DEFAULT_BLOCK_SIZE[bits]
+    x = np.abs(rng.standard_normal((4, block))).astype(np.float32)
+    layout = qz._Layout((4,), 1, block, False)
+    enc = jax.jit(lambda c: qz.dequantize(qz._quantize(jnp.asarray(x), layout, bits, False, c, 3)))
+    mean = np.mean([np.asarray(enc(jnp.int32(c)), np.float64) for c in range(400)], axis=0)
+    rel = np.abs(mean - x) / x
+    assert np.median(rel) < 0.01, np.median(rel)
+    # ...whereas one draw is off by up to a level spacing
+    one = np.asarray(enc(jnp.int32(0)), np.float64)
+    assert np.median(np.abs(one - x) / x) > 3 * np.median(rel)
+
+
+# --------------------------------------------------------------------------- which leaves
+
+
+def test_moment_leaves_are_quantized_and_the_rest_kept():
+    tx = rmsjax.quantized(rmsjax.adam(1e-3))
+    state = tx.init(big_tree())
+    adam = state.inner[0]
+    assert state.count.dtype == jnp.int32 and adam.count.dtype == jnp.int32
+    mu, nu = adam.mu, adam.nu
+    assert isinstance(mu["dense1"]["kernel"], qz.QuantizedArray)
+    assert mu["dense1"]["kernel"].codes.dtype == jnp.int8  # signed map for mu
+    assert nu["dense1"]["kernel"].codes.dtype == jnp.uint8  # unsigned map for nu
+    assert mu["dense1"]["kernel"].codes.shape == (1024, 4, 256)
+    assert mu["dense1"]["kernel"].scale.shape == (1024, 4)
+    for small in (mu["dense1"]["bias"], nu["norm"]):  # fewer than 4096 elements
+        assert isinstance(small, jax.Array) and small.dtype == jnp.float32
+    assert isinstance(mu["dense2"]["bias"], qz.QuantizedArray)  # 4096 elements
+
+
+def test_compat_torch_complex_moments_keep_pairs_in_one_block():
+    tx = rmsjax.quantized(rmsjax.compat.torch.RMSprop(lr=1e-2, centered=True, momentum=0.9), bits=4)
+    params = {"z": jnp.ones((64, 128), jnp.complex64)}
+    state = tx.init(params)
+    nu = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, qz.PackedQuantizedArray))
+    packed = [x for x in nu if isinstance(x, qz.PackedQuantizedArray)]
+    assert len(packed) == 2  # nu (unsigned) and mu (signed), both real views (64, 128, 2)
+    assert sorted(str(x.codes.dtype) for x in packed) == ["int8", "uint8"]
+    # the momentum buffer is complex: complex leaves stay as they are
+    assert state.inner[1].mu["z"].dtype == jnp.complex64
+    assert all(x.codes.shape == (64, 2, 64, 1) for x in packed)
+    g = {"z": (jnp.arange(64 * 128, dtype=jnp.float32).reshape(64, 128) % 7 - 3).astype(jnp.complex64)}
+    updates, _ = tx.update(g, state, params)
+    assert updates["z"].dtype == jnp.complex64 and bool(jnp.all(jnp.isfinite(jnp.abs(updates["z"]))))
+
+
+def test_nothing_to_quantize_means_identical_to_inner():
+    params = {"w": jnp.ones((8, 8)), "b": jnp.ones(8)}
+    grads = {"w": jnp.full((8, 8), 0.3), "b": jnp.full(8, -0.2)}
+    inner = rmsjax.rmsprop(1e-2, centered=True, momentum=0.9)
+    tx = rmsjax.quantized(inner)
+    s_q, s_f = tx.init(params), inner.init(params)
+    for _ in range(3):
+        u_q, s_q = tx.update(grads, s_q, params)
+        u_f, s_f = inner.update(grads, s_f, params)
+        chex_equal(u_q, u_f)
+    chex_equal(s_q.inner, s_f)
+
+
+def chex_equal(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_bfloat16_moments_keep_their_dtype(bits):
+    inner = rmsjax.rmsprop(1e-2, state_dtype=jnp.bfloat16)
+    tx = rmsjax.quantized(inner, bits=bits)
+    params = {"w": jnp.ones((32, 256), jnp.bfloat16)}
+    state = tx.init(params)
+    updates, state = tx.update({"w": jnp.ones((32, 256), jnp.bfloat16)}, state, params)
+    assert updates["w"].dtype == jnp.bfloat16
+    assert state.inner[0].nu["w"].scale.dtype == jnp.bfloat16
+    assert qz.dequantize(state.inner[0].nu["w"]).dtype == jnp.bfloat16
+
+
+# --------------------------------------------------------------------------- memory
+
+
+MEMORY_LIMITS = {  # state bytes per parameter (acceptance)
+    ("adam", 8): 2.1, ("adam", 4): 1.1, ("rmsprop", 8): 1.1, ("rmsprop", 4): 0.6,
+    ("adagrad", 8): 1.1, ("adagrad", 4): 0.6,
+}
+
+
+@pytest.mark.parametrize("name,bits", sorted(MEMORY_LIMITS))
+def test_state_bytes_per_parameter(name, bits):
+    make = {"adam": lambda: rmsjax.adam(1e-3), "rmsprop": lambda: rmsjax.rmsprop(1e-3),
+            "adagrad": lambda: rmsjax.adagrad(1e-2)}[name]
+    params = big_tree()
+    n = sum(p.size for p in jax.tree.leaves(params))
+    f32 = state_bytes(jax.eval_shape(make().init, params)) / n
+    low = state_bytes(jax.eval_shape(rmsjax.quantized(make(), bits=bits).init, params)) / n
+    assert f32 == pytest.approx(8.0 if name == "adam" else 4.0, rel=1e-3)
+    assert low <= MEMORY_LIMITS[(name, bits)], low
+
+
+# --------------------------------------------------------------------------- tracking (staleness)
+
+SHAPE = (16, 256)  # 16 blocks of 256 (8-bit) / 32 of 128 (4-bit); column 0 holds each block's max
+
+
+def _staleness_grads(t):
+    """Column 0 (every block's maximum) sees a constant gradient 1; the others a gradient
+    in [0.3, 0.6] that drops by 20 % at step 200, so their moments move while the block
+    maximum's does not."""
+    base = jnp.asarray(np.random.default_rng(0).uniform(0.3, 0.6, SHAPE), jnp.float32)
+    late = jnp.where(t < 200, jnp.float32(1.0), jnp.float32(0.8))
+    return jnp.zeros(SHAPE, bool).at[:, 0].set(True), base * late
+
+
+def _final_update(tx, steps=3000):
+    params = {"w": jnp.zeros(SHAPE)}
+
+    def body(state, t):
+        is_max, g = _staleness_grads(t)
+        g = jnp.where(is_max, jnp.float32(1.0), g)
+        updates, state = tx.update({"w": g}, state, params)
+        return state, updates["w"]
+
+    _, updates = jax.lax.scan(body, tx.init(params), jnp.arange(steps))
+    return np.asarray(updates[-1])[:, 1:]
+
+
+def _np_rmsprop_nearest(decay, steps=3000, lr=1e-2, eps=1e-8, accumulate=False):
+    """NumPy: rmsprop (or adagrad with ``accumulate``) whose nu is stored round-to-nearest
+    in the documented 8-bit unsigned map, per block of 256, re-quantized every step."""
+    is_max, base = (np.asarray(a) for a in _staleness_grads(jnp.int32(0)))
+    nu = np.zeros(SHAPE)
+    update = None
+    for t in range(steps):
+        g = np.where(is_max, 1.0, base * (1.0 if t < 200 else 0.8))
+        nu = nu + g * g if accumulate else decay * nu + (1 - decay) * g * g
+        update = -lr * g / (np.sqrt(nu) + eps)
+        nu = np_nearest(nu, 8, False)
+    return update[:, 1:]
+
+
+def _median_rel(a, b):
+    return float(np.median(np.abs(a - b) / np.abs(b)))
+
+
+TRACKED = {
+    "rmsprop-0.999": (lambda: rmsjax.rmsprop(1e-2, decay=0.999), 0.999, False),
+    "adam": (lambda: rmsjax.adam(1e-3), None, False),
+    "adagrad": (lambda: rmsjax.adagrad(1e-2, eps=1e-8), None, True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TRACKED))
+def test_quantized_update_tracks_float32_where_nearest_goes_stale(name):
+    make, decay, accumulate = TRACKED[name]
+    reference = _final_update(make())
+    eight = _median_rel(_final_update(rmsjax.quantized(make(), bits=8)), reference)
+    four = _median_rel(_final_update(rmsjax.quantized(make(), bits=4)), reference)
+    nearest = _median_rel(_final_update(qz._wrap(make(), 8, 256, 4096, nearest=True)), reference)
+    assert eight < 0.10, eight
+    assert four < 0.25, four
+    assert nearest > 0.5, nearest  # the same storage with round-to-nearest is stale
+    if decay is not None or accumulate:  # and so is an independent NumPy version of it
+        np_nearest_rel = _median_rel(_np_rmsprop_nearest(decay, accumulate=accumulate), reference)
+        assert np_nearest_rel > 0.5, np_nearest_rel
+
+
+# --------------------------------------------------------------------------- wrappers
+
+
+def _toy():
+    params = {"w": jnp.linspace(-1.0, 1.0, 64 * 128).reshape(64, 128), "b": jnp.zeros(128)}
+
+    def loss(p, x):
+        return jnp.mean(jnp.square(jnp.tanh(x @ p["w"] + p["b"]) - 0.5))
+
+    x = jnp.cos(jnp.arange(16 * 64, dtype=jnp.float32).reshape(16, 64))
+    return params, jax.grad(loss), x
+
+
+def test_jit_with_donation_compiles_once():
+    params, grad, x = _toy()
+    tx = rmsjax.quantized(rmsjax.adam(1e-2))
+    traces = []
+
+    @jax.jit
+    def _step(p, s):
+        traces.append(1)
+        u, s = tx.update(grad(p, x), s, p)
+        return optax.apply_updates(p, u), s
+
+    step = jax.jit(_step, donate_argnums=(0, 1))
+    state = tx.init(params)
+    for _ in range(4):
+        params, state = step(params, state)
+    assert len(traces) == 1
+    assert bool(jnp.all(jnp.isfinite(params["w"])))
+
+
+def test_inject_hyperparams_learning_rate_is_read_and_changed():
+    params, grad, x = _toy()
+    tx = rmsjax.quantized(optax.inject_hyperparams(rmsjax.adam)(learning_rate=1e-2))
+    state = tx.init(params)
+    state.inner.hyperparams["learning_rate"] = jnp.asarray(1e-3, jnp.float32)
+    u_small, _ = tx.update(grad(params, x), state, params)
+    state.inner.hyperparams["learning_rate"] = jnp.asarray(1e-2, jnp.float32)
+    u_big, _ = tx.update(grad(params, x), state, params)
+    np.testing.assert_allclose(np.asarray(u_big["w"]), 10 * np.asarray(u_small["w"]), rtol=1e-5)
+    assert float(rmsjax.learning_rate(state)) == pytest.approx(1e-2)
+
+
+def test_apply_if_finite_keeps_the_quantized_state():
+    params, grad, x = _toy()
+    tx = optax.apply_if_finite(rmsjax.quantized(rmsjax.adam(1e-2)), max_consecutive_errors=3)
+    state = tx.init(params)
+    _, state = tx.update(grad(params, x), state, params)
+    bad = jax.tree.map(lambda g: g.at[0].set(jnp.nan), grad(params, x))
+    updates, after = tx.update(bad, state, params)
+    assert int(after.notfinite_count) == 1
+    chex_equal(after.inner_state, state.inner_state)
+    assert float(jnp.max(jnp.abs(updates["w"]))) == 0.0
+
+
+def test_multisteps_accumulates_then_updates():
+    params, grad, x = _toy()
+    tx = optax.MultiSteps(rmsjax.quantized(rmsjax.adam(1e-2)), every_k_schedule=3)
+    ref = optax.MultiSteps(rmsjax.adam(1e-2), every_k_schedule=3)
+    s, r = tx.init(params), ref.init(params)
+    with jax.numpy_dtype_promotion("standard"):  # optax.MultiSteps itself mixes int32 and float32
+        for _ in range(3):
+            u, s = tx.update(grad(params, x), s, params)
+            v, r = ref.update(grad(params, x), r, params)
+    assert int(rmsjax.step_count(s)) == 1
+    assert _median_rel(np.asarray(u["w"]), np.asarray(v["w"])) < 0.02
+
+
+def test_nnx_optimizer():
+    from flax import nnx
+
+    model = nnx.Linear(128, 64, rngs=nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, rmsjax.quantized(rmsjax.adam(1e-2), bits=4), wrt=nnx.Param)
+    x = jnp.ones((8, 128))
+
+    @nnx.jit
+    def train_step(model, optimizer):
+        loss, grads = nnx.value_and_grad(lambda m: jnp.mean(m(x) ** 2))(model)
+        optimizer.update(model, grads)
+        return loss
+
+    losses = [float(train_step(model, optimizer)) for _ in range(20)]
+    assert losses[-1] < 0.5 * losses[0]
+    eff = rmsjax.effective_learning_rate(optimizer, eps=1e-8, decay=0.999)
+    assert eff.per_leaf["kernel"].shape == (128, 64)
+
+
+def test_effective_learning_rate_reads_through_the_codes():
+    params, grad, x = _toy()
+    tx = rmsjax.quantized(rmsjax.rmsprop(1e-2, decay=0.9))
+    state = tx.init(params)
+    for _ in range(3):
+        _, state = tx.update(grad(params, x), state, params)
+    nu = state.inner[0].nu["w"]
+    q, p = MAPS[(8, False)]
+    decoded = (np.asarray(nu.codes, np.float64) / q) ** p * np.asarray(nu.scale, np.float64)[..., None]
+    expected = 1e-2 / (np.sqrt(decoded.reshape(64, 128)) + 1e-8)
+    eff = rmsjax.effective_learning_rate(state, eps=1e-8)
+    np.testing.assert_allclose(np.asarray(eff.per_leaf["w"]), expected, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _train(tx, params, state, steps, grad, x):
+    step = jax.jit(lambda p, s: (lambda u_s: (optax.apply_updates(p, u_s[0]), u_s[1]))(
+        tx.update(grad(p, x), s, p)))
+    for _ in range(steps):
+        params, state = step(params, state)
+    return params, state
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_flax_serialization_round_trip_and_bitwise_resume(bits):
+    params, grad, x = _toy()
+    tx = rmsjax.quantized(rmsjax.compat.torch.Adam(lr=1e-2, amsgrad=True), bits=bits)
+    p5, s5 = _train(tx, params, tx.init(params), 5, grad, x)
+    blob = flax.serialization.to_bytes({"params": p5, "opt_state": s5})
+    restored = flax.serialization.from_bytes({"params": params, "opt_state": tx.init(params)}, blob)
+    assert jax.tree.structure(restored["opt_state"]) == jax.tree.structure(s5)
+    chex_equal(restored["opt_state"], s5)
+    straight = _train(tx, p5, s5, 5, grad, x)
+    resumed = _train(tx, restored["params"], restored["opt_state"], 5, grad, x)
+    chex_equal(resumed, straight)
+
+
+def test_orbax_round_trip_is_bitwise(tmp_path):
+    ocp = pytest.importorskip("orbax.checkpoint")
+    params, grad, x = _toy()
+    tx = rmsjax.quantized(rmsjax.adam(1e-2), bits=4)
+    p3, s3 = _train(tx, params, tx.init(params), 3, grad, x)
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(tmp_path / "ckpt", {"params": p3, "opt_state": s3})
+    with ocp.StandardCheckpointer() as ckpt:
+        abstract = jax.eval_shape(lambda: {"params": params, "opt_state": tx.init(params)})
+        restored = ckpt.restore(tmp_path / "ckpt", abstract)
+    chex_equal(restored, {"params": p3, "opt_state": s3})
+    chex_equal(_train(tx, restored["params"], restored["opt_state"], 3, grad, x),
+               _train(tx, p3, s3, 3, grad, x))
+
+
+# --------------------------------------------------------------------------- example and benchmark
+
+
+def _load(path: pathlib.Path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_smoke(tmp_path):
+    bench = _load(ROOT / "benchmarks" / "bench_quantized.py")
+    result = bench.main(["--size", "256", "--trials", "2", "--out", str(tmp_path)])
+    assert (tmp_path / "bench_quantized.json").exists() and (tmp_path / "bench_quantized.md").exists()
+    memory = {(row["optimizer"], row["bits"]): row["bytes_per_param"] for row in result["memory"]}
+    assert memory[("adam", 32)] == pytest.approx(8.0, rel=1e-3)
+    assert memory[("adam", 8)] < 2.1
+    assert all(row["ratio"] > 0 for row in result["speed"])
