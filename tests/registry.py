@@ -138,7 +138,8 @@ _CASES = [
     _case("add_decayed_weights_mask", transforms.add_decayed_weights, 0.1, mask={"a": False, "b": True},
           kind=STATELESS, tags={_R}),
     # ------------------------------------------------------------ layer 4
-    _case("torch.RMSprop", pt.RMSprop, lr=LR, momentum=0.9, centered=True, weight_decay=0.01, tags={_REL, _S}),
+    _case("torch.RMSprop", pt.RMSprop, lr=LR, momentum=0.9, centered=True, weight_decay=0.01,
+          tags={_REL, _S}),
     _case("torch.RMSprop_plain", pt.RMSprop, tags={_PROP}),
     _case("torch.Adagrad", pt.Adagrad, lr=0.1, lr_decay=0.01, tags={_REL, _S}),
     _case("torch.Adam", pt.Adam, lr=LR, amsgrad=True, tags={_REL, _S}),
