@@ -12,6 +12,8 @@ The test problem: a two-leaf tree whose gradient depends on the parameters,
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 # ---------------------------------------------------------------- the problem
@@ -49,12 +51,20 @@ class Reference:
         return {key: self.step_leaf(grads[key], params[key], self.state[key], key) for key in grads}
 
 
+@dataclasses.dataclass
 class RMSprop(Reference):
     """Tieleman & Hinton; centred form of Graves 2013; PyTorch-style momentum and L2."""
 
-    def __init__(self, lr, decay=0.9, eps=1e-8, centered=False, momentum=0.0, nesterov=False,
-                 weight_decay=0.0, bias_correction=False, eps_in_sqrt=False, initial_scale=0.0):
-        self.__dict__.update(locals())
+    lr: float
+    decay: float = 0.9
+    eps: float = 1e-8
+    centered: bool = False
+    momentum: float = 0.0
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    bias_correction: bool = False
+    eps_in_sqrt: bool = False
+    initial_scale: float = 0.0
 
     def init_leaf(self, p):
         return {"v": np.full_like(p, self.initial_scale), "m": np.zeros_like(p), "b": np.zeros_like(p)}
@@ -79,11 +89,14 @@ class RMSprop(Reference):
         return -self.lr * scaled
 
 
+@dataclasses.dataclass
 class Adagrad(Reference):
     """Duchi, Hazan & Singer 2011, with eps outside (or inside) the root."""
 
-    def __init__(self, lr, initial_accumulator_value=0.0, eps=1e-10, eps_in_sqrt=False):
-        self.__dict__.update(locals())
+    lr: float
+    initial_accumulator_value: float = 0.0
+    eps: float = 1e-10
+    eps_in_sqrt: bool = False
 
     def init_leaf(self, p):
         return {"G": np.full_like(p, self.initial_accumulator_value)}
@@ -95,12 +108,18 @@ class Adagrad(Reference):
         return -self.lr * g / (np.sqrt(s["G"]) + self.eps)
 
 
+@dataclasses.dataclass
 class Adam(Reference):
     """Kingma & Ba 2015; NAdam as in Dozat 2016; AdamW as in Loshchilov & Hutter 2019."""
 
-    def __init__(self, lr, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, nesterov=False,
-                 weight_decay=0.0, decay_keys=None):
-        self.__dict__.update(locals())
+    lr: float
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    eps_root: float = 0.0
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    decay_keys: set | None = None
 
     def init_leaf(self, p):
         return {"m": np.zeros_like(p), "v": np.zeros_like(p)}
@@ -120,11 +139,14 @@ class Adam(Reference):
         return -self.lr * direction
 
 
+@dataclasses.dataclass
 class Adadelta(Reference):
     """Zeiler 2012 (Algorithm 1), scaled by a learning rate, with optional L2."""
 
-    def __init__(self, lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0):
-        self.__dict__.update(locals())
+    lr: float = 1.0
+    rho: float = 0.9
+    eps: float = 1e-6
+    weight_decay: float = 0.0
 
     def init_leaf(self, p):
         return {"Eg2": np.zeros_like(p), "Edx2": np.zeros_like(p)}
@@ -137,11 +159,14 @@ class Adadelta(Reference):
         return -self.lr * dx
 
 
+@dataclasses.dataclass
 class SGD(Reference):
     """Gradient descent with heavy-ball (Polyak) or Nesterov (Sutskever 2013) momentum."""
 
-    def __init__(self, lr, momentum=0.0, nesterov=False, dampening=0.0):
-        self.__dict__.update(locals())
+    lr: float
+    momentum: float = 0.0
+    nesterov: bool = False
+    dampening: float = 0.0
 
     def init_leaf(self, p):
         return {"b": np.zeros_like(p)}
@@ -157,11 +182,12 @@ class SGD(Reference):
         return -self.lr * direction
 
 
+@dataclasses.dataclass
 class LeakyAverage(Reference):
     """The leaky average of d2l 12.6, optionally divided by 1 - decay**t."""
 
-    def __init__(self, decay, debias=False):
-        self.__dict__.update(locals())
+    decay: float
+    debias: bool = False
 
     def init_leaf(self, p):
         return {"m": np.zeros_like(p)}
@@ -171,11 +197,28 @@ class LeakyAverage(Reference):
         return s["m"] / (1 - self.decay ** self.t) if self.debias else s["m"]
 
 
+@dataclasses.dataclass
+class DecayedWeights(Reference):
+    """L2 weight decay as a direction: ``g + weight_decay * p`` (on ``decay_keys`` only, if given)."""
+
+    weight_decay: float
+    decay_keys: set | None = None
+
+    def init_leaf(self, p):
+        return {}
+
+    def step_leaf(self, g, p, s, key):
+        if self.decay_keys is None or key in self.decay_keys:
+            return g + self.weight_decay * p
+        return g
+
+
+@dataclasses.dataclass
 class Negated(Reference):
     """A layer-2 transformation's raw output, negated and scaled by ``lr`` for a descent path."""
 
-    def __init__(self, inner, lr):
-        self.inner, self.lr = inner, lr
+    inner: Reference
+    lr: float
 
     def init(self, params):
         self.inner.init(params)

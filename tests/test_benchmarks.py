@@ -43,6 +43,7 @@ def test_worker_in_process_tiny_tree():
     assert "200 leaves, rmsprop" not in table  # only targets that were measured
 
 
+@pytest.mark.slow
 def test_script_end_to_end(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     cmd = [sys.executable, str(SCRIPT), "--sizes", "3000", "--trees", "one_leaf,small_leaves",
@@ -110,6 +111,7 @@ def _one_pass_run(flags: str, arrangement: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_one_pass_step_with_multi_output_fusion():
     """The documented recipe (``rmsjax.one_pass`` + the multi-output fusion flag): one loop
     (two for centred + momentum), no state copies, the same numbers as the plain optimizer

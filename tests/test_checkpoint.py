@@ -44,6 +44,7 @@ def resumed(tmp_path_factory):
     return directory, uninterrupted
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_resume_in_a_new_process_is_bit_for_bit(resumed, name):
     directory, uninterrupted = resumed
@@ -61,4 +62,5 @@ def test_restore_keeps_structure_and_dtypes(tmp_path):
     restored = restore(tmp_path / "state.msgpack", fresh("rmsprop_bfloat16_state")[1])
     assert jax.tree.structure(restored) == jax.tree.structure(state)
     assert_bitwise_equal(restored, state)
-    assert type(restored["opt_state"][0]).__name__ == "ScaleByStddevState"
+    # The chain's parts come back as their own state classes (found by type, not by index).
+    assert [type(part).__name__ for part in restored["opt_state"]].count("ScaleByStddevState") == 1

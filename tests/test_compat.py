@@ -27,7 +27,18 @@ FIXTURES = Path(__file__).resolve().parent / "reference" / "fixtures"
 FIXTURE_NAMES = sorted(p.stem for p in FIXTURES.glob("*.npz"))
 MODULES = {"torch": compat.torch, "keras": compat.keras, "tf1": compat.tf1}
 RTOL64 = 1e-9
-RTOL32 = 1e-4
+# float32 replays of the float64 fixtures: the tightest bound each family holds, about twice
+# the worst relative error measured (x86-64 CPU, jax 0.10, after the lean core): torch
+# 5.7e-7 (torch_adagrad_schedule_maximize), tf1 7.4e-7 (tf1_rmsprop_centered), keras 1.1e-6
+# (keras_rmsprop_centered). That is a few float32 roundings (6e-8 each) accumulated over
+# 50+ steps. The margin leaves room for other CPUs' FMA contraction and vector widths.
+RTOL32 = {"torch": 1.2e-6, "tf1": 1.5e-6, "keras": 2.2e-6}
+# Keras's Adam (eps_hat) with the optax bias factor: 1 - beta_2**t is computed in float32, up to
+# 1.3e-5 relative off at beta_2 = 0.999 (test_optimizers.py); measured 4.2e-6
+# (keras_adam_default), 4.0e-6 (keras_adam_schedule), 3.5e-6 (keras_adam_amsgrad), bound 8e-6.
+# keras_adam_epsilon_hat (beta_2 = 0.9, epsilon = 0.05: 2.7e-7) keeps its family's bound.
+RTOL32_BY_FIXTURE = {"keras_adam_default": 8e-6, "keras_adam_schedule": 8e-6, "keras_adam_amsgrad": 8e-6}
+assert set(RTOL32_BY_FIXTURE) <= set(FIXTURE_NAMES)
 
 
 def _load(name: str) -> tuple[dict, dict]:
@@ -134,7 +145,8 @@ def test_float64_matches_framework(name):
 def test_float32_matches_framework(name):
     ours, theirs = _replay(name, jnp.float32)
     err = _relative_error(ours, theirs)
-    assert err <= RTOL32, f"{name}: relative error {err:.3e}"
+    tolerance = RTOL32_BY_FIXTURE.get(name, RTOL32[name.split("_")[0]])
+    assert err <= tolerance, f"{name}: relative error {err:.3e} > {tolerance:.1e}"
 
 
 # ---------------------------------------------------------------- the conventions matter

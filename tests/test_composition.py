@@ -9,6 +9,7 @@ import numpy as np
 import numpy_reference as ref
 import optax
 import pytest
+import registry
 
 import rmsjax
 
@@ -16,13 +17,9 @@ import rmsjax
 # promotion rejects; the tests that run optax's code relax it to "standard" for that code.
 optax_promotion = jax.numpy_dtype_promotion("standard")
 
+# name -> a factory of the learning rate (an argument called ``lr``, for inject_hyperparams)
 OPTIMIZERS = {
-    "rmsprop": lambda lr: rmsjax.rmsprop(lr, momentum=0.9, centered=True),
-    "adagrad": lambda lr: rmsjax.adagrad(lr),
-    "adam": lambda lr: rmsjax.adam(lr),
-    "adamw": lambda lr: rmsjax.adamw(lr, weight_decay=0.1),
-    "adadelta": lambda lr: rmsjax.adadelta(lr),
-    "sgd": lambda lr: rmsjax.sgd(lr, momentum=0.9),
+    name: (lambda lr, case=case: case.with_rate(lr)) for name, case in registry.tagged("composition").items()
 }
 
 

@@ -14,6 +14,9 @@ matplotlib.use("Agg")
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
+# The examples train small models end to end: the slow part of the suite (-m "not slow" skips it).
+pytestmark = pytest.mark.slow
+
 
 def load(name: str):
     """Import examples/<name>.py as a module (examples/ is not a package)."""

@@ -7,23 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import registry
 
 import rmsjax
 from rmsjax import packing
 
-OPTIMIZERS = {
-    "rmsprop": lambda: rmsjax.rmsprop(0.01),
-    "rmsprop_centered_momentum_wd": lambda: rmsjax.rmsprop(
-        0.01, centered=True, momentum=0.9, weight_decay=1e-3
-    ),
-    "rmsprop_bf16_state": lambda: rmsjax.rmsprop(0.01, state_dtype=jnp.bfloat16),
-    "adagrad": lambda: rmsjax.adagrad(0.1),
-    "adam": lambda: rmsjax.adam(1e-3),
-    "adamw": lambda: rmsjax.adamw(1e-3),
-    "adadelta": lambda: rmsjax.adadelta(),
-    "sgd_nesterov": lambda: rmsjax.sgd(0.1, momentum=0.9, nesterov=True),
-    "schedule": lambda: rmsjax.rmsprop(optax.linear_schedule(0.1, 0.01, 5)),
-}
+OPTIMIZERS = {name: case.make for name, case in registry.tagged("packing").items()}
 
 
 def _tree(seed: int = 0):

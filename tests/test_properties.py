@@ -10,7 +10,7 @@ gradients (zeros, tiny and large values and both signs included). The invariants
 3. with ``eps = 0``, RMSprop and Adam steps do not change when all gradients are scaled
    by ``c > 0``: bit for bit when ``c`` is a power of two, to float32 rounding otherwise;
 4. jitted and eager updates agree (float32 and bfloat16 parameters);
-5. wrapping a transformation in ``optax.chain`` changes nothing, bit for bit;
+5. ``rmsjax.rmsprop`` equals ``optax.chain`` of its documented parts, bit for bit;
 6. ``init`` then ``update`` never changes the state's tree structure, shapes or dtypes.
 
 Example counts are kept small (``EXAMPLES`` per property) so that the file runs in seconds;
@@ -26,13 +26,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import registry
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import rmsjax
-from rmsjax.compat import keras as kc
-from rmsjax.compat import tf1
-from rmsjax.compat import torch as pt
 
 EXAMPLES = int(os.environ.get("RMSJAX_HYPOTHESIS_EXAMPLES", "8"))
 PROPERTY = settings(
@@ -200,23 +198,36 @@ def test_eps_zero_steps_ignore_any_positive_gradient_scale(case, learning_rate, 
 # ---------------------------------------------------------------- 4, 5, 6: over many transformations
 
 
+# How the drawn hyperparameters reach each case of registry.py tagged "properties" (the
+# case's other settings, e.g. centred, AMSGrad, debiased, stay as the registry has them).
+_DRAWN = {
+    "rmsprop": lambda lr, decay, eps, momentum, state_dtype: dict(
+        learning_rate=lr, decay=decay, eps=eps, momentum=momentum, state_dtype=state_dtype),
+    "rmsprop_centered_l2": lambda lr, decay, eps, momentum, state_dtype: dict(
+        learning_rate=lr, decay=_centred(decay), eps=eps, state_dtype=state_dtype),
+    "adagrad": lambda lr, decay, eps, momentum, state_dtype: dict(learning_rate=lr, eps=eps),
+    "adam": lambda lr, decay, eps, momentum, state_dtype: dict(
+        learning_rate=lr, b2=decay, eps=eps, nesterov=momentum > 0),
+    "adamw": lambda lr, decay, eps, momentum, state_dtype: dict(learning_rate=lr, b2=decay, eps=eps),
+    "adadelta": lambda lr, decay, eps, momentum, state_dtype: dict(learning_rate=lr, rho=decay, eps=eps),
+    "sgd": lambda lr, decay, eps, momentum, state_dtype: dict(learning_rate=lr, momentum=momentum),
+    "scale_by_adam": lambda lr, decay, eps, momentum, state_dtype: dict(
+        b2=decay, eps=eps, state_dtype=state_dtype),
+    "leaky_average": lambda lr, decay, eps, momentum, state_dtype: dict(decay=decay, state_dtype=state_dtype),
+    "torch.RMSprop_plain": lambda lr, decay, eps, momentum, state_dtype: dict(
+        lr=lr, alpha=decay, eps=eps, momentum=momentum),
+    "keras.Adam": lambda lr, decay, eps, momentum, state_dtype: dict(
+        learning_rate=lr, beta_2=decay, epsilon=eps),
+    "tf1.RMSPropOptimizer_plain": lambda lr, decay, eps, momentum, state_dtype: dict(
+        learning_rate=lr, decay=decay, momentum=momentum, epsilon=eps),
+}
+assert set(_DRAWN) == set(registry.names("properties")), set(_DRAWN) ^ set(registry.names("properties"))
+
+
 def _transformations(learning_rate, decay, eps, momentum, state_dtype):
     return {
-        "rmsprop": rmsjax.rmsprop(learning_rate, decay=decay, eps=eps, momentum=momentum,
-                                  state_dtype=state_dtype),
-        "rmsprop_centered": rmsjax.rmsprop(learning_rate, decay=_centred(decay), eps=eps, centered=True,
-                                           weight_decay=0.01, state_dtype=state_dtype),
-        "adagrad": rmsjax.adagrad(learning_rate, eps=eps),
-        "adam": rmsjax.adam(learning_rate, b2=decay, eps=eps, nesterov=momentum > 0),
-        "adamw": rmsjax.adamw(learning_rate, b2=decay, eps=eps),
-        "adadelta": rmsjax.adadelta(learning_rate, rho=decay, eps=eps),
-        "sgd": rmsjax.sgd(learning_rate, momentum=momentum),
-        "scale_by_adam": rmsjax.scale_by_adam(b2=decay, eps=eps, state_dtype=state_dtype),
-        "leaky_average": rmsjax.leaky_average(decay, debias=True, state_dtype=state_dtype),
-        "torch.RMSprop": pt.RMSprop(lr=learning_rate, alpha=decay, eps=eps, momentum=momentum),
-        "keras.Adam": kc.Adam(learning_rate=learning_rate, beta_2=decay, epsilon=eps, amsgrad=True),
-        "tf1.RMSPropOptimizer": tf1.RMSPropOptimizer(learning_rate, decay=decay, momentum=momentum,
-                                                     epsilon=eps),
+        name: case.make(**_DRAWN[name](learning_rate, decay, eps, momentum, state_dtype))
+        for name, case in registry.tagged("properties").items()
     }
 
 
@@ -239,26 +250,19 @@ def _structure(state):
     momentum=momenta,
     state_dtype=state_dtypes,
 )
-def test_jit_eager_chain_and_state_structure(case, name, learning_rate, decay, eps, momentum, state_dtype):
+def test_jit_eager_and_state_structure(case, name, learning_rate, decay, eps, momentum, state_dtype):
     dtype_name, params, grads = case
     tx = _transformations(learning_rate, decay, eps, momentum, state_dtype)[name]
-    chained = optax.chain(tx)
     update = jax.jit(tx.update)
     state = jitted_state = tx.init(params)
-    chained_state = chained.init(params)
     initial = _structure(state)
     for g in grads:
         updates, state = tx.update(g, state, params)
         jitted, jitted_state = update(g, jitted_state, params)
-        chained_updates, chained_state = chained.update(g, chained_state, params)
         # (6) the state keeps its tree structure, shapes and dtypes; updates the gradients' dtype
         assert _structure(state) == initial == _structure(jitted_state)
         for u, gradient in zip(jax.tree.leaves(updates), jax.tree.leaves(g)):
             assert u.dtype == gradient.dtype and u.shape == gradient.shape
-        # (5) optax.chain(tx) is tx, bit for bit
-        assert jax.tree.structure(chained_state) == jax.tree.structure((state,))
-        for a, b in zip(jax.tree.leaves((updates, state)), jax.tree.leaves((chained_updates, chained_state))):
-            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
         # (4) jit and eager agree (XLA may fuse differently: to a few roundings). Not checked
         # for float16: under jit, XLA (on GPU) may drop a float32 -> float16 -> float32 round
         # trip of an intermediate value, so a square that underflows float16 eagerly does not
@@ -270,3 +274,52 @@ def test_jit_eager_chain_and_state_structure(case, name, learning_rate, decay, e
                 np.testing.assert_array_equal(a, b)
             else:
                 np.testing.assert_allclose(_f32(a), _f32(b), rtol=ROUNDING[dtype_name] * 4, atol=1e-6)
+
+
+# ---------------------------------------------------------------- 5: rmsprop is its documented chain
+
+
+@PROPERTY
+@given(
+    case=trees(),
+    learning_rate=learning_rates,
+    decay=decays,
+    eps=epsilons,
+    momentum=momenta,
+    nesterov=st.booleans(),
+    weight_decay=st.one_of(st.just(0.0), st.floats(1e-4, 0.1)),
+    centered=st.booleans(),
+    eps_in_sqrt=st.booleans(),
+    bias_correction=st.booleans(),
+    initial_scale=st.sampled_from([0.0, 1.0]),
+)
+def test_rmsprop_is_its_documented_chain(case, learning_rate, decay, eps, momentum, nesterov, weight_decay,
+                                         centered, eps_in_sqrt, bias_correction, initial_scale):
+    """``rmsjax.rmsprop`` is ``[L2] -> scale_by_rms | scale_by_stddev -> [momentum] -> rate``.
+
+    Built here from the public parts (``optax.identity()`` where a part is off), the chain
+    gives the same state tree and the same numbers, bit for bit.
+    """
+    dtype_name, params, grads = case
+    nesterov = nesterov and momentum > 0
+    decay = _centred(decay) if centered else decay
+    state_dtype = _state_dtype_for(dtype_name)
+    settings = dict(eps_in_sqrt=eps_in_sqrt, initial_scale=initial_scale, bias_correction=bias_correction,
+                    state_dtype=state_dtype)
+    ours = rmsjax.rmsprop(learning_rate, decay, eps, centered=centered, momentum=momentum, nesterov=nesterov,
+                          weight_decay=weight_decay, **settings)
+    parts = optax.chain(
+        rmsjax.transforms.add_decayed_weights(weight_decay) if weight_decay else optax.identity(),
+        (rmsjax.scale_by_stddev if centered else rmsjax.scale_by_rms)(decay, eps, **settings),
+        rmsjax.momentum(momentum, nesterov=nesterov) if momentum else optax.identity(),
+        rmsjax.transforms.scale_by_learning_rate(learning_rate),
+    )
+    state, chain_state = ours.init(params), parts.init(params)
+    for g in grads:
+        assert jax.tree.structure(state) == jax.tree.structure(chain_state)
+        updates, state = ours.update(g, state, params)
+        chain_updates, chain_state = parts.update(g, chain_state, params)
+        for a, b in zip(jax.tree.leaves((updates, state)), jax.tree.leaves((chain_updates, chain_state)),
+                        strict=True):
+            assert a.dtype == b.dtype
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import registry
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -33,64 +34,10 @@ COLLECTIVE = re.compile(r"\b(all-reduce|all-gather|reduce-scatter|collective-per
 # --------------------------------------------------------------------------- optimizers
 
 
-def _core_optimizers():
-    return {
-        "rmsprop": lambda: rmsjax.rmsprop(1e-3),
-        "rmsprop-centered-momentum": lambda: rmsjax.rmsprop(
-            1e-3, centered=True, momentum=0.9, nesterov=True, weight_decay=1e-4
-        ),
-        "rmsprop-bias-correction-schedule": lambda: rmsjax.rmsprop(
-            optax.exponential_decay(1e-3, 10, decay_rate=0.5),
-            bias_correction=True,
-            eps_in_sqrt=True,
-            initial_scale=1.0,
-        ),
-        "rmsprop-state-bfloat16": lambda: rmsjax.rmsprop(1e-3, centered=True, state_dtype=jnp.bfloat16),
-        "adagrad": lambda: rmsjax.adagrad(1e-2, initial_accumulator_value=0.1),
-        "adam": lambda: rmsjax.adam(1e-3, nesterov=True),
-        "adamw": lambda: rmsjax.adamw(
-            1e-3, weight_decay=1e-2, mask=lambda p: {k: v.ndim > 1 for k, v in p.items()}
-        ),
-        "adadelta": lambda: rmsjax.adadelta(1.0, weight_decay=1e-4),
-        "sgd-momentum": lambda: rmsjax.sgd(1e-2, momentum=0.9, nesterov=True),
-        "scale_by_stddev-state-float32": lambda: rmsjax.scale_by_stddev(state_dtype=jnp.float32),
-        "leaky_average-debias": lambda: rmsjax.leaky_average(0.9, debias=True, state_dtype=jnp.bfloat16),
-        "scale_by_adam-amsgrad": lambda: rmsjax.scale_by_adam(amsgrad=True, state_dtype=jnp.bfloat16),
-        "scale_by_rss": lambda: rmsjax.scale_by_rss(0.1),
-        "scale_by_adadelta": lambda: rmsjax.scale_by_adadelta(),
-        "momentum-dampening": lambda: rmsjax.momentum(0.9, dampening=0.1),
-    }
-
-
-def _compat_optimizers():
-    try:
-        from rmsjax.compat import keras, tf1, torch
-    except ImportError:  # rmsjax.compat not there yet
-        return {}
-    return {
-        "torch.RMSprop": lambda: torch.RMSprop(lr=1e-3, momentum=0.9, centered=True, weight_decay=1e-4),
-        "torch.Adagrad": lambda: torch.Adagrad(lr=1e-2, lr_decay=1e-3),
-        "torch.Adam": lambda: torch.Adam(amsgrad=True),
-        "torch.AdamW": lambda: torch.AdamW(),
-        "torch.Adadelta": lambda: torch.Adadelta(weight_decay=1e-4),
-        "torch.SGD": lambda: torch.SGD(lr=1e-2, momentum=0.9, dampening=0.1, weight_decay=1e-4),
-        "keras.RMSprop": lambda: keras.RMSprop(momentum=0.9, centered=True, weight_decay=1e-4),
-        "keras.Adagrad": lambda: keras.Adagrad(),
-        "keras.Adam": lambda: keras.Adam(amsgrad=True),
-        "keras.Adadelta": lambda: keras.Adadelta(),
-        "tf1.RMSPropOptimizer": lambda: tf1.RMSPropOptimizer(1e-3, momentum=0.9, centered=True),
-    }
-
-
-OPTIMIZERS = {**_core_optimizers(), **_compat_optimizers()}
-
-PACKED = {
-    "packed(rmsprop-centered-momentum)": lambda: rmsjax.packed(
-        rmsjax.rmsprop(1e-3, centered=True, momentum=0.9), max_leaf_size=16
-    ),
-    "packed(adam)": lambda: rmsjax.packed(rmsjax.adam(1e-3)),
-    "packed(rmsprop-state-bfloat16)": lambda: rmsjax.packed(rmsjax.rmsprop(1e-3, state_dtype=jnp.bfloat16)),
-}
+# The cases of tests/registry.py tagged "sharding"; rmsjax.packed's state is checked apart.
+_CASES = registry.tagged("sharding")
+OPTIMIZERS = {name: case.make for name, case in _CASES.items() if case.factory is not rmsjax.packed}
+PACKED = {name: case.make for name, case in _CASES.items() if case.factory is rmsjax.packed}
 
 
 # --------------------------------------------------------------------------- helpers
