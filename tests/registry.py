@@ -36,7 +36,7 @@ import optax
 import rmsjax
 from rmsjax import transforms
 from rmsjax.compat import keras as kc
-from rmsjax.compat import tf1
+from rmsjax.compat import tf1, timm
 from rmsjax.compat import torch as pt
 
 # What a case's transformation computes, which decides how a battery drives it.
@@ -152,6 +152,11 @@ _CASES = [
     _case("keras.Adadelta", kc.Adadelta, learning_rate=1.0, tags={_REL, _S}),
     _case("tf1.RMSPropOptimizer", tf1.RMSPropOptimizer, LR, momentum=0.9, centered=True, tags={_REL, _S}),
     _case("tf1.RMSPropOptimizer_plain", tf1.RMSPropOptimizer, LR, tags={_PROP}),
+    _case("timm.RMSpropTF", timm.RMSpropTF, lr=LR, momentum=0.9, weight_decay=0.01, decoupled_decay=True,
+          tags={_REL}),
+    _case("torch.param_groups(RMSprop)", pt.param_groups, pt.RMSprop,
+          groups=[{"params": lambda path, leaf: leaf.ndim == 1, "weight_decay": 0.0, "lr": 2 * LR}],
+          lr=LR, momentum=0.9, weight_decay=0.01, tags={_REL}),
 ]
 _CASES += [
     # ------------------------------------------------------------ wrappers (inner: a case above)
@@ -161,6 +166,9 @@ _CASES += [
     _case("packed(rmsprop_centered_momentum)", rmsjax.packed,
           _case("", rmsjax.rmsprop, 1e-3, centered=True, momentum=0.9), max_leaf_size=16, tags={_S}),
     _case("packed(adam)", rmsjax.packed, next(c for c in _CASES if c.name == "adam"), tags={_S}),
+    # min_size=1: every moment of the small test trees is stored in 8 bits.
+    _case("quantized(adam)", rmsjax.quantized, next(c for c in _CASES if c.name == "adam"), min_size=1,
+          tags={_C}),
     _case("packed(rmsprop_bfloat16_state)", rmsjax.packed,
           _case("", rmsjax.rmsprop, 1e-3, state_dtype=jnp.bfloat16), tags={_S}),
 ]

@@ -26,6 +26,24 @@ NOT_FACTORIES = {
     "rmsjax.effective_learning_rate": "a diagnostics reader of a state",
     "rmsjax.learning_rate": "a diagnostics reader of a state",
     "rmsjax.step_count": "a diagnostics reader of a state",
+    "rmsjax.compat.ParamGroupsState": "a state class",
+    "rmsjax.compat.path_name": "a helper naming a tree path (for group selectors)",
+    "rmsjax.compat.torch.load_state_dict": "a checkpoint reader (tests/test_torch_checkpoint.py)",
+    "rmsjax.compat.torch.state_dict": "a checkpoint writer (tests/test_torch_checkpoint.py)",
+    "rmsjax.compat.torch.lr_scheduler.ReduceLROnPlateau": (
+        "driven by value=loss, which the batteries do not pass (tests/test_lr_scheduler.py)"
+    ),
+    "rmsjax.compat.torch.lr_scheduler.ReduceLROnPlateauState": "a state class",
+    "rmsjax.compat.torch.lr_scheduler.TorchSchedule": "the schedules' type",
+    **{
+        f"rmsjax.compat.torch.lr_scheduler.{name}": (
+            "a learning-rate schedule, not a transformation (tests/test_lr_scheduler.py)"
+        )
+        for name in [
+            "ConstantLR", "CosineAnnealingLR", "CosineAnnealingWarmRestarts", "ExponentialLR", "LinearLR",
+            "MultiStepLR", "OneCycleLR", "PolynomialLR", "SequentialLR", "StepLR",
+        ]
+    },
     **{
         f"rmsjax.transforms.{name}": "a state class"
         for name in [
