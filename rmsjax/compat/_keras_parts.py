@@ -26,6 +26,12 @@ def _real(value: Any, dtype: Any) -> jax.Array:
     return jnp.asarray(value).astype(dtype)
 
 
+def _opaque(value: Any, dtype: Any) -> jax.Array:
+    """A constant divisor hidden from XLA, which would otherwise multiply by its reciprocal
+    (rounding differently from Keras's division)."""
+    return jax.lax.optimization_barrier(_real(value, dtype))
+
+
 def _widest(tree: PyTree) -> jnp.dtype:
     """The widest real compute dtype of a tree's leaves (float32 at least)."""
     widths = [averages.real_dtype(averages.compute_dtype(x.dtype)).itemsize for x in jax.tree.leaves(tree)]
@@ -47,7 +53,7 @@ def divide_gradients(factor: float) -> optax.GradientTransformation:
 
         def leaf(g):
             dtype = averages.compute_dtype(g.dtype)
-            return (g.astype(dtype) / _real(factor, dtype)).astype(g.dtype)
+            return (g.astype(dtype) / _opaque(factor, averages.real_dtype(dtype))).astype(g.dtype)
 
         return jax.tree.map(leaf, updates), state
 
@@ -186,7 +192,7 @@ def accumulate_gradients(inner: optax.GradientTransformation, steps: int) -> opt
 
         def leaf_mean(g, a):
             dtype = averages.common_compute_dtype(g.dtype, a.dtype)
-            return ((g.astype(dtype) + a.astype(dtype)) / _real(steps, averages.real_dtype(dtype))).astype(g.dtype)
+            return ((g.astype(dtype) + a.astype(dtype)) / _opaque(steps, averages.real_dtype(dtype))).astype(g.dtype)
 
         def update():
             grads = jax.tree.map(leaf_mean, updates, state.acc)

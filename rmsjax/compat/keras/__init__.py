@@ -50,19 +50,8 @@ from rmsjax.compat._keras_parts import EmaState
 from rmsjax.compat.keras import schedules
 from rmsjax.transforms import MaskOrFn, ScalarOrSchedule
 
-__all__ = [
-    "SGD",
-    "Adadelta",
-    "Adagrad",
-    "Adam",
-    "AdamW",
-    "Adamax",
-    "EmaState",
-    "Nadam",
-    "RMSprop",
-    "ema_params",
-    "schedules",
-]
+# The optimizers; also public: ``schedules`` (the submodule), ``ema_params`` and ``EmaState``.
+__all__ = ["SGD", "Adadelta", "Adagrad", "Adam", "AdamW", "Adamax", "Nadam", "RMSprop"]
 
 PyTree = Any
 Parts = Callable[[ScalarOrSchedule], list[optax.GradientTransformation]]

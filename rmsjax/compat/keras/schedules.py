@@ -41,6 +41,19 @@ __all__ = [
 ]
 
 
+def _hyper(value: Any, dtype: Any) -> jax.Array:
+    """A hyperparameter as an array the compiler treats as unknown.
+
+    Keras runs a schedule operation by operation, so ``step / decay_steps`` is an IEEE
+    division; under ``jax.jit`` XLA turns a division by a constant into a multiplication by
+    its reciprocal, which rounds differently (``200 / 200`` is then ``1 - 2e-17``). The
+    barrier keeps the divisor opaque, hence the division exact, in a jitted scalar call (as
+    an optimizer makes). Under ``jax.vmap`` the vectorised division may still differ by an
+    ulp.
+    """
+    return jax.lax.optimization_barrier(jnp.asarray(value, dtype))
+
+
 def _positive(name: str, value: Any) -> None:
     check.check_range(name, value)
     if float(value) == 0.0:
@@ -125,7 +138,7 @@ class ExponentialDecay(LearningRateSchedule):
 
     def _value(self, step, dtype):
         lr = jnp.asarray(self.initial_learning_rate, dtype)
-        p = step.astype(dtype) / jnp.asarray(self.decay_steps, dtype)
+        p = step.astype(dtype) / _hyper(self.decay_steps, dtype)
         if self.staircase:
             p = jnp.floor(p)
         return lr * jnp.power(jnp.asarray(self.decay_rate, dtype), p)
@@ -247,19 +260,31 @@ class CosineDecay(LearningRateSchedule):
     def _decay(self, step, decay_steps, decay_from, dtype):
         angle = jnp.asarray(math.pi, dtype) * (step / decay_steps)
         f32 = jnp.float32
-        cosine = jnp.cos(angle.astype(f32))  # Keras's ops.cos: float32 (class Warning)
-        half = jnp.asarray(0.5, f32) * (jnp.asarray(1.0, f32) + cosine)
-        decayed = jnp.asarray(1 - self.alpha, f32) * half + jnp.asarray(self.alpha, f32)
-        return (decay_from.astype(f32) * decayed).astype(dtype)
+        # Keras's keras.ops.cos computes in float32 (class Warning), and every operation after
+        # it is a float32 one. Each is computed here in ``dtype`` and rounded to float32
+        # explicitly: for a sum or product of two float32 numbers that is the float32
+        # operation's own result, and it leaves the compiler nothing to fuse (a fused
+        # multiply-add would round differently from Keras's one-by-one operations).
+        cosine = jnp.cos(angle.astype(f32)).astype(dtype)
+
+        def r32(x):
+            return x.astype(f32).astype(dtype)
+
+        def c32(value):
+            return jnp.asarray(value, f32).astype(dtype)
+
+        half = r32(c32(0.5) * r32(c32(1.0) + cosine))
+        decayed = r32(r32(c32(1 - self.alpha) * half) + c32(self.alpha))
+        return r32(r32(decay_from) * decayed)
 
     def _value(self, step, dtype):
         lr = jnp.asarray(self.initial_learning_rate, dtype)
-        decay_steps = jnp.asarray(self.decay_steps, dtype)
+        decay_steps = _hyper(self.decay_steps, dtype)
         s = step.astype(dtype)
         if self.warmup_target is None:
             return self._decay(jnp.minimum(s, decay_steps), decay_steps, lr, dtype)
         target = jnp.asarray(self.warmup_target, dtype)
-        warmup = jnp.asarray(self.warmup_steps, dtype)
+        warmup = _hyper(self.warmup_steps, dtype)
         s = jnp.minimum(s, decay_steps + warmup)
         rising = (target - lr) * (s / warmup) + lr
         falling = self._decay(s - warmup, decay_steps, target, dtype)
@@ -309,7 +334,7 @@ class InverseTimeDecay(LearningRateSchedule):
 
     def _value(self, step, dtype):
         lr = jnp.asarray(self.initial_learning_rate, dtype)
-        p = step.astype(dtype) / jnp.asarray(self.decay_steps, dtype)
+        p = step.astype(dtype) / _hyper(self.decay_steps, dtype)
         if self.staircase:
             p = jnp.floor(p)
         return lr / (jnp.ones((), dtype) + jnp.asarray(self.decay_rate, dtype) * p)
@@ -368,12 +393,17 @@ class PolynomialDecay(LearningRateSchedule):
         lr = jnp.asarray(self.initial_learning_rate, dtype)
         end = jnp.asarray(self.end_learning_rate, dtype)
         s = step.astype(dtype)
-        decay_steps = jnp.asarray(self.decay_steps, dtype)
+        decay_steps = _hyper(self.decay_steps, dtype)
         one = jnp.ones((), dtype)
         if self.cycle:
             multiplier = jnp.where(s == jnp.zeros((), dtype), one, jnp.ceil(s / decay_steps))
             decay_steps = decay_steps * multiplier
         else:
             s = jnp.minimum(s, decay_steps)
-        p = s / decay_steps
-        return (lr - end) * jnp.power(one - p, jnp.asarray(self.power, dtype)) + end
+        base = one - s / decay_steps
+        power = jnp.asarray(self.power, dtype)
+        # 0 ** power as Keras (0, or 1 for power 0), where XLA's pow may give NaN.
+        zero = base == jnp.zeros((), dtype)
+        raised = jnp.power(jnp.where(zero, one, base), power)
+        raised = jnp.where(zero, jnp.where(power == jnp.zeros((), dtype), one, jnp.zeros((), dtype)), raised)
+        return (lr - end) * raised + end
