@@ -192,7 +192,9 @@ def accumulate_gradients(inner: optax.GradientTransformation, steps: int) -> opt
 
         def leaf_mean(g, a):
             dtype = averages.common_compute_dtype(g.dtype, a.dtype)
-            return ((g.astype(dtype) + a.astype(dtype)) / _opaque(steps, averages.real_dtype(dtype))).astype(g.dtype)
+            return ((g.astype(dtype) + a.astype(dtype)) / _opaque(steps, averages.real_dtype(dtype))).astype(
+                g.dtype
+            )
 
         def update():
             grads = jax.tree.map(leaf_mean, updates, state.acc)
@@ -404,7 +406,9 @@ def check_positive_int(name: str, value: Any, low: int) -> None:
     if value is None:
         return
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be None or an integer >= {low}, got {value!r} of type {type(value).__name__}")
+        raise TypeError(
+            f"{name} must be None or an integer >= {low}, got {value!r} of type {type(value).__name__}"
+        )
     if value < low:
         raise ValueError(f"{name} must be None or an integer >= {low}, got {value!r}")
 

@@ -62,8 +62,13 @@ LEAVES = GEN.LEAVES
 
 
 def _case(name, optimizer, kwargs, schedule=None, exclude=None):
-    return {"name": f"keras_{name}", "optimizer": optimizer, "kwargs": kwargs, "schedule": schedule,
-            "exclude": exclude}
+    return {
+        "name": f"keras_{name}",
+        "optimizer": optimizer,
+        "kwargs": kwargs,
+        "schedule": schedule,
+        "exclude": exclude,
+    }
 
 
 def _sched(cls, **kwargs):
@@ -73,23 +78,42 @@ def _sched(cls, **kwargs):
 EXP = _sched("ExponentialDecay", initial_learning_rate=0.01, decay_steps=10, decay_rate=0.7)
 PIECEWISE = _sched("PiecewiseConstantDecay", boundaries=[15, 30], values=[0.05, 0.02, 0.005])
 COSINE = _sched("CosineDecay", initial_learning_rate=0.02, decay_steps=40, alpha=0.1)
-COSINE_WARMUP = _sched("CosineDecay", initial_learning_rate=0.001, decay_steps=40, alpha=0.05,
-                       warmup_target=0.02, warmup_steps=10)
+COSINE_WARMUP = _sched(
+    "CosineDecay",
+    initial_learning_rate=0.001,
+    decay_steps=40,
+    alpha=0.05,
+    warmup_target=0.02,
+    warmup_steps=10,
+)
 INVERSE = _sched("InverseTimeDecay", initial_learning_rate=0.2, decay_steps=5, decay_rate=0.5, staircase=True)
-POLY = _sched("PolynomialDecay", initial_learning_rate=2.0, decay_steps=20, end_learning_rate=0.1, power=2.0,
-              cycle=True)
+POLY = _sched(
+    "PolynomialDecay", initial_learning_rate=2.0, decay_steps=20, end_learning_rate=0.1, power=2.0, cycle=True
+)
 
 CASES = [
     # ---- every optimizer with Keras's defaults
-    *[_case(f"{opt.lower()}_default", opt, {})
-      for opt in ("RMSprop", "Adagrad", "Adam", "AdamW", "Adadelta", "Adamax", "Nadam", "SGD")],
+    *[
+        _case(f"{opt.lower()}_default", opt, {})
+        for opt in ("RMSprop", "Adagrad", "Adam", "AdamW", "Adadelta", "Adamax", "Nadam", "SGD")
+    ],
     # ---- the new optimizers' own arguments
     _case("adamax_betas", "Adamax", {"learning_rate": 0.02, "beta_1": 0.8, "beta_2": 0.95, "epsilon": 0.01}),
     _case("nadam_betas", "Nadam", {"learning_rate": 0.01, "beta_1": 0.85, "beta_2": 0.99, "epsilon": 1e-3}),
     _case("sgd_momentum", "SGD", {"learning_rate": 0.02, "momentum": 0.9}),
     _case("sgd_nesterov", "SGD", {"learning_rate": 0.02, "momentum": 0.9, "nesterov": True}),
-    _case("adamw_amsgrad", "AdamW", {"learning_rate": 0.01, "weight_decay": 0.1, "amsgrad": True,
-                                     "epsilon": 0.01, "beta_1": 0.8, "beta_2": 0.95}),
+    _case(
+        "adamw_amsgrad",
+        "AdamW",
+        {
+            "learning_rate": 0.01,
+            "weight_decay": 0.1,
+            "amsgrad": True,
+            "epsilon": 0.01,
+            "beta_1": 0.8,
+            "beta_2": 0.95,
+        },
+    ),
     _case("adam_amsgrad_wd", "Adam", {"learning_rate": 0.01, "amsgrad": True, "weight_decay": 0.05}),
     # ---- weight_decay
     _case("sgd_wd", "SGD", {"learning_rate": 0.05, "weight_decay": 0.1}),
@@ -110,24 +134,49 @@ CASES = [
     # ---- EMA
     _case("sgd_ema", "SGD", {"learning_rate": 0.05, "momentum": 0.9, "use_ema": True}),
     _case("adam_ema", "Adam", {"learning_rate": 0.01, "use_ema": True, "ema_momentum": 0.9}),
-    _case("rmsprop_ema_overwrite", "RMSprop", {"learning_rate": 0.01, "use_ema": True, "ema_momentum": 0.8,
-                                               "ema_overwrite_frequency": 5}),
-    _case("adamw_ema_overwrite", "AdamW", {"learning_rate": 0.01, "use_ema": True, "ema_momentum": 0.5,
-                                           "ema_overwrite_frequency": 3}),
-    _case("adagrad_ema_overwrite", "Adagrad", {"learning_rate": 0.1, "use_ema": True,
-                                               "ema_overwrite_frequency": 7}),
-    _case("adamax_ema_overwrite", "Adamax", {"learning_rate": 0.02, "use_ema": True, "ema_momentum": 0.7,
-                                             "ema_overwrite_frequency": 1}),
+    _case(
+        "rmsprop_ema_overwrite",
+        "RMSprop",
+        {"learning_rate": 0.01, "use_ema": True, "ema_momentum": 0.8, "ema_overwrite_frequency": 5},
+    ),
+    _case(
+        "adamw_ema_overwrite",
+        "AdamW",
+        {"learning_rate": 0.01, "use_ema": True, "ema_momentum": 0.5, "ema_overwrite_frequency": 3},
+    ),
+    _case(
+        "adagrad_ema_overwrite",
+        "Adagrad",
+        {"learning_rate": 0.1, "use_ema": True, "ema_overwrite_frequency": 7},
+    ),
+    _case(
+        "adamax_ema_overwrite",
+        "Adamax",
+        {"learning_rate": 0.02, "use_ema": True, "ema_momentum": 0.7, "ema_overwrite_frequency": 1},
+    ),
     # ---- loss_scale_factor, gradient_accumulation_steps, name
     _case("adam_loss_scale", "Adam", {"learning_rate": 0.01, "loss_scale_factor": 128.0, "name": "scaled"}),
     _case("sgd_loss_scale", "SGD", {"learning_rate": 2.0, "momentum": 0.5, "loss_scale_factor": 64.0}),
-    _case("sgd_accumulation", "SGD", {"learning_rate": 0.05, "momentum": 0.9, "gradient_accumulation_steps": 3}),
-    _case("nadam_accumulation", "Nadam", {"learning_rate": 0.02, "gradient_accumulation_steps": 4,
-                                          "weight_decay": 0.1, "clipnorm": 1.0}),
-    _case("adam_accumulation_ema_schedule", "Adam",
-          {"gradient_accumulation_steps": 2, "use_ema": True, "ema_momentum": 0.7,
-           "ema_overwrite_frequency": 4, "weight_decay": 0.1},
-          _sched("ExponentialDecay", initial_learning_rate=0.02, decay_steps=7, decay_rate=0.6)),
+    _case(
+        "sgd_accumulation", "SGD", {"learning_rate": 0.05, "momentum": 0.9, "gradient_accumulation_steps": 3}
+    ),
+    _case(
+        "nadam_accumulation",
+        "Nadam",
+        {"learning_rate": 0.02, "gradient_accumulation_steps": 4, "weight_decay": 0.1, "clipnorm": 1.0},
+    ),
+    _case(
+        "adam_accumulation_ema_schedule",
+        "Adam",
+        {
+            "gradient_accumulation_steps": 2,
+            "use_ema": True,
+            "ema_momentum": 0.7,
+            "ema_overwrite_frequency": 4,
+            "weight_decay": 0.1,
+        },
+        _sched("ExponentialDecay", initial_learning_rate=0.02, decay_steps=7, decay_rate=0.6),
+    ),
     # ---- an optimizer run with each schedule
     _case("rmsprop_exponential", "RMSprop", {"momentum": 0.9}, EXP),
     _case("sgd_piecewise", "SGD", {"momentum": 0.9}, PIECEWISE),
@@ -136,35 +185,88 @@ CASES = [
     _case("adagrad_inverse_time", "Adagrad", {}, INVERSE),
     _case("adadelta_polynomial", "Adadelta", {"rho": 0.9, "epsilon": 1e-4}, POLY),
     # ---- the whole recipe
-    _case("rmsprop_recipe", "RMSprop",
-          {"rho": 0.95, "momentum": 0.8, "centered": True, "epsilon": 1e-6, "weight_decay": 0.1, "clipnorm": 0.8,
-           "use_ema": True, "ema_momentum": 0.9, "ema_overwrite_frequency": 10},
-          _sched("CosineDecay", initial_learning_rate=0.01, decay_steps=50, alpha=0.05)),
-    _case("adamw_recipe", "AdamW",
-          {"weight_decay": 0.05, "amsgrad": True, "global_clipnorm": 1.0, "use_ema": True,
-           "ema_momentum": 0.95, "gradient_accumulation_steps": 2},
-          _sched("CosineDecay", initial_learning_rate=0.0, decay_steps=30, warmup_target=0.02, warmup_steps=8),
-          exclude=["b"]),
+    _case(
+        "rmsprop_recipe",
+        "RMSprop",
+        {
+            "rho": 0.95,
+            "momentum": 0.8,
+            "centered": True,
+            "epsilon": 1e-6,
+            "weight_decay": 0.1,
+            "clipnorm": 0.8,
+            "use_ema": True,
+            "ema_momentum": 0.9,
+            "ema_overwrite_frequency": 10,
+        },
+        _sched("CosineDecay", initial_learning_rate=0.01, decay_steps=50, alpha=0.05),
+    ),
+    _case(
+        "adamw_recipe",
+        "AdamW",
+        {
+            "weight_decay": 0.05,
+            "amsgrad": True,
+            "global_clipnorm": 1.0,
+            "use_ema": True,
+            "ema_momentum": 0.95,
+            "gradient_accumulation_steps": 2,
+        },
+        _sched("CosineDecay", initial_learning_rate=0.0, decay_steps=30, warmup_target=0.02, warmup_steps=8),
+        exclude=["b"],
+    ),
 ]
 
 SCHEDULE_CASES = [
-    ("schedule_exponential", _sched("ExponentialDecay", initial_learning_rate=0.1, decay_steps=30,
-                                    decay_rate=0.8)),
-    ("schedule_exponential_staircase", _sched("ExponentialDecay", initial_learning_rate=0.1, decay_steps=25,
-                                              decay_rate=0.5, staircase=True)),
-    ("schedule_piecewise", _sched("PiecewiseConstantDecay", boundaries=[50, 120, 200],
-                                  values=[0.1, 0.05, 0.01, 0.001])),
+    (
+        "schedule_exponential",
+        _sched("ExponentialDecay", initial_learning_rate=0.1, decay_steps=30, decay_rate=0.8),
+    ),
+    (
+        "schedule_exponential_staircase",
+        _sched("ExponentialDecay", initial_learning_rate=0.1, decay_steps=25, decay_rate=0.5, staircase=True),
+    ),
+    (
+        "schedule_piecewise",
+        _sched("PiecewiseConstantDecay", boundaries=[50, 120, 200], values=[0.1, 0.05, 0.01, 0.001]),
+    ),
     ("schedule_cosine", _sched("CosineDecay", initial_learning_rate=0.1, decay_steps=250, alpha=0.02)),
-    ("schedule_cosine_warmup", _sched("CosineDecay", initial_learning_rate=0.001, decay_steps=200, alpha=0.1,
-                                      warmup_target=0.05, warmup_steps=40)),
-    ("schedule_inverse_time", _sched("InverseTimeDecay", initial_learning_rate=0.1, decay_steps=10,
-                                     decay_rate=0.3)),
-    ("schedule_inverse_time_staircase", _sched("InverseTimeDecay", initial_learning_rate=0.1, decay_steps=40,
-                                               decay_rate=1.5, staircase=True)),
-    ("schedule_polynomial", _sched("PolynomialDecay", initial_learning_rate=0.1, decay_steps=200,
-                                   end_learning_rate=0.001, power=0.5)),
-    ("schedule_polynomial_cycle", _sched("PolynomialDecay", initial_learning_rate=0.1, decay_steps=70,
-                                         end_learning_rate=0.005, power=2.0, cycle=True)),
+    (
+        "schedule_cosine_warmup",
+        _sched(
+            "CosineDecay",
+            initial_learning_rate=0.001,
+            decay_steps=200,
+            alpha=0.1,
+            warmup_target=0.05,
+            warmup_steps=40,
+        ),
+    ),
+    (
+        "schedule_inverse_time",
+        _sched("InverseTimeDecay", initial_learning_rate=0.1, decay_steps=10, decay_rate=0.3),
+    ),
+    (
+        "schedule_inverse_time_staircase",
+        _sched("InverseTimeDecay", initial_learning_rate=0.1, decay_steps=40, decay_rate=1.5, staircase=True),
+    ),
+    (
+        "schedule_polynomial",
+        _sched(
+            "PolynomialDecay", initial_learning_rate=0.1, decay_steps=200, end_learning_rate=0.001, power=0.5
+        ),
+    ),
+    (
+        "schedule_polynomial_cycle",
+        _sched(
+            "PolynomialDecay",
+            initial_learning_rate=0.1,
+            decay_steps=70,
+            end_learning_rate=0.005,
+            power=2.0,
+            cycle=True,
+        ),
+    ),
 ]
 
 
@@ -199,8 +301,10 @@ def run_optimizer(case: dict, init: dict, coef: dict) -> dict:
     ema = {n: [] for n in LEAVES}
     for _ in range(STEPS):
         # jnp.sin, not keras.ops.sin, which computes float64 in float32 (see generate.py).
-        grads = [co[n]["a"] * variables[n].value + co[n]["b"] * jnp.sin(variables[n].value) + co[n]["c"]
-                 for n in LEAVES]
+        grads = [
+            co[n]["a"] * variables[n].value + co[n]["b"] * jnp.sin(variables[n].value) + co[n]["c"]
+            for n in LEAVES
+        ]
         opt.apply_gradients(zip(grads, ordered))
         for i, n in enumerate(LEAVES):
             value = np.asarray(ops.convert_to_numpy(variables[n].value))
@@ -263,8 +367,12 @@ def versions() -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--check", action="store_true", help="compare with the committed fixtures, write nothing")
-    parser.add_argument("--rtol", type=float, default=0.0, help="tolerance for --check (default: bit-for-bit)")
+    parser.add_argument(
+        "--check", action="store_true", help="compare with the committed fixtures, write nothing"
+    )
+    parser.add_argument(
+        "--rtol", type=float, default=0.0, help="tolerance for --check (default: bit-for-bit)"
+    )
     parser.add_argument("--only", default=None, help="run only cases whose name contains this string")
     args = parser.parse_args(argv)
 

@@ -46,8 +46,8 @@ from rmsjax import _validation as check
 from rmsjax import transforms
 from rmsjax.compat import _common as common
 from rmsjax.compat import _keras_parts as parts
-from rmsjax.compat._keras_parts import EmaState
-from rmsjax.compat.keras import schedules
+from rmsjax.compat._keras_parts import EmaState as EmaState
+from rmsjax.compat.keras import schedules as schedules
 from rmsjax.transforms import MaskOrFn, ScalarOrSchedule
 
 # The optimizers; also public: ``schedules`` (the submodule), ``ema_params`` and ``EmaState``.
@@ -93,8 +93,16 @@ def _shared_doc(factory):
 
 
 def _check_shared(
-    weight_decay, clipnorm, clipvalue, global_clipnorm, use_ema, ema_momentum,
-    ema_overwrite_frequency, loss_scale_factor, gradient_accumulation_steps, name,
+    weight_decay,
+    clipnorm,
+    clipvalue,
+    global_clipnorm,
+    use_ema,
+    ema_momentum,
+    ema_overwrite_frequency,
+    loss_scale_factor,
+    gradient_accumulation_steps,
+    name,
 ) -> None:
     for label, value in (
         ("weight_decay", weight_decay),
@@ -106,7 +114,11 @@ def _check_shared(
             common.require(label, value)
     given = [
         label
-        for label, value in (("clipnorm", clipnorm), ("clipvalue", clipvalue), ("global_clipnorm", global_clipnorm))
+        for label, value in (
+            ("clipnorm", clipnorm),
+            ("clipvalue", clipvalue),
+            ("global_clipnorm", global_clipnorm),
+        )
         if value is not None
     ]
     if len(given) > 1:
@@ -120,7 +132,9 @@ def _check_shared(
     if loss_scale_factor is not None:
         common.require("loss_scale_factor", loss_scale_factor)
         if check.is_concrete_zero(loss_scale_factor):
-            raise ValueError(f"loss_scale_factor must be None or a finite number > 0, got {loss_scale_factor!r}")
+            raise ValueError(
+                f"loss_scale_factor must be None or a finite number > 0, got {loss_scale_factor!r}"
+            )
     parts.check_positive_int("gradient_accumulation_steps", gradient_accumulation_steps, 2)
     if name is not None and not isinstance(name, str):
         raise TypeError(f"name must be None or a string, got {name!r} of type {type(name).__name__}")
@@ -144,8 +158,16 @@ def _assemble(
 ) -> optax.GradientTransformation:
     """The chain ``loss scale -> [accumulate: clip -> optimizer -> weight decay] -> EMA``."""
     _check_shared(
-        weight_decay, clipnorm, clipvalue, global_clipnorm, use_ema, ema_momentum,
-        ema_overwrite_frequency, loss_scale_factor, gradient_accumulation_steps, name,
+        weight_decay,
+        clipnorm,
+        clipvalue,
+        global_clipnorm,
+        use_ema,
+        ema_momentum,
+        ema_overwrite_frequency,
+        loss_scale_factor,
+        gradient_accumulation_steps,
+        name,
     )
     steps = gradient_accumulation_steps
     rate = learning_rate if steps is None else parts.real_step_rate(learning_rate, steps)
@@ -282,10 +304,19 @@ def RMSprop(
         ]
 
     return _assemble(
-        learning_rate, optimizer, weight_decay=weight_decay, clipnorm=clipnorm, clipvalue=clipvalue,
-        global_clipnorm=global_clipnorm, use_ema=use_ema, ema_momentum=ema_momentum,
-        ema_overwrite_frequency=ema_overwrite_frequency, loss_scale_factor=loss_scale_factor,
-        gradient_accumulation_steps=gradient_accumulation_steps, name=name, mask=mask,
+        learning_rate,
+        optimizer,
+        weight_decay=weight_decay,
+        clipnorm=clipnorm,
+        clipvalue=clipvalue,
+        global_clipnorm=global_clipnorm,
+        use_ema=use_ema,
+        ema_momentum=ema_momentum,
+        ema_overwrite_frequency=ema_overwrite_frequency,
+        loss_scale_factor=loss_scale_factor,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        name=name,
+        mask=mask,
     )
 
 
@@ -349,10 +380,19 @@ def Adagrad(
         ]
 
     return _assemble(
-        learning_rate, optimizer, weight_decay=weight_decay, clipnorm=clipnorm, clipvalue=clipvalue,
-        global_clipnorm=global_clipnorm, use_ema=use_ema, ema_momentum=ema_momentum,
-        ema_overwrite_frequency=ema_overwrite_frequency, loss_scale_factor=loss_scale_factor,
-        gradient_accumulation_steps=gradient_accumulation_steps, name=name, mask=mask,
+        learning_rate,
+        optimizer,
+        weight_decay=weight_decay,
+        clipnorm=clipnorm,
+        clipvalue=clipvalue,
+        global_clipnorm=global_clipnorm,
+        use_ema=use_ema,
+        ema_momentum=ema_momentum,
+        ema_overwrite_frequency=ema_overwrite_frequency,
+        loss_scale_factor=loss_scale_factor,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        name=name,
+        mask=mask,
     )
 
 
@@ -433,11 +473,19 @@ def Adam(
     """
     _adam_checks(learning_rate, beta_1, beta_2, epsilon, amsgrad)
     return _assemble(
-        learning_rate, _adam_parts(beta_1, beta_2, epsilon, amsgrad), weight_decay=weight_decay,
-        clipnorm=clipnorm, clipvalue=clipvalue, global_clipnorm=global_clipnorm, use_ema=use_ema,
-        ema_momentum=ema_momentum, ema_overwrite_frequency=ema_overwrite_frequency,
-        loss_scale_factor=loss_scale_factor, gradient_accumulation_steps=gradient_accumulation_steps,
-        name=name, mask=mask,
+        learning_rate,
+        _adam_parts(beta_1, beta_2, epsilon, amsgrad),
+        weight_decay=weight_decay,
+        clipnorm=clipnorm,
+        clipvalue=clipvalue,
+        global_clipnorm=global_clipnorm,
+        use_ema=use_ema,
+        ema_momentum=ema_momentum,
+        ema_overwrite_frequency=ema_overwrite_frequency,
+        loss_scale_factor=loss_scale_factor,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        name=name,
+        mask=mask,
     )
 
 
@@ -497,11 +545,19 @@ def AdamW(
     if weight_decay is None:
         raise TypeError("weight_decay of AdamW must be a real number >= 0, got None (as in Keras)")
     return _assemble(
-        learning_rate, _adam_parts(beta_1, beta_2, epsilon, amsgrad), weight_decay=weight_decay,
-        clipnorm=clipnorm, clipvalue=clipvalue, global_clipnorm=global_clipnorm, use_ema=use_ema,
-        ema_momentum=ema_momentum, ema_overwrite_frequency=ema_overwrite_frequency,
-        loss_scale_factor=loss_scale_factor, gradient_accumulation_steps=gradient_accumulation_steps,
-        name=name, mask=mask,
+        learning_rate,
+        _adam_parts(beta_1, beta_2, epsilon, amsgrad),
+        weight_decay=weight_decay,
+        clipnorm=clipnorm,
+        clipvalue=clipvalue,
+        global_clipnorm=global_clipnorm,
+        use_ema=use_ema,
+        ema_momentum=ema_momentum,
+        ema_overwrite_frequency=ema_overwrite_frequency,
+        loss_scale_factor=loss_scale_factor,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        name=name,
+        mask=mask,
     )
 
 
@@ -561,10 +617,19 @@ def Adadelta(
         return [transforms.scale_by_adadelta(rho, epsilon), transforms.scale_by_learning_rate(rate)]
 
     return _assemble(
-        learning_rate, optimizer, weight_decay=weight_decay, clipnorm=clipnorm, clipvalue=clipvalue,
-        global_clipnorm=global_clipnorm, use_ema=use_ema, ema_momentum=ema_momentum,
-        ema_overwrite_frequency=ema_overwrite_frequency, loss_scale_factor=loss_scale_factor,
-        gradient_accumulation_steps=gradient_accumulation_steps, name=name, mask=mask,
+        learning_rate,
+        optimizer,
+        weight_decay=weight_decay,
+        clipnorm=clipnorm,
+        clipvalue=clipvalue,
+        global_clipnorm=global_clipnorm,
+        use_ema=use_ema,
+        ema_momentum=ema_momentum,
+        ema_overwrite_frequency=ema_overwrite_frequency,
+        loss_scale_factor=loss_scale_factor,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        name=name,
+        mask=mask,
     )
 
 
@@ -630,10 +695,19 @@ def Adamax(
         return [parts.scale_by_adamax(beta_1, beta_2, epsilon), transforms.scale_by_learning_rate(rate)]
 
     return _assemble(
-        learning_rate, optimizer, weight_decay=weight_decay, clipnorm=clipnorm, clipvalue=clipvalue,
-        global_clipnorm=global_clipnorm, use_ema=use_ema, ema_momentum=ema_momentum,
-        ema_overwrite_frequency=ema_overwrite_frequency, loss_scale_factor=loss_scale_factor,
-        gradient_accumulation_steps=gradient_accumulation_steps, name=name, mask=mask,
+        learning_rate,
+        optimizer,
+        weight_decay=weight_decay,
+        clipnorm=clipnorm,
+        clipvalue=clipvalue,
+        global_clipnorm=global_clipnorm,
+        use_ema=use_ema,
+        ema_momentum=ema_momentum,
+        ema_overwrite_frequency=ema_overwrite_frequency,
+        loss_scale_factor=loss_scale_factor,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        name=name,
+        mask=mask,
     )
 
 
@@ -707,10 +781,19 @@ def Nadam(
         return [parts.scale_by_nadam(beta_1, beta_2, epsilon), transforms.scale_by_learning_rate(rate)]
 
     return _assemble(
-        learning_rate, optimizer, weight_decay=weight_decay, clipnorm=clipnorm, clipvalue=clipvalue,
-        global_clipnorm=global_clipnorm, use_ema=use_ema, ema_momentum=ema_momentum,
-        ema_overwrite_frequency=ema_overwrite_frequency, loss_scale_factor=loss_scale_factor,
-        gradient_accumulation_steps=gradient_accumulation_steps, name=name, mask=mask,
+        learning_rate,
+        optimizer,
+        weight_decay=weight_decay,
+        clipnorm=clipnorm,
+        clipvalue=clipvalue,
+        global_clipnorm=global_clipnorm,
+        use_ema=use_ema,
+        ema_momentum=ema_momentum,
+        ema_overwrite_frequency=ema_overwrite_frequency,
+        loss_scale_factor=loss_scale_factor,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        name=name,
+        mask=mask,
     )
 
 
@@ -778,8 +861,17 @@ def SGD(
         ]
 
     return _assemble(
-        learning_rate, optimizer, weight_decay=weight_decay, clipnorm=clipnorm, clipvalue=clipvalue,
-        global_clipnorm=global_clipnorm, use_ema=use_ema, ema_momentum=ema_momentum,
-        ema_overwrite_frequency=ema_overwrite_frequency, loss_scale_factor=loss_scale_factor,
-        gradient_accumulation_steps=gradient_accumulation_steps, name=name, mask=mask,
+        learning_rate,
+        optimizer,
+        weight_decay=weight_decay,
+        clipnorm=clipnorm,
+        clipvalue=clipvalue,
+        global_clipnorm=global_clipnorm,
+        use_ema=use_ema,
+        ema_momentum=ema_momentum,
+        ema_overwrite_frequency=ema_overwrite_frequency,
+        loss_scale_factor=loss_scale_factor,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        name=name,
+        mask=mask,
     )

@@ -179,7 +179,8 @@ class PiecewiseConstantDecay(LearningRateSchedule):
         if len(boundaries) != len(values) - 1:
             raise ValueError(
                 "boundaries must have one element less than values, got "
-                f"boundaries={boundaries!r} of length {len(boundaries)} and values={values!r} of length {len(values)}"
+                f"boundaries={boundaries!r} of length {len(boundaries)} "
+                f"and values={values!r} of length {len(values)}"
             )
         if not boundaries:
             raise ValueError(f"boundaries must have at least one element, got boundaries={boundaries!r}")
