@@ -2,8 +2,9 @@
 
 * :mod:`rmsjax.compat.torch`: ``RMSprop``, ``Adagrad``, ``Adam``, ``AdamW``, ``Adadelta``,
   ``SGD`` with ``torch.optim``'s argument names and defaults;
-* :mod:`rmsjax.compat.keras`: ``RMSprop``, ``Adagrad``, ``Adam``, ``Adadelta`` with
-  ``keras.optimizers``' (Keras 3);
+* :mod:`rmsjax.compat.keras`: ``RMSprop``, ``Adagrad``, ``Adam``, ``AdamW``, ``Adadelta``,
+  ``Adamax``, ``Nadam``, ``SGD`` with ``keras.optimizers``' arguments (Keras 3, all of them:
+  clipping, EMA, accumulation), and :mod:`rmsjax.compat.keras.schedules`;
 * :mod:`rmsjax.compat.tf1`: ``RMSPropOptimizer`` with ``tf.compat.v1.train``'s;
 * :mod:`rmsjax.compat.timm`: ``RMSpropTF`` with ``timm.optim``'s.
 
