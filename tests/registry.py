@@ -69,7 +69,15 @@ class Case:
         return self.factory(*args, **kwargs)
 
     def with_rate(self, learning_rate: Any) -> optax.GradientTransformation:
-        """This case with its factory's first argument (its learning rate) replaced."""
+        """This case with its factory's first argument (its learning rate) replaced.
+
+        For a wrapper (its first argument is a case: ``one_pass``, ``packed``, ``quantized``)
+        the rate goes to the wrapped optimizer.
+        """
+        if self.args and isinstance(self.args[0], Case):
+            inner = self.args[0].with_rate(learning_rate)
+            build = lambda x: x.make() if isinstance(x, Case) else x
+            return self.factory(inner, *[build(a) for a in self.args[1:]], **dict(self.kwargs))
         first = next(iter(inspect.signature(self.factory).parameters))
         return self.make(**{first: learning_rate})
 
@@ -150,6 +158,11 @@ _CASES = [
     _case("keras.Adagrad", kc.Adagrad, learning_rate=0.1, tags={_REL, _S}),
     _case("keras.Adam", kc.Adam, learning_rate=LR, amsgrad=True, tags={_REL, _PROP, _S}),
     _case("keras.Adadelta", kc.Adadelta, learning_rate=1.0, tags={_REL, _S}),
+    _case("keras.AdamW", kc.AdamW, learning_rate=LR, clipnorm=1.0, tags={_REL, _S}),
+    _case("keras.Adamax", kc.Adamax, learning_rate=LR, tags={_REL, _S}),
+    _case("keras.Nadam", kc.Nadam, learning_rate=LR, use_ema=True, tags={_REL, _S}),
+    _case("keras.SGD", kc.SGD, learning_rate=LR, momentum=0.9, nesterov=True, global_clipnorm=1.0,
+          tags={_REL, _S}),
     _case("tf1.RMSPropOptimizer", tf1.RMSPropOptimizer, LR, momentum=0.9, centered=True, tags={_REL, _S}),
     _case("tf1.RMSPropOptimizer_plain", tf1.RMSPropOptimizer, LR, tags={_PROP}),
     _case("timm.RMSpropTF", timm.RMSpropTF, lr=LR, momentum=0.9, weight_decay=0.01, decoupled_decay=True,
