@@ -102,3 +102,26 @@ def test_low_bit_state(tmp_path):
     for per in result["results"].values():
         assert set(per) == {"float32", "8-bit", "4-bit"}
         assert all(r["final_loss"] == r["final_loss"] < float("inf") for r in per.values())
+
+
+def test_port_from_pytorch_without_torch(tmp_path, capsys):
+    out = tmp_path / "port.png"
+    result = load("port_from_pytorch").main(["--epochs", "2", "--no-torch", "--out", str(out)])
+    check_png(result["figure"], tmp_path)
+    assert not result["torch_used"]
+    assert "comparison with PyTorch needs torch" in capsys.readouterr().out
+    assert result["rmsjax"].shape == (result["steps"],)
+    assert result["rmsjax"][-1] < result["rmsjax"][0]  # it trains
+
+
+def test_port_from_pytorch_against_torch(tmp_path, capsys):
+    pytest.importorskip("torch")
+    result = load("port_from_pytorch").main(["--epochs", "2", "--nudges", "2", "--out", str(tmp_path)])
+    check_png(result["figure"], tmp_path)
+    assert result["torch_used"]
+    assert result["lr_gap"] == 0.0  # the schedule is PyTorch's, rate for rate
+    floor = max(result["max_floor"], result["max_own_floor"])
+    assert 0 < floor < 1e-4
+    assert result["max_gap"] <= 4 * floor  # one-ulp noise, not a different recipe
+    assert result["max_control_gap"] > 100 * floor  # optax's conventions part visibly
+    assert "max |rmsjax - PyTorch| loss gap" in capsys.readouterr().out
