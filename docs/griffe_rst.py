@@ -13,6 +13,8 @@ It only changes what the documentation site shows; the source is untouched.
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import re
 from typing import Any
 
@@ -51,8 +53,31 @@ def _math_blocks(text: str) -> str:
     return "\n".join(out)
 
 
+def _doctest_blocks(text: str) -> str:
+    """Fences each doctest session (``>>>`` lines and their output) as a ``pycon`` block.
+
+    Unfenced, an output line such as ``[0.1, 0.05]`` reads as a Markdown reference link.
+    """
+    lines = text.split("\n")
+    out: list[str] = []
+    i = 0
+    while i < len(lines):
+        stripped = lines[i].lstrip()
+        if not stripped.startswith(">>>"):
+            out.append(lines[i])
+            i += 1
+            continue
+        indent = lines[i][: len(lines[i]) - len(stripped)]
+        out.append(f"{indent}```pycon")
+        while i < len(lines) and lines[i].strip():
+            out.append(lines[i])
+            i += 1
+        out.append(f"{indent}```")
+    return "\n".join(out)
+
+
 def rst_to_markdown(text: str) -> str:
-    text = _math_blocks(text)
+    text = _doctest_blocks(_math_blocks(text))
     text = _INLINE_MATH.sub(lambda m: f"${m.group(1)}$", text)
     return _ROLE.sub(lambda m: f"`{m.group(1)}`", text)
 
@@ -61,5 +86,11 @@ class RstToMarkdown(griffe.Extension):
     """Rewrite each docstring once, when griffe loads the object."""
 
     def on_instance(self, *, obj: griffe.Object, **kwargs: Any) -> None:
-        if obj.docstring is not None:
-            obj.docstring.value = rst_to_markdown(obj.docstring.value)
+        if obj.docstring is None:
+            return
+        if "{shared}" in obj.docstring.value:
+            # rmsjax.compat.keras completes these docstrings at import time (the arguments all
+            # Keras optimizers share): document the imported object's docstring.
+            module, _, name = obj.path.rpartition(".")
+            obj.docstring.value = inspect.getdoc(getattr(importlib.import_module(module), name))
+        obj.docstring.value = rst_to_markdown(obj.docstring.value)
