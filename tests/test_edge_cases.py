@@ -203,6 +203,7 @@ def test_nan_still_propagates_through_the_guards():
 # first (``optax.clip``) is the remedy, checked below.
 MAY_BE_NAN_WHERE_OVERFLOWED = {
     "rmsprop_centered", "adam_nesterov", "torch.RMSprop", "torch.Adam", "torch.AdamW", "tf1.RMSPropOptimizer",
+    "keras.Nadam", "keras.AdamW",
 }
 
 
