@@ -8,6 +8,7 @@ with the same optimizer keeping float32 state.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 import pathlib
@@ -364,10 +365,11 @@ def test_inject_hyperparams_learning_rate_is_read_and_changed():
     params, grad, x = _toy()
     tx = rmsjax.quantized(optax.inject_hyperparams(rmsjax.adam)(learning_rate=1e-2))
     state = tx.init(params)
+    update = jax.jit(tx.update)  # compiled once, called with both learning rates
     state.inner.hyperparams["learning_rate"] = jnp.asarray(1e-3, jnp.float32)
-    u_small, _ = tx.update(grad(params, x), state, params)
+    u_small, _ = update(grad(params, x), state, params)
     state.inner.hyperparams["learning_rate"] = jnp.asarray(1e-2, jnp.float32)
-    u_big, _ = tx.update(grad(params, x), state, params)
+    u_big, _ = update(grad(params, x), state, params)
     np.testing.assert_allclose(np.asarray(u_big["w"]), 10 * np.asarray(u_small["w"]), rtol=1e-5)
     assert float(rmsjax.learning_rate(state)) == pytest.approx(1e-2)
 
@@ -376,9 +378,10 @@ def test_apply_if_finite_keeps_the_quantized_state():
     params, grad, x = _toy()
     tx = optax.apply_if_finite(rmsjax.quantized(rmsjax.adam(1e-2)), max_consecutive_errors=3)
     state = tx.init(params)
-    _, state = tx.update(grad(params, x), state, params)
+    update = jax.jit(tx.update)
+    _, state = update(grad(params, x), state, params)
     bad = jax.tree.map(lambda g: g.at[0].set(jnp.nan), grad(params, x))
-    updates, after = tx.update(bad, state, params)
+    updates, after = update(bad, state, params)
     assert int(after.notfinite_count) == 1
     chex_equal(after.inner_state, state.inner_state)
     assert float(jnp.max(jnp.abs(updates["w"]))) == 0.0
@@ -390,9 +393,10 @@ def test_multisteps_accumulates_then_updates():
     ref = optax.MultiSteps(rmsjax.adam(1e-2), every_k_schedule=3)
     s, r = tx.init(params), ref.init(params)
     with jax.numpy_dtype_promotion("standard"):  # optax.MultiSteps itself mixes int32 and float32
+        update, ref_update = jax.jit(tx.update), jax.jit(ref.update)
         for _ in range(3):
-            u, s = tx.update(grad(params, x), s, params)
-            v, r = ref.update(grad(params, x), r, params)
+            u, s = update(grad(params, x), s, params)
+            v, r = ref_update(grad(params, x), r, params)
     assert int(rmsjax.step_count(s)) == 1
     assert _median_rel(np.asarray(u["w"]), np.asarray(v["w"])) < 0.02
 
@@ -433,9 +437,15 @@ def test_effective_learning_rate_reads_through_the_codes():
 # --------------------------------------------------------------------------- checkpoints
 
 
-def _train(tx, params, state, steps, grad, x):
-    step = jax.jit(lambda p, s: (lambda u_s: (optax.apply_updates(p, u_s[0]), u_s[1]))(
+@functools.lru_cache(maxsize=None)
+def _train_step(tx, grad):
+    """One jitted training step per (tx, grad), reused by every _train call of a test."""
+    return jax.jit(lambda p, s, x: (lambda u_s: (optax.apply_updates(p, u_s[0]), u_s[1]))(
         tx.update(grad(p, x), s, p)))
+
+
+def _train(tx, params, state, steps, grad, x):
+    step = functools.partial(_train_step(tx, grad), x=x)
     for _ in range(steps):
         params, state = step(params, state)
     return params, state
