@@ -493,7 +493,8 @@ def _load(path: pathlib.Path):
 
 def test_benchmark_smoke(tmp_path):
     bench = _load(ROOT / "benchmarks" / "bench_quantized.py")
-    result = bench.main(["--size", "256", "--trials", "2", "--out", str(tmp_path)])
+    result = bench.main(["--size", "256", "--trials", "2", "--optimizers", "adam",
+                         "--out", str(tmp_path)])
     assert (tmp_path / "bench_quantized.json").exists() and (tmp_path / "bench_quantized.md").exists()
     memory = {(row["optimizer"], row["bits"]): row["bytes_per_param"] for row in result["memory"]}
     assert memory[("adam", 32)] == pytest.approx(8.0, rel=1e-3)
