@@ -437,7 +437,7 @@ def test_effective_learning_rate_reads_through_the_codes():
 # --------------------------------------------------------------------------- checkpoints
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _train_step(tx, grad):
     """One jitted training step per (tx, grad), reused by every _train call of a test."""
     return jax.jit(lambda p, s, x: (lambda u_s: (optax.apply_updates(p, u_s[0]), u_s[1]))(
