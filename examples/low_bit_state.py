@@ -17,6 +17,7 @@ a table.
 
     python examples/low_bit_state.py                 # all tasks, full length (a few minutes on CPU)
     python examples/low_bit_state.py --steps-scale 0.05 --tasks classifier   # a quick look
+    python examples/low_bit_state.py --steps lm=400 quadratic=200            # per-task lengths
 """
 
 from __future__ import annotations
@@ -189,18 +190,27 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply every task's steps")
+    parser.add_argument("--steps", nargs="*", default=[], metavar="TASK=N",
+                        help="set one task's steps (overrides --steps-scale), e.g. lm=400")
     parser.add_argument("--out", default=str(ROOT / "docs" / "img"))
     args = parser.parse_args(argv)
+    fixed = {}
+    for item in args.steps:
+        task, _, n = item.partition("=")
+        if task not in TASKS or not n.isdigit():
+            parser.error(f"--steps takes TASK=N with TASK in {sorted(TASKS)}, got {item!r}")
+        fixed[task] = int(n)
     results: dict = {}
     for task in args.tasks:
         fn, steps = TASKS[task]
-        steps = max(2, int(steps * args.steps_scale))
+        steps = fixed.get(task, max(2, int(steps * args.steps_scale)))
         results[task] = {name: fn(steps, bits) for name, bits in VARIANTS.items()}
         base = results[task]["float32"]["final_loss"]
         for name, r in results[task].items():
             r["loss_ratio"] = r["final_loss"] / base
             acc = f"  test accuracy {r['test_accuracy']:.4f}" if "test_accuracy" in r else ""
-            print(f"{task:10s} {name:8s} final loss {r['final_loss']:.5f} ({r['loss_ratio']:.3f}x){acc}")
+            print(f"{task:10s} {name:8s} steps {len(r['losses'])} final loss {r['final_loss']:.6g} "
+                  f"({r['loss_ratio']:.3f}x){acc}", flush=True)
             assert all(np.isfinite(r["losses"])), (task, name)
     os.makedirs(args.out, exist_ok=True)
     fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 3.8), squeeze=False)

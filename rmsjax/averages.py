@@ -289,6 +289,18 @@ def _saturate(second_moment: jax.Array, dtype: Any) -> jax.Array:
     return jnp.minimum(second_moment, largest).astype(dtype)
 
 
+# A stack of observers of moment updates: ``rmsjax.quantized`` pushes one while it runs the
+# wrapped update, to learn an upper bound on each new moment's block maxima from the old
+# moment and the input alone (see ``rmsjax._quantization``). Empty otherwise: no cost.
+_MOMENT_OBSERVERS: list = []
+
+
+def _observe(kind: str, old: jax.Array, x: jax.Array, new: jax.Array, **coefficients: Any) -> jax.Array:
+    if _MOMENT_OBSERVERS:
+        _MOMENT_OBSERVERS[-1](kind, old, x, new, **coefficients)
+    return new
+
+
 def update_leaky_average(average: PyTree, x: PyTree, decay: Scalar, *, order: int = 1) -> PyTree:
     """The leaky (exponential moving) average ``s <- decay*s + (1-decay)*x**order``.
 
@@ -306,7 +318,8 @@ def update_leaky_average(average: PyTree, x: PyTree, decay: Scalar, *, order: in
         value = _moment(g, order)
         dtype = common_compute_dtype(s.dtype, real_dtype(value.dtype))
         new = _as(keep, dtype) * s.astype(dtype) + _as(take, dtype) * value.astype(dtype)
-        return _saturate(new, s.dtype) if order == 2 else new.astype(s.dtype)
+        out = _saturate(new, s.dtype) if order == 2 else new.astype(s.dtype)
+        return _observe("leaky", s, g, out, order=order, keep=keep, take=take)
 
     return jax.tree.map(leaf, average, x)
 
@@ -323,7 +336,8 @@ def update_running_sum(total: PyTree, x: PyTree, *, order: int = 1) -> PyTree:
         value = _moment(g, order)
         dtype = common_compute_dtype(s.dtype, real_dtype(value.dtype))
         new = s.astype(dtype) + value.astype(dtype)
-        return _saturate(new, s.dtype) if order == 2 else new.astype(s.dtype)
+        out = _saturate(new, s.dtype) if order == 2 else new.astype(s.dtype)
+        return _observe("sum", s, g, out, order=order)
 
     return jax.tree.map(leaf, total, x)
 
@@ -345,9 +359,11 @@ def update_momentum_buffer(
         dtype = common_compute_dtype(b.dtype, g.dtype)
         g = g.astype(dtype)
         if undampened:
-            return (_as(decay, dtype) * b.astype(dtype) + g).astype(b.dtype)
+            out = (_as(decay, dtype) * b.astype(dtype) + g).astype(b.dtype)
+            return _observe("leaky", b, g, out, order=1, keep=decay, take=1.0)
         new = _as(decay, dtype) * b.astype(dtype) + _as(keep, dtype) * g
-        return jnp.where(first, g, new).astype(b.dtype)
+        out = jnp.where(first, g, new).astype(b.dtype)
+        return _observe("momentum", b, g, out, order=1, keep=decay, take=keep)
 
     return jax.tree.map(leaf, buffer, x)
 

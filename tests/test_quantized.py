@@ -8,6 +8,7 @@ with the same optimizer keeping float32 state.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 import pathlib
@@ -189,6 +190,11 @@ def test_moment_leaves_are_quantized_and_the_rest_kept():
     assert isinstance(mu["dense2"]["bias"], qz.QuantizedArray)  # 4096 elements
 
 
+def _state_of(state, cls):
+    """The first state of type ``cls`` in a quantized chain's inner state."""
+    return next(s for s in state.inner if isinstance(s, cls))
+
+
 def test_compat_torch_complex_moments_keep_pairs_in_one_block():
     tx = rmsjax.quantized(rmsjax.compat.torch.RMSprop(lr=1e-2, centered=True, momentum=0.9), bits=4)
     params = {"z": jnp.ones((64, 128), jnp.complex64)}
@@ -198,7 +204,7 @@ def test_compat_torch_complex_moments_keep_pairs_in_one_block():
     assert len(packed) == 2  # nu (unsigned) and mu (signed), both real views (64, 128, 2)
     assert sorted(str(x.codes.dtype) for x in packed) == ["int8", "uint8"]
     # the momentum buffer is complex: complex leaves stay as they are
-    assert state.inner[1].mu["z"].dtype == jnp.complex64
+    assert _state_of(state, rmsjax.transforms.MomentumState).mu["z"].dtype == jnp.complex64
     assert all(x.codes.shape == (64, 2, 64, 1) for x in packed)
     g = {"z": (jnp.arange(64 * 128, dtype=jnp.float32).reshape(64, 128) % 7 - 3).astype(jnp.complex64)}
     updates, _ = tx.update(g, state, params)
@@ -231,8 +237,8 @@ def test_bfloat16_moments_keep_their_dtype(bits):
     state = tx.init(params)
     updates, state = tx.update({"w": jnp.ones((32, 256), jnp.bfloat16)}, state, params)
     assert updates["w"].dtype == jnp.bfloat16
-    assert state.inner[0].nu["w"].scale.dtype == jnp.bfloat16
-    assert qz.dequantize(state.inner[0].nu["w"]).dtype == jnp.bfloat16
+    assert _state_of(state, rmsjax.transforms.ScaleByRmsState).nu["w"].scale.dtype == jnp.bfloat16
+    assert qz.dequantize(_state_of(state, rmsjax.transforms.ScaleByRmsState).nu["w"]).dtype == jnp.bfloat16
 
 
 # --------------------------------------------------------------------------- memory
@@ -359,10 +365,11 @@ def test_inject_hyperparams_learning_rate_is_read_and_changed():
     params, grad, x = _toy()
     tx = rmsjax.quantized(optax.inject_hyperparams(rmsjax.adam)(learning_rate=1e-2))
     state = tx.init(params)
+    update = jax.jit(tx.update)  # compiled once, called with both learning rates
     state.inner.hyperparams["learning_rate"] = jnp.asarray(1e-3, jnp.float32)
-    u_small, _ = tx.update(grad(params, x), state, params)
+    u_small, _ = update(grad(params, x), state, params)
     state.inner.hyperparams["learning_rate"] = jnp.asarray(1e-2, jnp.float32)
-    u_big, _ = tx.update(grad(params, x), state, params)
+    u_big, _ = update(grad(params, x), state, params)
     np.testing.assert_allclose(np.asarray(u_big["w"]), 10 * np.asarray(u_small["w"]), rtol=1e-5)
     assert float(rmsjax.learning_rate(state)) == pytest.approx(1e-2)
 
@@ -371,9 +378,10 @@ def test_apply_if_finite_keeps_the_quantized_state():
     params, grad, x = _toy()
     tx = optax.apply_if_finite(rmsjax.quantized(rmsjax.adam(1e-2)), max_consecutive_errors=3)
     state = tx.init(params)
-    _, state = tx.update(grad(params, x), state, params)
+    update = jax.jit(tx.update)
+    _, state = update(grad(params, x), state, params)
     bad = jax.tree.map(lambda g: g.at[0].set(jnp.nan), grad(params, x))
-    updates, after = tx.update(bad, state, params)
+    updates, after = update(bad, state, params)
     assert int(after.notfinite_count) == 1
     chex_equal(after.inner_state, state.inner_state)
     assert float(jnp.max(jnp.abs(updates["w"]))) == 0.0
@@ -385,9 +393,10 @@ def test_multisteps_accumulates_then_updates():
     ref = optax.MultiSteps(rmsjax.adam(1e-2), every_k_schedule=3)
     s, r = tx.init(params), ref.init(params)
     with jax.numpy_dtype_promotion("standard"):  # optax.MultiSteps itself mixes int32 and float32
+        update, ref_update = jax.jit(tx.update), jax.jit(ref.update)
         for _ in range(3):
-            u, s = tx.update(grad(params, x), s, params)
-            v, r = ref.update(grad(params, x), r, params)
+            u, s = update(grad(params, x), s, params)
+            v, r = ref_update(grad(params, x), r, params)
     assert int(rmsjax.step_count(s)) == 1
     assert _median_rel(np.asarray(u["w"]), np.asarray(v["w"])) < 0.02
 
@@ -417,7 +426,7 @@ def test_effective_learning_rate_reads_through_the_codes():
     state = tx.init(params)
     for _ in range(3):
         _, state = tx.update(grad(params, x), state, params)
-    nu = state.inner[0].nu["w"]
+    nu = _state_of(state, rmsjax.transforms.ScaleByRmsState).nu["w"]
     q, p = MAPS[(8, False)]
     decoded = (np.asarray(nu.codes, np.float64) / q) ** p * np.asarray(nu.scale, np.float64)[..., None]
     expected = 1e-2 / (np.sqrt(decoded.reshape(64, 128)) + 1e-8)
@@ -428,9 +437,15 @@ def test_effective_learning_rate_reads_through_the_codes():
 # --------------------------------------------------------------------------- checkpoints
 
 
-def _train(tx, params, state, steps, grad, x):
-    step = jax.jit(lambda p, s: (lambda u_s: (optax.apply_updates(p, u_s[0]), u_s[1]))(
+@functools.cache
+def _train_step(tx, grad):
+    """One jitted training step per (tx, grad), reused by every _train call of a test."""
+    return jax.jit(lambda p, s, x: (lambda u_s: (optax.apply_updates(p, u_s[0]), u_s[1]))(
         tx.update(grad(p, x), s, p)))
+
+
+def _train(tx, params, state, steps, grad, x):
+    step = functools.partial(_train_step(tx, grad), x=x)
     for _ in range(steps):
         params, state = step(params, state)
     return params, state
@@ -478,7 +493,8 @@ def _load(path: pathlib.Path):
 
 def test_benchmark_smoke(tmp_path):
     bench = _load(ROOT / "benchmarks" / "bench_quantized.py")
-    result = bench.main(["--size", "256", "--trials", "2", "--out", str(tmp_path)])
+    result = bench.main(["--size", "256", "--trials", "2", "--optimizers", "adam",
+                         "--out", str(tmp_path)])
     assert (tmp_path / "bench_quantized.json").exists() and (tmp_path / "bench_quantized.md").exists()
     memory = {(row["optimizer"], row["bits"]): row["bytes_per_param"] for row in result["memory"]}
     assert memory[("adam", 32)] == pytest.approx(8.0, rel=1e-3)
