@@ -106,6 +106,11 @@ def _is_concrete(value: Any) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
 
 
+def _cast(x: jax.Array, dtype: Any) -> jax.Array:
+    """``x`` in ``dtype``; ``x`` itself when it already is (no work at trace time)."""
+    return x if x.dtype == dtype else x.astype(dtype)
+
+
 def _as(value: Scalar, dtype: Any) -> jax.Array:
     """Casts a hyperparameter (number, array or tracer) explicitly to ``dtype``.
 
@@ -115,11 +120,12 @@ def _as(value: Scalar, dtype: Any) -> jax.Array:
     real.
     """
     if _is_concrete(value):
-        return jnp.asarray(np.asarray(value, dtype=dtype))
+        # A NumPy scalar of ``dtype``: a literal in the traced program, with no array made.
+        return np.asarray(value, dtype=dtype)[()]
     value = jnp.asarray(value)
     if jnp.iscomplexobj(value) and not jnp.issubdtype(jnp.dtype(dtype), jnp.complexfloating):
         value = jnp.real(value)
-    return value.astype(dtype)
+    return _cast(value, dtype)
 
 
 def _complement(value: Scalar) -> Scalar:
@@ -174,19 +180,19 @@ def _correction_factor(decay: Scalar, count: jax.Array, exact: bool = False) -> 
         return _PerDtype(lambda dtype: jnp.ones((), dtype))
     if _is_concrete(decay) and exact:
         log_decay = float(np.log(float(decay)))
-        return _PerDtype(lambda dtype: -jnp.expm1(count.astype(dtype) * _as(log_decay, dtype)))
+        return _PerDtype(lambda dtype: -jnp.expm1(_cast(count, dtype) * _as(log_decay, dtype)))
     if _is_concrete(decay):
         wide = _widest_float()
     else:
         wide = common_compute_dtype(real_dtype(jnp.asarray(decay).dtype), jnp.float32)
     rate = _as(decay, wide)
-    factor = jnp.ones_like(rate) - rate ** count.astype(wide)
-    return _PerDtype(lambda dtype: factor.astype(dtype))
+    factor = jnp.ones_like(rate) - rate ** _cast(count, wide)
+    return _PerDtype(lambda dtype: _cast(factor, dtype))
 
 
 def squared_magnitude(x: jax.Array) -> jax.Array:
     """``|x|**2`` in the compute dtype: ``x*x`` for reals, ``re**2 + im**2`` for complex."""
-    x = x.astype(compute_dtype(x.dtype))
+    x = _cast(x, compute_dtype(x.dtype))
     if jnp.iscomplexobj(x):
         return jnp.square(x.real) + jnp.square(x.imag)
     return jnp.square(x)
@@ -194,7 +200,7 @@ def squared_magnitude(x: jax.Array) -> jax.Array:
 
 def _moment(x: jax.Array, order: int) -> jax.Array:
     """``x`` (order 1) or ``|x|**2`` (order 2), in the compute dtype."""
-    return squared_magnitude(x) if order == 2 else x.astype(compute_dtype(x.dtype))
+    return squared_magnitude(x) if order == 2 else _cast(x, compute_dtype(x.dtype))
 
 
 def full_like(tree: PyTree, value: Scalar = 0.0, dtype: Any = None, *, real: bool = False) -> PyTree:
@@ -240,7 +246,7 @@ def _tie_sharding(source: jax.Array, out: jax.Array) -> jax.Array:
     """
     part = jnp.real(source) if jnp.iscomplexobj(source) and not jnp.iscomplexobj(out) else source
     never = jnp.isnan(part) & jnp.zeros((), bool)
-    return jnp.where(never, part.astype(out.dtype), out)
+    return jnp.where(never, _cast(part, out.dtype), out)
 
 
 def replicated_like(x: jax.Array, tree: PyTree) -> jax.Array:
@@ -284,9 +290,9 @@ def _saturate(second_moment: jax.Array, dtype: Any) -> jax.Array:
     and that element's step ``g / inf`` is 0.
     """
     if jnp.dtype(dtype).itemsize >= jnp.dtype(second_moment.dtype).itemsize:
-        return second_moment.astype(dtype)
+        return _cast(second_moment, dtype)
     largest = jnp.asarray(np.asarray(jnp.finfo(dtype).max, dtype=second_moment.dtype))
-    return jnp.minimum(second_moment, largest).astype(dtype)
+    return _cast(jnp.minimum(second_moment, largest), dtype)
 
 
 # A stack of observers of moment updates: ``rmsjax.quantized`` pushes one while it runs the
@@ -317,8 +323,8 @@ def update_leaky_average(average: PyTree, x: PyTree, decay: Scalar, *, order: in
     def leaf(s, g):
         value = _moment(g, order)
         dtype = common_compute_dtype(s.dtype, real_dtype(value.dtype))
-        new = _as(keep, dtype) * s.astype(dtype) + _as(take, dtype) * value.astype(dtype)
-        out = _saturate(new, s.dtype) if order == 2 else new.astype(s.dtype)
+        new = _as(keep, dtype) * _cast(s, dtype) + _as(take, dtype) * _cast(value, dtype)
+        out = _saturate(new, s.dtype) if order == 2 else _cast(new, s.dtype)
         return _observe("leaky", s, g, out, order=order, keep=keep, take=take)
 
     return jax.tree.map(leaf, average, x)
@@ -335,8 +341,8 @@ def update_running_sum(total: PyTree, x: PyTree, *, order: int = 1) -> PyTree:
     def leaf(s, g):
         value = _moment(g, order)
         dtype = common_compute_dtype(s.dtype, real_dtype(value.dtype))
-        new = s.astype(dtype) + value.astype(dtype)
-        out = _saturate(new, s.dtype) if order == 2 else new.astype(s.dtype)
+        new = _cast(s, dtype) + _cast(value, dtype)
+        out = _saturate(new, s.dtype) if order == 2 else _cast(new, s.dtype)
         return _observe("sum", s, g, out, order=order)
 
     return jax.tree.map(leaf, total, x)
@@ -357,12 +363,12 @@ def update_momentum_buffer(
 
     def leaf(b, g):
         dtype = common_compute_dtype(b.dtype, g.dtype)
-        g = g.astype(dtype)
+        g = _cast(g, dtype)
         if undampened:
-            out = (_as(decay, dtype) * b.astype(dtype) + g).astype(b.dtype)
+            out = _cast(_as(decay, dtype) * _cast(b, dtype) + g, b.dtype)
             return _observe("leaky", b, g, out, order=1, keep=decay, take=1.0)
-        new = _as(decay, dtype) * b.astype(dtype) + _as(keep, dtype) * g
-        out = jnp.where(first, g, new).astype(b.dtype)
+        new = _as(decay, dtype) * _cast(b, dtype) + _as(keep, dtype) * g
+        out = _cast(jnp.where(first, g, new), b.dtype)
         return _observe("momentum", b, g, out, order=1, keep=decay, take=keep)
 
     return jax.tree.map(leaf, buffer, x)
@@ -386,7 +392,7 @@ def bias_correction(average: PyTree, decay: Scalar, count: jax.Array, *, exact: 
 
     def leaf(s):
         dtype = compute_dtype(s.dtype)
-        return (s.astype(dtype) / factor(real_dtype(dtype)).astype(dtype)).astype(s.dtype)
+        return _cast(_cast(s, dtype) / factor(real_dtype(dtype)).astype(dtype), s.dtype)
 
     return jax.tree.map(leaf, average)
 
@@ -403,7 +409,7 @@ def multiply_by_root_correction(x: PyTree, decay: Scalar, count: jax.Array, *, e
 
     def leaf(a):
         dtype = compute_dtype(a.dtype)
-        return (a.astype(dtype) * root(real_dtype(dtype)).astype(dtype)).astype(a.dtype)
+        return _cast(_cast(a, dtype) * root(real_dtype(dtype)).astype(dtype), a.dtype)
 
     return jax.tree.map(leaf, x)
 
@@ -417,7 +423,7 @@ def centered_variance(nu: PyTree, mu: PyTree) -> PyTree:
 
     def leaf(v, m):
         dtype = compute_dtype(v.dtype)
-        variance = v.astype(dtype) - squared_magnitude(m).astype(dtype)
+        variance = _cast(v, dtype) - squared_magnitude(m).astype(dtype)
         return jnp.maximum(variance, jnp.zeros((), dtype))
 
     return jax.tree.map(leaf, nu, mu)
@@ -433,7 +439,7 @@ def _divide_or_zero(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
     """
     zero = denominator == jnp.zeros((), denominator.dtype)
     safe = jnp.where(zero, jnp.ones((), denominator.dtype), denominator)
-    quotient = numerator / safe.astype(numerator.dtype)
+    quotient = numerator / _cast(safe, numerator.dtype)
     return jnp.where(zero, jnp.zeros((), quotient.dtype), quotient)
 
 
@@ -455,13 +461,13 @@ def divide_by_root(x: PyTree, v: PyTree, *, eps: Scalar, eps_root: Scalar = 0.0)
     def leaf(g, s):
         dtype = compute_dtype(g.dtype)
         rdtype = real_dtype(dtype)
-        s = s.astype(rdtype)
+        s = _cast(s, rdtype)
         denominator = jnp.sqrt(s + _as(eps_root, rdtype) if add_inside else s)
         if add_outside:
             denominator = denominator + _as(eps, rdtype)
         if guarded:
-            return _divide_or_zero(g.astype(dtype), denominator).astype(g.dtype)
-        return (g.astype(dtype) / denominator.astype(dtype)).astype(g.dtype)
+            return _cast(_divide_or_zero(_cast(g, dtype), denominator), g.dtype)
+        return _cast(_cast(g, dtype) / _cast(denominator, dtype), g.dtype)
 
     return jax.tree.map(leaf, x, v)
 
@@ -478,9 +484,9 @@ def multiply_by_root_ratio(x: PyTree, top: PyTree, bottom: PyTree, *, eps: Scala
         dtype = compute_dtype(g.dtype)
         rdtype = real_dtype(dtype)
         e = _as(eps, rdtype)
-        top_root, bottom_root = jnp.sqrt(a.astype(rdtype) + e), jnp.sqrt(b.astype(rdtype) + e)
+        top_root, bottom_root = jnp.sqrt(_cast(a, rdtype) + e), jnp.sqrt(_cast(b, rdtype) + e)
         ratio = _divide_or_zero(top_root, bottom_root) if guarded else top_root / bottom_root
-        return (g.astype(dtype) * ratio.astype(dtype)).astype(g.dtype)
+        return _cast(_cast(g, dtype) * _cast(ratio, dtype), g.dtype)
 
     return jax.tree.map(leaf, x, top, bottom)
 
@@ -495,8 +501,8 @@ def add_scaled(x: PyTree, y: PyTree, factor: Scalar) -> PyTree:
 
     def leaf(a, b):
         dtype = common_compute_dtype(a.dtype, b.dtype)
-        total = a.astype(dtype) + _as(factor, dtype) * b.astype(dtype)
-        return total.astype(a.dtype)
+        total = _cast(a, dtype) + _as(factor, dtype) * _cast(b, dtype)
+        return _cast(total, a.dtype)
 
     return jax.tree.map(leaf, x, y)
 
@@ -511,11 +517,11 @@ def scale(x: PyTree, factor: Scalar) -> PyTree:
 
     def leaf(a):
         dtype = compute_dtype(a.dtype)
-        return (_as(factor, dtype) * a.astype(dtype)).astype(a.dtype)
+        return _cast(_as(factor, dtype) * _cast(a, dtype), a.dtype)
 
     return jax.tree.map(leaf, x)
 
 
 def cast_like(tree: PyTree, reference: PyTree) -> PyTree:
     """Casts each leaf of ``tree`` to the dtype of the matching leaf of ``reference``."""
-    return jax.tree.map(lambda a, r: a.astype(r.dtype), tree, reference)
+    return jax.tree.map(lambda a, r: _cast(a, r.dtype), tree, reference)
