@@ -13,6 +13,9 @@ import jax
 import numpy as np
 import pytest
 
+# The benchmark smoke tests start subprocesses and compile big steps: `slow`.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "bench_step.py"
 
