@@ -39,4 +39,5 @@ for _ in range(20):
 assert float(loss(params)) < start, (start, float(loss(params)))
 assert int(rmsjax.step_count(state)) == 20
 assert abs(float(rmsjax.learning_rate(state)) - 0.01) < 1e-6
-print(f"smoke: rmsjax {rmsjax.__version__} from {here.parent}, loss {start:.3f} -> {float(loss(params)):.3g}: ok")
+final = float(loss(params))
+print(f"smoke: rmsjax {rmsjax.__version__} from {here.parent}, loss {start:.3f} -> {final:.3g}: ok")
