@@ -19,7 +19,7 @@ All three functions are pure and can be called inside ``jax.jit``.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import jax
@@ -331,7 +331,6 @@ def effective_learning_rate(
     eps32 = jnp.asarray(eps, jnp.float32)
 
     nu = _second_moment(states[0], centered=centered, decay=decay)
-    denominator: Callable[[jax.Array], jax.Array]
     if eps_in_sqrt:
         def denominator(v: jax.Array) -> jax.Array:
             return jnp.sqrt(v + eps32)
