@@ -25,7 +25,7 @@ from rmsjax.transforms import (
     scale_by_stddev,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "EffectiveLearningRate",

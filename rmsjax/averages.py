@@ -33,6 +33,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.core  # jax deletes its own alias; named here so type checkers see jax.core
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec

@@ -60,7 +60,16 @@ def _to_pure(opt_state: Any) -> Any:
         opt_state = opt_state.opt_state
     nnx = sys.modules.get("flax.nnx")
     if nnx is not None:
-        opt_state = nnx.as_pure(opt_state)
+        # nnx.as_pure is flax >= 0.12.7; flax 0.12.0-0.12.6 call it nnx.pure.
+        to_pure = getattr(nnx, "as_pure", None) or getattr(nnx, "pure", None)
+        if to_pure is not None:
+            opt_state = to_pure(opt_state)
+        else:
+            opt_state = jax.tree.map(
+                lambda x: x.value if isinstance(x, nnx.Variable) else x,
+                opt_state,
+                is_leaf=lambda x: isinstance(x, nnx.Variable),
+            )
     return opt_state
 
 

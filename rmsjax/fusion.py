@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.core  # jax deletes its own alias; named here so type checkers see jax.core
 import optax
 
 __all__ = ["one_pass"]

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
+import jax.core  # jax deletes its own alias; named here so type checkers see jax.core
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -76,7 +77,7 @@ def _placement(leaf: Any) -> Any:
     if isinstance(leaf, jax.core.Tracer):
         sharding = getattr(jax.typeof(leaf), "sharding", None)
         mesh = getattr(sharding, "mesh", None)
-        if mesh is None or mesh.empty:
+        if sharding is None or mesh is None or mesh.empty:
             return "traced"
         if not all(kind == AxisType.Explicit for kind in mesh.axis_types):
             return None
@@ -254,7 +255,9 @@ class PackedState(NamedTuple):
     """
 
     inner: Any
-    offsets: _Offsets
+    # An _Offsets; typed Any so that the state is an optax.OptState (an array tree) to
+    # type checkers, as the pytree it is at run time.
+    offsets: Any
 
 
 def packed(
@@ -301,7 +304,7 @@ def packed(
         raise ValueError(f"max_leaf_size must be an int >= 0, got {max_leaf_size!r}")
     inner_tx = optax.with_extra_args_support(tx)
 
-    def init_fn(params):
+    def init_fn(params: optax.Params) -> PackedState:
         buffers, layout = pack(params, layout_of(params, max_leaf_size=max_leaf_size))
         starts = []
         for group in layout.groups:
@@ -311,7 +314,13 @@ def packed(
                     starts.append(averages.replicated_like(jnp.asarray(offset, jnp.int32), buffers))
         return PackedState(inner=inner_tx.init(buffers), offsets=_Offsets(tuple(starts), layout))
 
-    def update_fn(updates, state, params=None, **extra_args):
+    def update_fn(
+        updates: optax.Updates,
+        state: optax.OptState,
+        params: optax.Params | None = None,
+        **extra_args: Any,
+    ) -> tuple[optax.Updates, PackedState]:
+        state = cast(PackedState, state)  # what init_fn returned
         layout = state.offsets.layout
         leaves, treedef = jax.tree.flatten(updates)
         _check_matches(leaves, layout, "updates")

@@ -20,6 +20,9 @@ import pytest
 from checkpoint_resume import HALF, TOTAL_STEPS, fresh, restore, save, train
 from reliability_cases import CHECKPOINTED, assert_bitwise_equal
 
+# Resuming checkpoints in a fresh Python process for every optimizer: `slow`.
+pytestmark = pytest.mark.slow
+
 NAMES = sorted(CHECKPOINTED)
 HELPER = pathlib.Path(__file__).resolve().parent / "checkpoint_resume.py"
 

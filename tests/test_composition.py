@@ -86,7 +86,8 @@ def test_inject_hyperparams_gives_the_same_numbers(name):
     plain, _ = _run(OPTIMIZERS[name](0.05))
     injected_tx = optax.inject_hyperparams(OPTIMIZERS[name])(lr=0.05)
     injected, state = _run(injected_tx)
-    chex.assert_trees_all_close(plain, injected, rtol=1e-6)
+    # atol: jax 0.8.0 compiles the two with a 1e-8 difference on an entry near 0.
+    chex.assert_trees_all_close(plain, injected, rtol=1e-6, atol=1e-7)
     assert float(state.hyperparams["lr"]) == pytest.approx(0.05)
 
 
@@ -180,7 +181,9 @@ def test_adam_equals_optax_adam(nesterov):
         with optax_promotion:
             theirs, _ = _run(optax.adam(0.02, b1=0.8, b2=0.99, eps=1e-6, eps_root=1e-9,
                                         nesterov=nesterov), 50, params)
-        chex.assert_trees_all_close(ours, theirs, rtol=1e-12)
+        # atol: an entry that cancels to ~1e-6 keeps the rounding of its O(1) terms (jax
+        # 0.8.0-0.10.0 compile the two chains with a 5e-18 difference there).
+        chex.assert_trees_all_close(ours, theirs, rtol=1e-12, atol=1e-16)
 
 
 @pytest.mark.parametrize("centered", [False, True])

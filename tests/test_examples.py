@@ -10,6 +10,9 @@ from pathlib import Path
 import matplotlib
 import pytest
 
+# Each smoke test runs an example script for a few steps: minutes in all, so `slow`.
+pytestmark = pytest.mark.slow
+
 matplotlib.use("Agg")
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
