@@ -783,4 +783,4 @@ def _wrap(inner: optax.GradientTransformation, bits: int, block: int, minimum: i
                 leaves.append(new)
         return updates, QuantizedState(count=_increment(state.count), inner=treedef.unflatten(leaves))
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformation(init_fn, update_fn)  # pyright: ignore[reportArgumentType]

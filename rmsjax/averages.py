@@ -122,7 +122,7 @@ def _as(value: Scalar, dtype: Any) -> jax.Array:
     """
     if _is_concrete(value):
         # A NumPy scalar of ``dtype``: a literal in the traced program, with no array made.
-        return np.asarray(value, dtype=dtype)[()]
+        return np.asarray(value, dtype=dtype)[()]  # pyright: ignore[reportReturnType]
     value = jnp.asarray(value)
     if jnp.iscomplexobj(value) and not jnp.issubdtype(jnp.dtype(dtype), jnp.complexfloating):
         value = jnp.real(value)

@@ -70,7 +70,7 @@ def one_pass(inner: optax.GradientTransformation) -> optax.GradientTransformatio
             if not jax.tree.leaves(part):
                 parts.append(part)
                 continue
-            parts.append(run(copy)[1][i])
+            parts.append(run(copy)[1][i])  # pyright: ignore[reportIndexIssue]
             copy = True
         return run()[0], tuple(parts)
 

@@ -144,8 +144,10 @@ def test_exported_dict_loads_into_torch_and_continues(name):
         sd = pt.state_dict(tx, s, p, arrays="torch", **_plain_kwargs(meta))
     tensors = {n: torch.tensor(np.asarray(p[n])).requires_grad_(True) for n in meta["leaves"]}
     if meta.get("groups"):
-        groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [tensors[n] for n in g["params"]]}
-                  for g in meta["groups"]]
+        groups = [
+            {**{k: v for k, v in g.items() if k != "params"}, "params": [tensors[n] for n in g["params"]]}
+            for g in meta["groups"]
+        ]
     else:
         groups = [{"params": [tensors[n] for n in meta["torch_order"]]}]
     kwargs = dict(meta["kwargs"])
@@ -191,17 +193,26 @@ def test_explicit_order_and_layout_hook():
         transposed = copy.deepcopy(sd)
         for key in ("exp_avg", "exp_avg_sq"):
             transposed["state"][0][key] = sd["state"][0][key].T.copy()
-        with pytest.raises(ValueError, match=r"\[0\]\['exp_avg'\] has shape \(1, 2, 2\).*parameter 0 \('b'\)"):
+        with pytest.raises(
+            ValueError, match=r"\[0\]\['exp_avg'\] has shape \(1, 2, 2\).*parameter 0 \('b'\)"
+        ):
             # a square leaf does not reveal the transpose: shapes match, so use a (3,) vs (1, 3) case
             bad = copy.deepcopy(sd)
             bad["state"][0]["exp_avg"] = np.ones((2, 2))[None]
             pt.load_state_dict(tx, bad, saved_params)
-        hooked = pt.load_state_dict(tx, transposed, saved_params,
-                                    layout=lambda path, a: a.T if path == "b" else a)
+        hooked = pt.load_state_dict(
+            tx, transposed, saved_params, layout=lambda path, a: a.T if path == "b" else a
+        )
         for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(hooked), strict=True):
             assert np.array_equal(a, b)
-        out = pt.state_dict(tx, hooked, saved_params, arrays="numpy", hyperparams={"lr": 0.01},
-                            layout=lambda path, a: a.T if path == "b" else a)
+        out = pt.state_dict(
+            tx,
+            hooked,
+            saved_params,
+            arrays="numpy",
+            hyperparams={"lr": 0.01},
+            layout=lambda path, a: a.T if path == "b" else a,
+        )
         assert np.array_equal(out["state"][0]["exp_avg"], transposed["state"][0]["exp_avg"])
 
 
@@ -210,8 +221,11 @@ def test_shape_mismatch_names_index_key_and_shapes():
         meta, arrays, _, _, _, saved_params = _setup("ckpt_rmsprop_momentum")
         sd = saved_state_dict(meta, arrays)
         sd["state"][1]["square_avg"] = np.ones(4)
-        with pytest.raises(ValueError, match=r"state_dict\['state'\]\[1\]\['square_avg'\] has shape \(4,\), "
-                                             r"but parameter 1 \('w'\) has shape \(3,\)"):
+        with pytest.raises(
+            ValueError,
+            match=r"state_dict\['state'\]\[1\]\['square_avg'\] has shape \(4,\), "
+            r"but parameter 1 \('w'\) has shape \(3,\)",
+        ):
             pt.load_state_dict(pt.RMSprop(lr=0.005, momentum=0.9), sd, saved_params)
 
 
@@ -226,7 +240,9 @@ def _sd(name):
 def test_state_dict_for_another_optimizer_is_refused():
     with jax.enable_x64(True):
         sd, params = _sd("ckpt_adam_default")
-        with pytest.raises(ValueError, match="lacks '(alpha|momentum)': not a torch.optim.RMSprop state dict"):
+        with pytest.raises(
+            ValueError, match="lacks '(alpha|momentum)': not a torch.optim.RMSprop state dict"
+        ):
             pt.load_state_dict(pt.RMSprop(), sd, params)
         sd["param_groups"][0].update(alpha=0.99, momentum=0, centered=False)
         with pytest.raises(ValueError, match="'exp_avg'"):
@@ -254,8 +270,13 @@ def test_group_mismatches_are_refused():
         sd = saved_state_dict(meta, arrays)
         with pytest.raises(ValueError, match="2 parameter groups, tx has 1"):
             pt.load_state_dict(pt.RMSprop(lr=0.005, momentum=0.9), sd, params)
-        other = compat.param_groups(pt.RMSprop, [{"params": ["w"]}, {"params": ["b"], "lr": 0.01}],
-                                    lr=0.005, momentum=0.9, weight_decay=0.1)
+        other = compat.param_groups(
+            pt.RMSprop,
+            [{"params": ["w"]}, {"params": ["b"], "lr": 0.01}],
+            lr=0.005,
+            momentum=0.9,
+            weight_decay=0.1,
+        )
         with pytest.raises(ValueError, match=r"\['param_groups'\]\[1\]\['weight_decay'\] is 0.0"):
             pt.load_state_dict(other, sd, params)
 

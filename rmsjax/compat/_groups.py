@@ -101,7 +101,7 @@ class ParamGroups(optax.GradientTransformationExtraArgs):
         included) for that group. Raises ``ValueError`` for a group that selects no leaf
         and for a leaf that two groups select.
         """
-        return [(_full_kwargs(self.factory, g.kwargs), leaves) for g, leaves in _assign(self, tree)]
+        return [(_full_kwargs(self.factory, g.kwargs), leaves) for g, leaves in _assign(self, tree)]  # pyright: ignore[reportAttributeAccessIssue]  # noqa: E501
 
 
 def _full_kwargs(factory: Callable, kwargs: dict) -> dict:
@@ -115,9 +115,9 @@ def _full_kwargs(factory: Callable, kwargs: dict) -> dict:
 
 def _assign(tx: ParamGroups, tree: PyTree) -> list[tuple[_Group, list[int]]]:
     named = _named_leaves(tree)
-    explicit = [g for g in tx._groups if g.selector is not None]
-    rest = [g for g in tx._groups if g.selector is None]
-    members: dict[int, list[int]] = {g.index: [] for g in tx._groups}
+    explicit = [g for g in tx._groups if g.selector is not None]  # pyright: ignore[reportAttributeAccessIssue]  # noqa: E501
+    rest = [g for g in tx._groups if g.selector is None]  # pyright: ignore[reportAttributeAccessIssue]
+    members: dict[int, list[int]] = {g.index: [] for g in tx._groups}  # pyright: ignore[reportAttributeAccessIssue]  # noqa: E501
     unmatched = []
     for j, (name, leaf) in enumerate(named):
         hits = [g for g in explicit if _selects(g.selector, name, leaf)]
@@ -130,11 +130,11 @@ def _assign(tx: ParamGroups, tree: PyTree) -> list[tuple[_Group, list[int]]]:
             members[hits[0].index].append(j)
         else:
             unmatched.append(j)
-    groups = list(tx._groups)
+    groups = list(tx._groups)  # pyright: ignore[reportAttributeAccessIssue]
     if rest:
         members[rest[0].index] = unmatched
     elif unmatched:
-        implicit = tx._implicit
+        implicit = tx._implicit  # pyright: ignore[reportAttributeAccessIssue]
         groups.append(implicit)
         members[implicit.index] = unmatched
     for g in groups:
@@ -266,15 +266,15 @@ def param_groups(
         for (g, idx), inner in zip(assigned, state.inner_states, strict=True):
             sub_params = None if p_flat is None else [p_flat[j] for j in idx]
             new, inner = g.tx.update([flat[j] for j in idx], inner, sub_params, **extra_args)
-            for j, leaf in zip(idx, new, strict=True):
+            for j, leaf in zip(idx, new, strict=True):  # pyright: ignore[reportArgumentType]
                 out[j] = leaf
             states.append(inner)
         return jax.tree.unflatten(treedef, out), ParamGroupsState(tuple(states))
 
     tx = ParamGroups(init_fn, update_fn)
-    tx.factory = factory
-    tx.defaults = dict(defaults)
-    tx.groups = tuple(dict(g) for g in groups)
-    tx._groups = tuple(built)
-    tx._implicit = implicit
+    tx.factory = factory  # pyright: ignore[reportAttributeAccessIssue]
+    tx.defaults = dict(defaults)  # pyright: ignore[reportAttributeAccessIssue]
+    tx.groups = tuple(dict(g) for g in groups)  # pyright: ignore[reportAttributeAccessIssue]
+    tx._groups = tuple(built)  # pyright: ignore[reportAttributeAccessIssue]
+    tx._implicit = implicit  # pyright: ignore[reportAttributeAccessIssue]
     return tx

@@ -252,7 +252,7 @@ def ema(
         check.check_trees_match(updates, params, what="params", who="use_ema", dtypes="kind")
         iterations = state.count // accumulation_steps
         first = iterations == 0
-        moved = optax.apply_updates(params, updates)
+        moved = optax.apply_updates(params, updates)  # pyright: ignore[reportArgumentType]
         averaged = averages.update_leaky_average(state.ema, moved, momentum)
         new = jax.tree.map(lambda a, p, e: jnp.where(first, p.astype(e.dtype), a), averaged, moved, state.ema)
         if overwrite_frequency is not None:

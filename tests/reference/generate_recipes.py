@@ -99,69 +99,161 @@ def versions() -> dict:
 
 
 def _case(name, family, optimizer, kwargs, **extra):
-    return {"name": name, "family": family, "optimizer": optimizer, "kwargs": kwargs,
-            "schedule": None, "complex": False, **extra}
+    return {
+        "name": name,
+        "family": family,
+        "optimizer": optimizer,
+        "kwargs": kwargs,
+        "schedule": None,
+        "complex": False,
+        **extra,
+    }
 
 
 CASES = [
     # ---- timm RMSpropTF
     _case("timm_rmsproptf_default", "timm", "RMSpropTF", {}),
     _case("timm_rmsproptf_momentum", "timm", "RMSpropTF", {"lr": 0.005, "momentum": 0.9}),
-    _case("timm_rmsproptf_centered", "timm", "RMSpropTF",
-          {"lr": 0.005, "centered": True, "momentum": 0.8, "eps": 1e-3}),
-    _case("timm_rmsproptf_wd_coupled", "timm", "RMSpropTF",
-          {"lr": 0.005, "weight_decay": 0.1, "momentum": 0.9}),
-    _case("timm_rmsproptf_wd_decoupled", "timm", "RMSpropTF",
-          {"lr": 0.005, "weight_decay": 0.5, "momentum": 0.9, "decoupled_decay": True}),
-    _case("timm_rmsproptf_lr_outside_momentum", "timm", "RMSpropTF",
-          {"lr": 0.005, "momentum": 0.9, "lr_in_momentum": False}, schedule=S),
-    _case("timm_rmsproptf_schedule", "timm", "RMSpropTF",
-          {"lr": 0.01, "momentum": 0.9, "alpha": 0.95}, schedule=S),
-    _case("timm_rmsproptf_schedule_decoupled", "timm", "RMSpropTF",
-          {"lr": 0.01, "weight_decay": 0.5, "decoupled_decay": True, "centered": True}, schedule=S),
+    _case(
+        "timm_rmsproptf_centered",
+        "timm",
+        "RMSpropTF",
+        {"lr": 0.005, "centered": True, "momentum": 0.8, "eps": 1e-3},
+    ),
+    _case(
+        "timm_rmsproptf_wd_coupled", "timm", "RMSpropTF", {"lr": 0.005, "weight_decay": 0.1, "momentum": 0.9}
+    ),
+    _case(
+        "timm_rmsproptf_wd_decoupled",
+        "timm",
+        "RMSpropTF",
+        {"lr": 0.005, "weight_decay": 0.5, "momentum": 0.9, "decoupled_decay": True},
+    ),
+    _case(
+        "timm_rmsproptf_lr_outside_momentum",
+        "timm",
+        "RMSpropTF",
+        {"lr": 0.005, "momentum": 0.9, "lr_in_momentum": False},
+        schedule=S,
+    ),
+    _case(
+        "timm_rmsproptf_schedule",
+        "timm",
+        "RMSpropTF",
+        {"lr": 0.01, "momentum": 0.9, "alpha": 0.95},
+        schedule=S,
+    ),
+    _case(
+        "timm_rmsproptf_schedule_decoupled",
+        "timm",
+        "RMSpropTF",
+        {"lr": 0.01, "weight_decay": 0.5, "decoupled_decay": True, "centered": True},
+        schedule=S,
+    ),
     # ---- parameter groups (PyTorch group order: w's group, then b's)
-    _case("groups_rmsprop_momentum_no_bias_decay", "groups", "RMSprop",
-          {"lr": 0.005, "momentum": 0.9, "weight_decay": 0.1},
-          groups=[{"params": ["w"]}, {"params": ["b"], "weight_decay": 0.0, "lr": 0.01}]),
-    _case("groups_adam_betas", "groups", "Adam", {"lr": 0.01},
-          groups=[{"params": ["w"], "betas": [0.8, 0.9]}, {"params": ["b"], "amsgrad": True}]),
-    _case("groups_sgd_momentum", "groups", "SGD", {"lr": 0.02, "weight_decay": 0.05},
-          groups=[{"params": ["w"], "momentum": 0.9, "nesterov": True},
-                  {"params": ["b"], "momentum": 0.0, "lr": 0.01}]),
-    _case("groups_rmsprop_schedule", "groups", "RMSprop", {"lr": 0.005, "momentum": 0.9},
-          groups=[{"params": ["w"]}, {"params": ["b"], "lr": 0.01, "centered": True}],
-          lambdas=[None, {"step_size": 15, "gamma": 0.5}]),
-    _case("groups_timm_decoupled", "groups", "RMSpropTF", {"lr": 0.005, "momentum": 0.9},
-          groups=[{"params": ["w"], "weight_decay": 0.5, "decoupled_decay": True},
-                  {"params": ["b"], "lr_in_momentum": False}]),
+    _case(
+        "groups_rmsprop_momentum_no_bias_decay",
+        "groups",
+        "RMSprop",
+        {"lr": 0.005, "momentum": 0.9, "weight_decay": 0.1},
+        groups=[{"params": ["w"]}, {"params": ["b"], "weight_decay": 0.0, "lr": 0.01}],
+    ),
+    _case(
+        "groups_adam_betas",
+        "groups",
+        "Adam",
+        {"lr": 0.01},
+        groups=[{"params": ["w"], "betas": [0.8, 0.9]}, {"params": ["b"], "amsgrad": True}],
+    ),
+    _case(
+        "groups_sgd_momentum",
+        "groups",
+        "SGD",
+        {"lr": 0.02, "weight_decay": 0.05},
+        groups=[
+            {"params": ["w"], "momentum": 0.9, "nesterov": True},
+            {"params": ["b"], "momentum": 0.0, "lr": 0.01},
+        ],
+    ),
+    _case(
+        "groups_rmsprop_schedule",
+        "groups",
+        "RMSprop",
+        {"lr": 0.005, "momentum": 0.9},
+        groups=[{"params": ["w"]}, {"params": ["b"], "lr": 0.01, "centered": True}],
+        lambdas=[None, {"step_size": 15, "gamma": 0.5}],
+    ),
+    _case(
+        "groups_timm_decoupled",
+        "groups",
+        "RMSpropTF",
+        {"lr": 0.005, "momentum": 0.9},
+        groups=[
+            {"params": ["w"], "weight_decay": 0.5, "decoupled_decay": True},
+            {"params": ["b"], "lr_in_momentum": False},
+        ],
+    ),
     # ---- checkpoints: saved after SAVE_AT steps, PyTorch order = jax.tree.leaves order (b, w)
     _case("ckpt_rmsprop_default", "ckpt", "RMSprop", {}),
     _case("ckpt_rmsprop_momentum", "ckpt", "RMSprop", {"lr": 0.005, "momentum": 0.9}),
-    _case("ckpt_rmsprop_centered_momentum_wd", "ckpt", "RMSprop",
-          {"lr": 0.005, "alpha": 0.95, "centered": True, "momentum": 0.8, "weight_decay": 0.1}),
-    _case("ckpt_rmsprop_schedule_maximize", "ckpt", "RMSprop",
-          {"momentum": 0.9, "maximize": True, "weight_decay": 0.05}, schedule=S),
-    _case("ckpt_rmsprop_complex", "ckpt", "RMSprop",
-          {"centered": True, "momentum": 0.5, "weight_decay": 0.1}, complex=True),
-    _case("ckpt_adagrad_lr_decay", "ckpt", "Adagrad",
-          {"lr": 0.2, "lr_decay": 0.05, "weight_decay": 0.1, "initial_accumulator_value": 0.1}),
+    _case(
+        "ckpt_rmsprop_centered_momentum_wd",
+        "ckpt",
+        "RMSprop",
+        {"lr": 0.005, "alpha": 0.95, "centered": True, "momentum": 0.8, "weight_decay": 0.1},
+    ),
+    _case(
+        "ckpt_rmsprop_schedule_maximize",
+        "ckpt",
+        "RMSprop",
+        {"momentum": 0.9, "maximize": True, "weight_decay": 0.05},
+        schedule=S,
+    ),
+    _case(
+        "ckpt_rmsprop_complex",
+        "ckpt",
+        "RMSprop",
+        {"centered": True, "momentum": 0.5, "weight_decay": 0.1},
+        complex=True,
+    ),
+    _case(
+        "ckpt_adagrad_lr_decay",
+        "ckpt",
+        "Adagrad",
+        {"lr": 0.2, "lr_decay": 0.05, "weight_decay": 0.1, "initial_accumulator_value": 0.1},
+    ),
     _case("ckpt_adagrad_complex", "ckpt", "Adagrad", {"lr": 0.1}, complex=True),
     _case("ckpt_adam_default", "ckpt", "Adam", {"lr": 0.01}),
     _case("ckpt_adam_amsgrad_wd", "ckpt", "Adam", {"lr": 0.01, "amsgrad": True, "weight_decay": 0.1}),
     _case("ckpt_adam_complex", "ckpt", "Adam", {"lr": 0.01, "amsgrad": True}, complex=True),
-    _case("ckpt_adamw_amsgrad", "ckpt", "AdamW",
-          {"lr": 0.01, "weight_decay": 0.2, "amsgrad": True, "eps": 0.01}),
+    _case(
+        "ckpt_adamw_amsgrad", "ckpt", "AdamW", {"lr": 0.01, "weight_decay": 0.2, "amsgrad": True, "eps": 0.01}
+    ),
     _case("ckpt_adamw_schedule", "ckpt", "AdamW", {"lr": 0.02, "weight_decay": 0.1}, schedule=S),
     _case("ckpt_adadelta_default", "ckpt", "Adadelta", {}),
     _case("ckpt_adadelta_wd", "ckpt", "Adadelta", {"lr": 0.5, "rho": 0.8, "eps": 1e-3, "weight_decay": 0.1}),
     _case("ckpt_sgd_plain", "ckpt", "SGD", {"lr": 0.02}),
-    _case("ckpt_sgd_momentum_dampening", "ckpt", "SGD",
-          {"lr": 0.02, "momentum": 0.9, "dampening": 0.5, "weight_decay": 0.1}),
-    _case("ckpt_sgd_nesterov_schedule", "ckpt", "SGD", {"lr": 0.02, "momentum": 0.9, "nesterov": True},
-          schedule=S),
+    _case(
+        "ckpt_sgd_momentum_dampening",
+        "ckpt",
+        "SGD",
+        {"lr": 0.02, "momentum": 0.9, "dampening": 0.5, "weight_decay": 0.1},
+    ),
+    _case(
+        "ckpt_sgd_nesterov_schedule",
+        "ckpt",
+        "SGD",
+        {"lr": 0.02, "momentum": 0.9, "nesterov": True},
+        schedule=S,
+    ),
     _case("ckpt_sgd_complex", "ckpt", "SGD", {"lr": 0.02, "momentum": 0.9}, complex=True),
-    _case("ckpt_groups_rmsprop", "ckpt", "RMSprop", {"lr": 0.005, "momentum": 0.9, "weight_decay": 0.1},
-          groups=[{"params": ["w"]}, {"params": ["b"], "weight_decay": 0.0, "lr": 0.01}]),
+    _case(
+        "ckpt_groups_rmsprop",
+        "ckpt",
+        "RMSprop",
+        {"lr": 0.005, "momentum": 0.9, "weight_decay": 0.1},
+        groups=[{"params": ["w"]}, {"params": ["b"], "weight_decay": 0.0, "lr": 0.01}],
+    ),
     # ---- float32 end-to-end recipe
     {"name": "recipe_mlp_float32", "family": "recipe"},
 ]
@@ -192,6 +284,7 @@ def _schedulers(case, opt):
         spec = case["schedule"]
         return torch.optim.lr_scheduler.StepLR(opt, step_size=spec["step_size"], gamma=spec["gamma"])
     if case.get("lambdas"):
+
         def factor(spec):
             if spec is None:
                 return lambda step: 1.0
@@ -204,8 +297,10 @@ def _schedulers(case, opt):
 def _torch_groups(case, tensors):
     """PyTorch's group list and the leaf name of each PyTorch index."""
     if case.get("groups"):
-        spec = [{**{k: v for k, v in g.items() if k != "params"},
-                 "params": [tensors[n] for n in g["params"]]} for g in case["groups"]]
+        spec = [
+            {**{k: v for k, v in g.items() if k != "params"}, "params": [tensors[n] for n in g["params"]]}
+            for g in case["groups"]
+        ]
         order = [n for g in case["groups"] for n in g["params"]]
     else:
         order = sorted(LEAVES)  # = jax.tree.leaves({"w": ..., "b": ...})
@@ -229,8 +324,10 @@ def run_problem(case, init, coef, *, save_at=None):
     for step in range(STEPS):
         if save_at is not None and step == save_at:
             saved = copy.deepcopy(opt.state_dict())  # load_state_dict keeps tensors by reference
-            checkpoint = ({n: t.detach().clone() for n, t in tensors.items()},
-                          None if sched is None else sched.state_dict())
+            checkpoint = (
+                {n: t.detach().clone() for n, t in tensors.items()},
+                None if sched is None else sched.state_dict(),
+            )
         with torch.no_grad():
             for n in LEAVES:
                 p, c = tensors[n], co[n]
@@ -281,9 +378,15 @@ def build_problem_case(case, vers):
         used["timm"] = vers["timm"]
     framework = "timm" if case["optimizer"] == "RMSpropTF" else "torch"
     meta = {
-        "framework": framework, "optimizer": case["optimizer"], "kwargs": case["kwargs"],
-        "schedule": case["schedule"], "complex": case["complex"], "steps": STEPS,
-        "leaves": list(LEAVES), "versions": used, "torch_order": order,
+        "framework": framework,
+        "optimizer": case["optimizer"],
+        "kwargs": case["kwargs"],
+        "schedule": case["schedule"],
+        "complex": case["complex"],
+        "steps": STEPS,
+        "leaves": list(LEAVES),
+        "versions": used,
+        "torch_order": order,
     }
     for key in ("groups", "lambdas"):
         if case.get(key):
@@ -309,8 +412,17 @@ def build_problem_case(case, vers):
 # --------------------------------------------------------------------------- the float32 recipe
 
 RECIPE = {
-    "inputs": 8, "hidden": 32, "classes": 4, "samples": 256, "batch": 32, "steps": 300,
-    "lr": 0.01, "alpha": 0.99, "eps": 1e-8, "momentum": 0.9, "weight_decay": 1e-4,
+    "inputs": 8,
+    "hidden": 32,
+    "classes": 4,
+    "samples": 256,
+    "batch": 32,
+    "steps": 300,
+    "lr": 0.01,
+    "alpha": 0.99,
+    "eps": 1e-8,
+    "momentum": 0.9,
+    "weight_decay": 1e-4,
     "warmup": {"start_factor": 0.1, "end_factor": 1.0, "total_iters": 20},
     "step": {"step_size": 100, "gamma": 0.5},
 }
@@ -323,7 +435,9 @@ def recipe_data():
     x = rng.standard_normal((r["samples"], r["inputs"])).astype(np.float32)
     teacher = rng.standard_normal((r["inputs"], r["classes"]))
     y = np.argmax(np.tanh(x @ teacher) + 0.3 * rng.standard_normal((r["samples"], r["classes"])), axis=1)
-    order = np.concatenate([rng.permutation(r["samples"]) for _ in range(r["steps"] * r["batch"] // r["samples"] + 1)])
+    order = np.concatenate(
+        [rng.permutation(r["samples"]) for _ in range(r["steps"] * r["batch"] // r["samples"] + 1)]
+    )
     batches = order[: r["steps"] * r["batch"]].reshape(r["steps"], r["batch"])
 
     def uniform(shape, fan_in):
@@ -352,8 +466,12 @@ def run_recipe(init, x, y, batches, *, foreach=False, grad_nudge=None):
     t = {k: torch.tensor(v).requires_grad_(True) for k, v in init.items()}
     opt = torch.optim.RMSprop(
         [{"params": [t["w1"], t["w2"]]}, {"params": [t["b1"], t["b2"]], "weight_decay": 0.0}],
-        lr=r["lr"], alpha=r["alpha"], eps=r["eps"], momentum=r["momentum"],
-        weight_decay=r["weight_decay"], foreach=foreach,
+        lr=r["lr"],
+        alpha=r["alpha"],
+        eps=r["eps"],
+        momentum=r["momentum"],
+        weight_decay=r["weight_decay"],
+        foreach=foreach,
     )
     warm = torch.optim.lr_scheduler.LinearLR(opt, **r["warmup"])
     decay = torch.optim.lr_scheduler.StepLR(opt, **r["step"])
@@ -385,8 +503,9 @@ def nudged(init, k):
     out = {}
     for name, value in init.items():
         up = rng.random(value.shape) < 0.5
-        out[name] = np.where(up, np.nextafter(value, np.float32(np.inf)),
-                             np.nextafter(value, np.float32(-np.inf))).astype(np.float32)
+        out[name] = np.where(
+            up, np.nextafter(value, np.float32(np.inf)), np.nextafter(value, np.float32(-np.inf))
+        ).astype(np.float32)
     return out
 
 
@@ -399,15 +518,29 @@ def build_recipe(case, vers):
     floor_grad = np.max(np.abs(grad_runs - losses), axis=0)
     floor = np.maximum(floor_init, floor_grad)
     foreach_losses, _ = run_recipe(init, x, y, batches, foreach=True)
-    meta = {"recipe": RECIPE, "nudges": NUDGES, "versions": {"numpy": vers["numpy"], "torch": vers["torch"]},
-            "foreach_gap": float(np.max(np.abs(foreach_losses - losses))),
-            "floor": "floor[t] = max(floor_init[t], floor_grad[t]); floor_init[t] = max over NUDGES runs of "
-                     "|loss_k[t] - loss[t]|, run k starting from the initial weights each moved by one ulp in a "
-                     "random direction; floor_grad[t]: the same for runs whose gradients are each moved by one "
-                     "ulp in a random direction at every step"}
-    arrays = {"meta": np.array(json.dumps(meta, sort_keys=True)), "x": x, "y": y, "batches": batches,
-              "losses": losses, "lrs": lrs, "floor": floor, "floor_init": floor_init,
-              "floor_grad": floor_grad, "nudged_losses": runs, "grad_nudged_losses": grad_runs}
+    meta = {
+        "recipe": RECIPE,
+        "nudges": NUDGES,
+        "versions": {"numpy": vers["numpy"], "torch": vers["torch"]},
+        "foreach_gap": float(np.max(np.abs(foreach_losses - losses))),
+        "floor": "floor[t] = max(floor_init[t], floor_grad[t]); floor_init[t] = max over NUDGES runs of "
+        "|loss_k[t] - loss[t]|, run k starting from the initial weights each moved by one ulp in a "
+        "random direction; floor_grad[t]: the same for runs whose gradients are each moved by one "
+        "ulp in a random direction at every step",
+    }
+    arrays = {
+        "meta": np.array(json.dumps(meta, sort_keys=True)),
+        "x": x,
+        "y": y,
+        "batches": batches,
+        "losses": losses,
+        "lrs": lrs,
+        "floor": floor,
+        "floor_init": floor_init,
+        "floor_grad": floor_grad,
+        "nudged_losses": runs,
+        "grad_nudged_losses": grad_runs,
+    }
     for name, value in init.items():
         arrays[f"init_{name}"] = value
     return arrays
@@ -421,7 +554,9 @@ def build(case, vers):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--check", action="store_true", help="compare with the committed fixtures, write nothing")
+    parser.add_argument(
+        "--check", action="store_true", help="compare with the committed fixtures, write nothing"
+    )
     parser.add_argument("--only", default=None, help="run only cases whose name contains this string")
     args = parser.parse_args(argv)
     vers = versions()

@@ -82,7 +82,7 @@ def _parts(state: Any) -> list:
     if isinstance(state, tuple) and hasattr(state, "_fields"):
         if any(isinstance(state, t) for t in (*_SCALINGS, T.MomentumState, T.ScaleByLearningRateState)):
             return [state]
-        if "count" in state._fields:
+        if "count" in state._fields:  # pyright: ignore[reportAttributeAccessIssue]
             return [state]
         return [p for x in state for p in _parts(x)]
     if isinstance(state, (tuple, list)):
@@ -171,7 +171,7 @@ def _groups_of(tx, opt_state, params) -> tuple[list[_Group], Callable | None]:
         if len(states) != len(assigned):
             raise ValueError(f"opt_state has {len(states)} groups, tx gives {len(assigned)} for params")
         pairs = enumerate(zip(assigned, states, strict=True))
-        return [_Group(s, idx, hyper, i) for i, ((hyper, idx), s) in pairs], tx.factory
+        return [_Group(s, idx, hyper, i) for i, ((hyper, idx), s) in pairs], tx.factory  # pyright: ignore[reportAttributeAccessIssue]  # noqa: E501
     if isinstance(opt_state, _groups.ParamGroupsState):
         raise TypeError("opt_state is a param_groups state: pass the param_groups transformation as tx")
     n = len(jax.tree.leaves(params))
@@ -193,7 +193,7 @@ def _torch_order(groups: list[_Group], names: list[str], order) -> dict[int, int
             else:
                 flat.append(int(item))
     if sorted(flat) != list(range(n)):
-        raise ValueError(f"order must list each of the {n} parameters exactly once, got {list(order)}")
+        raise ValueError(f"order must list each of the {n} parameters exactly once, got {list(order)}")  # pyright: ignore[reportArgumentType]  # noqa: E501
     return {j: i for i, j in enumerate(flat)}
 
 
@@ -214,7 +214,7 @@ def _as_torch(array: np.ndarray, kind: str) -> Any:
         return array
     import torch
 
-    return torch.from_numpy(np.array(array, copy=True))
+    return torch.from_numpy(np.array(array, copy=True))  # pyright: ignore[reportAttributeAccessIssue]
 
 
 def _step_value(step: int, kind: str) -> Any:
@@ -222,7 +222,7 @@ def _step_value(step: int, kind: str) -> Any:
         return np.asarray(float(step), np.float32)
     import torch
 
-    return torch.tensor(float(step), dtype=torch.float32)
+    return torch.tensor(float(step), dtype=torch.float32)  # pyright: ignore[reportAttributeAccessIssue]
 
 
 def _array_kind(arrays: str) -> str:
@@ -577,5 +577,5 @@ def _import_leaf(value, like, param, name, i, key, layout) -> jax.Array:
             f"({name!r}) has shape {tuple(param.shape)}; pass layout= to convert"
         )
     if np.iscomplexobj(array) and not jnp.iscomplexobj(like):
-        array = np.stack([array.real, array.imag], axis=-1)
+        array = np.stack([array.real, array.imag], axis=-1)  # pyright: ignore[reportAttributeAccessIssue]
     return jnp.asarray(array.astype(like.dtype))

@@ -757,7 +757,7 @@ def SequentialLR(lr, schedulers, milestones, *, steps_per_epoch=1) -> TorchSched
                 f"{where} must have steps_per_epoch=1 (give it to SequentialLR), got {part.steps_per_epoch}"
             )
         # parts before `first` (milestones at 0) never run
-        program = part._fresh if j <= first else part._restarted
+        program = part._fresh if j <= first else part._restarted  # pyright: ignore[reportAssignmentType]
         if program is None:
             raise ValueError(f"{where}: PyTorch divides by zero restarting {part.name} with total_iters=0")
         programs.append(program)
@@ -928,4 +928,4 @@ def ReduceLROnPlateau(
         new_state = jax.tree.map(lambda a, b: jnp.where(done, a, b), ended, running)
         return updates, new_state
 
-    return ReduceLROnPlateauTransformation(init_fn, update_fn)
+    return ReduceLROnPlateauTransformation(init_fn, update_fn)  # pyright: ignore[reportArgumentType]
