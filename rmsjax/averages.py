@@ -121,8 +121,9 @@ def _as(value: Scalar, dtype: Any) -> jax.Array:
     real.
     """
     if _is_concrete(value):
-        # A NumPy scalar of ``dtype``: a literal in the traced program, with no array made.
-        return np.asarray(value, dtype=dtype)[()]  # pyright: ignore[reportReturnType]
+        # A jax scalar (never a NumPy one: NumPy would do the arithmetic itself when the
+        # other operand is a NumPy array, e.g. a state just restored from a checkpoint).
+        return jnp.asarray(np.asarray(value, dtype=dtype))  # pyright: ignore[reportReturnType]
     value = jnp.asarray(value)
     if jnp.iscomplexobj(value) and not jnp.issubdtype(jnp.dtype(dtype), jnp.complexfloating):
         value = jnp.real(value)
