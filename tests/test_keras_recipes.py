@@ -25,6 +25,10 @@ import pytest
 from rmsjax.compat import keras as kc
 from rmsjax.compat.keras import schedules as ks
 
+# Recorded-framework fixtures (hundreds of cases): run by the default `pytest`, left out of
+# the pinned-version CI stages (-m "not slow"), which check the core on other jax versions.
+pytestmark = pytest.mark.slow
+
 FIXTURES = Path(__file__).resolve().parent / "reference" / "fixtures_keras"
 OLD_FIXTURES = Path(__file__).resolve().parent / "reference" / "fixtures"
 RUNS = sorted(p.stem for p in FIXTURES.glob("keras_*.npz"))

@@ -23,6 +23,10 @@ import pytest
 from rmsjax.compat import torch as pt
 from rmsjax.compat.torch import lr_scheduler as lrs
 
+# Recorded-framework fixtures (hundreds of cases): run by the default `pytest`, left out of
+# the pinned-version CI stages (-m "not slow"), which check the core on other jax versions.
+pytestmark = pytest.mark.slow
+
 FIXTURE = Path(__file__).parent / "reference" / "fixtures_schedulers" / "schedulers.json"
 DATA = json.loads(FIXTURE.read_text())
 CONFIGS = {c["name"]: c for c in DATA["configurations"]}

@@ -15,6 +15,10 @@ from recipe_fixtures import RTOL32, RTOL64, load, make, names, problem, relative
 
 from rmsjax import compat
 
+# Recorded-framework fixtures (hundreds of cases): run by the default `pytest`, left out of
+# the pinned-version CI stages (-m "not slow"), which check the core on other jax versions.
+pytestmark = pytest.mark.slow
+
 pt = compat.torch
 TIMM = names("timm_")
 GROUPS = names("groups_")

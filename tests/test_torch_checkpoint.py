@@ -36,6 +36,10 @@ from recipe_fixtures import (
 
 from rmsjax import compat
 
+# Recorded-framework fixtures (hundreds of cases): run by the default `pytest`, left out of
+# the pinned-version CI stages (-m "not slow"), which check the core on other jax versions.
+pytestmark = pytest.mark.slow
+
 pt = compat.torch
 CKPT = names("ckpt_")
 
