@@ -679,7 +679,10 @@ def _is_variable(x: Any) -> bool:
 
 
 def _value(x: Any) -> Any:
-    return x.get_value() if _is_variable(x) else x
+    if not _is_variable(x):
+        return x
+    # Flax >= 0.12.x has Variable.get_value(); older ones (0.12.0, the tested floor) only .value.
+    return x.get_value() if hasattr(type(x), "get_value") else x.value
 
 
 def _is_centered(x: Any) -> bool:
