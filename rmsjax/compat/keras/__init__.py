@@ -37,6 +37,8 @@ naming the argument, and an argument Keras does not have raises ``TypeError``.
 
 from __future__ import annotations
 
+import re
+import textwrap
 from collections.abc import Callable
 from typing import Any
 
@@ -88,7 +90,12 @@ _SHARED_ARGS = """\
 
 
 def _shared_doc(factory):
-    factory.__doc__ = factory.__doc__.replace("      {shared}\n", _SHARED_ARGS)
+    # The placeholder's indentation depends on the Python version (3.13 dedents docstrings
+    # when compiling), so the shared arguments take whatever indentation it has.
+    doc = factory.__doc__
+    match = re.search(r"^( *)\{shared\}\n", doc, re.MULTILINE)
+    shared = textwrap.indent(textwrap.dedent(_SHARED_ARGS), match.group(1))
+    factory.__doc__ = doc.replace(match.group(0), shared)
     return factory
 
 
