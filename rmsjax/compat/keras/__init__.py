@@ -93,7 +93,9 @@ def _shared_doc(factory):
     # The placeholder's indentation depends on the Python version (3.13 dedents docstrings
     # when compiling), so the shared arguments take whatever indentation it has.
     doc = factory.__doc__
-    match = re.search(r"^( *)\{shared\}\n", doc, re.MULTILINE)
+    match = re.search(r"^( *)\{shared\}\n", doc or "", re.MULTILINE)
+    if match is None or doc is None:
+        raise AssertionError(f"{factory.__name__}'s docstring has no {{shared}} placeholder")
     shared = textwrap.indent(textwrap.dedent(_SHARED_ARGS), match.group(1))
     factory.__doc__ = doc.replace(match.group(0), shared)
     return factory
