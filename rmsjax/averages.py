@@ -161,6 +161,15 @@ class _PerDtype:
         return self._cache[dtype]
 
 
+def _scalar(value: Scalar) -> _PerDtype:
+    """``value`` cast by :func:`_as` to each dtype the leaves ask for, once per dtype per call.
+
+    Making the constant (or casting a traced hyperparameter) once per call rather than once
+    per leaf keeps tracing time per leaf at the arithmetic itself.
+    """
+    return _PerDtype(lambda dtype: _as(value, dtype))
+
+
 def _widest_float() -> jnp.dtype:
     """float64 when ``jax_enable_x64`` is on, else float32."""
     return jnp.dtype(jax.dtypes.canonicalize_dtype(jnp.float64))
@@ -321,11 +330,12 @@ def update_leaky_average(average: PyTree, x: PyTree, decay: Scalar, *, order: in
     Array([0.1, 0.4], dtype=float32)
     """
     keep, take = decay, _complement(decay)
+    keep_as, take_as = _scalar(keep), _scalar(take)
 
     def leaf(s, g):
         value = _moment(g, order)
         dtype = common_compute_dtype(s.dtype, real_dtype(value.dtype))
-        new = _as(keep, dtype) * _cast(s, dtype) + _as(take, dtype) * _cast(value, dtype)
+        new = keep_as(dtype) * _cast(s, dtype) + take_as(dtype) * _cast(value, dtype)
         out = _saturate(new, s.dtype) if order == 2 else _cast(new, s.dtype)
         return _observe("leaky", s, g, out, order=order, keep=keep, take=take)
 
@@ -361,15 +371,16 @@ def update_momentum_buffer(
     """
     undampened = _is_zero(dampening)
     keep = _complement(dampening)
+    decay_as, keep_as = _scalar(decay), _scalar(keep)
     first = count == 0
 
     def leaf(b, g):
         dtype = common_compute_dtype(b.dtype, g.dtype)
         g = _cast(g, dtype)
         if undampened:
-            out = _cast(_as(decay, dtype) * _cast(b, dtype) + g, b.dtype)
+            out = _cast(decay_as(dtype) * _cast(b, dtype) + g, b.dtype)
             return _observe("leaky", b, g, out, order=1, keep=decay, take=1.0)
-        new = _as(decay, dtype) * _cast(b, dtype) + _as(keep, dtype) * g
+        new = decay_as(dtype) * _cast(b, dtype) + keep_as(dtype) * g
         out = _cast(jnp.where(first, g, new), b.dtype)
         return _observe("momentum", b, g, out, order=1, keep=decay, take=keep)
 
@@ -459,14 +470,15 @@ def divide_by_root(x: PyTree, v: PyTree, *, eps: Scalar, eps_root: Scalar = 0.0)
     """
     add_inside, add_outside = not _is_zero(eps_root), not _is_zero(eps)
     guarded = not (_is_positive(eps) or _is_positive(eps_root))
+    eps_as, eps_root_as = _scalar(eps), _scalar(eps_root)
 
     def leaf(g, s):
         dtype = compute_dtype(g.dtype)
         rdtype = real_dtype(dtype)
         s = _cast(s, rdtype)
-        denominator = jnp.sqrt(s + _as(eps_root, rdtype) if add_inside else s)
+        denominator = jnp.sqrt(s + eps_root_as(rdtype) if add_inside else s)
         if add_outside:
-            denominator = denominator + _as(eps, rdtype)
+            denominator = denominator + eps_as(rdtype)
         if guarded:
             return _cast(_divide_or_zero(_cast(g, dtype), denominator), g.dtype)
         return _cast(_cast(g, dtype) / _cast(denominator, dtype), g.dtype)
@@ -481,11 +493,12 @@ def multiply_by_root_ratio(x: PyTree, top: PyTree, bottom: PyTree, *, eps: Scala
     be positive.
     """
     guarded = not _is_positive(eps)
+    eps_as = _scalar(eps)
 
     def leaf(g, a, b):
         dtype = compute_dtype(g.dtype)
         rdtype = real_dtype(dtype)
-        e = _as(eps, rdtype)
+        e = eps_as(rdtype)
         top_root, bottom_root = jnp.sqrt(_cast(a, rdtype) + e), jnp.sqrt(_cast(b, rdtype) + e)
         ratio = _divide_or_zero(top_root, bottom_root) if guarded else top_root / bottom_root
         return _cast(_cast(g, dtype) * _cast(ratio, dtype), g.dtype)
@@ -500,10 +513,11 @@ def add_scaled(x: PyTree, y: PyTree, factor: Scalar) -> PyTree:
     >>> add_scaled(jnp.array([1.0]), jnp.array([2.0]), 0.5)
     Array([2.], dtype=float32)
     """
+    factor_as = _scalar(factor)
 
     def leaf(a, b):
         dtype = common_compute_dtype(a.dtype, b.dtype)
-        total = _cast(a, dtype) + _as(factor, dtype) * _cast(b, dtype)
+        total = _cast(a, dtype) + factor_as(dtype) * _cast(b, dtype)
         return _cast(total, a.dtype)
 
     return jax.tree.map(leaf, x, y)
@@ -516,10 +530,11 @@ def scale(x: PyTree, factor: Scalar) -> PyTree:
     >>> scale(jnp.array([2.0], jnp.bfloat16), -0.5)
     Array([-1], dtype=bfloat16)
     """
+    factor_as = _scalar(factor)
 
     def leaf(a):
         dtype = compute_dtype(a.dtype)
-        return _cast(_as(factor, dtype) * _cast(a, dtype), a.dtype)
+        return _cast(factor_as(dtype) * _cast(a, dtype), a.dtype)
 
     return jax.tree.map(leaf, x)
 
