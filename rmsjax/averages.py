@@ -405,7 +405,7 @@ def bias_correction(average: PyTree, decay: Scalar, count: jax.Array, *, exact: 
 
     def leaf(s):
         dtype = compute_dtype(s.dtype)
-        return _cast(_cast(s, dtype) / factor(real_dtype(dtype)).astype(dtype), s.dtype)
+        return _cast(_cast(s, dtype) / _cast(factor(real_dtype(dtype)), dtype), s.dtype)
 
     return jax.tree.map(leaf, average)
 
@@ -422,7 +422,7 @@ def multiply_by_root_correction(x: PyTree, decay: Scalar, count: jax.Array, *, e
 
     def leaf(a):
         dtype = compute_dtype(a.dtype)
-        return _cast(_cast(a, dtype) * root(real_dtype(dtype)).astype(dtype), a.dtype)
+        return _cast(_cast(a, dtype) * _cast(root(real_dtype(dtype)), dtype), a.dtype)
 
     return jax.tree.map(leaf, x)
 
@@ -436,7 +436,7 @@ def centered_variance(nu: PyTree, mu: PyTree) -> PyTree:
 
     def leaf(v, m):
         dtype = compute_dtype(v.dtype)
-        variance = _cast(v, dtype) - squared_magnitude(m).astype(dtype)
+        variance = _cast(v, dtype) - _cast(squared_magnitude(m), dtype)
         return jnp.maximum(variance, jnp.zeros((), dtype))
 
     return jax.tree.map(leaf, nu, mu)
