@@ -766,11 +766,8 @@ def _wrap(inner: optax.GradientTransformation, bits: int, block: int, minimum: i
             else:
                 decoded.append(x)
         inner_state = _centered_to_variance(treedef.unflatten(decoded), state.inner, forward=False)
-        averages._MOMENT_OBSERVERS.append(observer)
-        try:
+        with averages._observing(observer):
             updates, new_inner = inner.update(updates, inner_state, params, **extra_args)
-        finally:
-            averages._MOMENT_OBSERVERS.remove(observer)
         new_inner = _centered_to_variance(new_inner, state.inner, forward=True)
         count = state.count + jnp.int32(1)
         leaves = []

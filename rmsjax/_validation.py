@@ -24,6 +24,7 @@ __all__ = [
     "check_state_dtype",
     "check_trees_match",
     "check_unit_interval",
+    "is_concrete",
     "is_concrete_zero",
     "require_params",
 ]
@@ -127,14 +128,18 @@ def check_flag(name: str, value: Any) -> None:
         raise TypeError(f"{name} must be a Python bool, got {value!r} of type {type(value).__name__}")
 
 
+def is_concrete(value: Any) -> bool:
+    """True if ``value`` is a plain number (Python or NumPy scalar), known at trace time.
+
+    Arrays (jax or NumPy), tracers and bools are not: only a plain number lets a formula
+    be chosen, or a part left out, when the update is traced.
+    """
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
 def is_concrete_zero(value: Any) -> bool:
-    """True if ``value`` is a concrete number equal to zero (a jax array never is)."""
-    if isinstance(value, (jax.Array, bool, str)) or value is None:
-        return False
-    try:
-        return float(value) == 0.0
-    except (TypeError, ValueError):
-        return False  # not a number: the factory's own check names it
+    """True if ``value`` is a plain number equal to zero (see :func:`is_concrete`)."""
+    return is_concrete(value) and float(value) == 0.0
 
 
 def require_params(params: Any, who: str) -> None:

@@ -30,6 +30,9 @@ Dtype rules, shared by every function in this module:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -37,6 +40,8 @@ import jax.core  # jax deletes its own alias; named here so type checkers see ja
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
+
+from rmsjax import _validation as check
 
 __all__ = [
     "add_scaled",
@@ -102,11 +107,6 @@ def real_dtype(dtype: Any) -> jnp.dtype:
     return dtype
 
 
-def _is_concrete(value: Any) -> bool:
-    """Whether ``value`` is a plain number, known when the update is traced."""
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-
-
 def _cast(x: jax.Array, dtype: Any) -> jax.Array:
     """``x`` in ``dtype``; ``x`` itself when it already is (no work at trace time)."""
     return x if x.dtype == dtype else x.astype(dtype)
@@ -120,7 +120,7 @@ def _as(value: Scalar, dtype: Any) -> jax.Array:
     dtype, so complex parameters make them complex) keeps its real part when ``dtype`` is
     real.
     """
-    if _is_concrete(value):
+    if check.is_concrete(value):
         # A jax scalar (never a NumPy one: NumPy would do the arithmetic itself when the
         # other operand is a NumPy array, e.g. a state just restored from a checkpoint).
         return jnp.asarray(np.asarray(value, dtype=dtype))  # pyright: ignore[reportReturnType]
@@ -132,7 +132,7 @@ def _as(value: Scalar, dtype: Any) -> jax.Array:
 
 def _complement(value: Scalar) -> Scalar:
     """``1 - value``, once per call: on the host in float64 for a concrete number."""
-    if _is_concrete(value):
+    if check.is_concrete(value):
         return 1.0 - float(value)
     value = jnp.asarray(value)
     return jnp.ones_like(value) - value
@@ -140,12 +140,7 @@ def _complement(value: Scalar) -> Scalar:
 
 def _is_positive(value: Scalar) -> bool:
     """Whether ``value`` is a concrete number known to be > 0 (an array never is)."""
-    return _is_concrete(value) and float(value) > 0
-
-
-def _is_zero(value: Scalar) -> bool:
-    """Whether ``value`` is a concrete zero (an array never is)."""
-    return _is_concrete(value) and float(value) == 0
+    return check.is_concrete(value) and float(value) > 0
 
 
 class _PerDtype:
@@ -187,12 +182,12 @@ def _correction_factor(decay: Scalar, count: jax.Array, exact: bool = False) -> 
     host in float64: within about one ulp of the correctly rounded factor in every dtype.
     A traced ``decay`` always uses the literal formula, in its own dtype.
     """
-    if _is_concrete(decay) and float(decay) == 0.0:
+    if check.is_concrete(decay) and float(decay) == 0.0:
         return _PerDtype(lambda dtype: jnp.ones((), dtype))
-    if _is_concrete(decay) and exact:
+    if check.is_concrete(decay) and exact:
         log_decay = float(np.log(float(decay)))
         return _PerDtype(lambda dtype: -jnp.expm1(_cast(count, dtype) * _as(log_decay, dtype)))
-    if _is_concrete(decay):
+    if check.is_concrete(decay):
         wide = _widest_float()
     else:
         wide = common_compute_dtype(real_dtype(jnp.asarray(decay).dtype), jnp.float32)
@@ -306,15 +301,29 @@ def _saturate(second_moment: jax.Array, dtype: Any) -> jax.Array:
     return _cast(jnp.minimum(second_moment, largest), dtype)
 
 
-# A stack of observers of moment updates: ``rmsjax.quantized`` pushes one while it runs the
-# wrapped update, to learn an upper bound on each new moment's block maxima from the old
-# moment and the input alone (see ``rmsjax._quantization``). Empty otherwise: no cost.
-_MOMENT_OBSERVERS: list = []
+# Observers of moment updates: ``rmsjax.quantized`` installs one while it runs the wrapped
+# update, to learn an upper bound on each new moment's block maxima from the old moment and
+# the input alone (see ``rmsjax._quantization``). A context variable, so that two threads
+# tracing at once never see each other's observer; empty otherwise, and then free.
+_MOMENT_OBSERVERS: contextvars.ContextVar[tuple[Any, ...]] = contextvars.ContextVar(
+    "rmsjax_moment_observers", default=()
+)
+
+
+@contextlib.contextmanager
+def _observing(observer: Any) -> Iterator[None]:
+    """Calls ``observer(kind, old, x, new, **coefficients)`` for each moment update inside."""
+    token = _MOMENT_OBSERVERS.set((*_MOMENT_OBSERVERS.get(), observer))
+    try:
+        yield
+    finally:
+        _MOMENT_OBSERVERS.reset(token)
 
 
 def _observe(kind: str, old: jax.Array, x: jax.Array, new: jax.Array, **coefficients: Any) -> jax.Array:
-    if _MOMENT_OBSERVERS:
-        _MOMENT_OBSERVERS[-1](kind, old, x, new, **coefficients)
+    observers = _MOMENT_OBSERVERS.get()
+    if observers:
+        observers[-1](kind, old, x, new, **coefficients)
     return new
 
 
@@ -369,7 +378,7 @@ def update_momentum_buffer(
     takes ``x`` undampened (PyTorch's convention). With a concrete ``dampening`` of 0 that
     is what ``decay*0 + x`` gives anyway, so the buffer is the plain ``decay*b + x``.
     """
-    undampened = _is_zero(dampening)
+    undampened = check.is_concrete_zero(dampening)
     keep = _complement(dampening)
     decay_as, keep_as = _scalar(decay), _scalar(keep)
     first = count == 0
@@ -399,7 +408,7 @@ def bias_correction(average: PyTree, decay: Scalar, count: jax.Array, *, exact: 
     >>> bias_correction(jnp.array([0.1]), 0.9, jnp.asarray(1, jnp.int32))
     Array([1.], dtype=float32)
     """
-    if _is_zero(decay):
+    if check.is_concrete_zero(decay):
         return average
     factor = _correction_factor(decay, count, exact)
 
@@ -468,7 +477,7 @@ def divide_by_root(x: PyTree, v: PyTree, *, eps: Scalar, eps_root: Scalar = 0.0)
     >>> divide_by_root(jnp.array([2.0]), jnp.array([4.0]), eps=0.0)
     Array([1.], dtype=float32)
     """
-    add_inside, add_outside = not _is_zero(eps_root), not _is_zero(eps)
+    add_inside, add_outside = not check.is_concrete_zero(eps_root), not check.is_concrete_zero(eps)
     guarded = not (_is_positive(eps) or _is_positive(eps_root))
     eps_as, eps_root_as = _scalar(eps), _scalar(eps_root)
 

@@ -600,7 +600,8 @@ class ScaleByLearningRateState(NamedTuple):
     learning_rate: jax.Array
 
 
-def _rate_at(learning_rate: ScalarOrSchedule, count: jax.Array) -> Any:
+def rate_at(learning_rate: ScalarOrSchedule, count: jax.Array) -> Any:
+    """The learning rate at ``count``: a schedule is called, a number or array returned as is."""
     if callable(learning_rate) and not isinstance(learning_rate, jax.Array):
         return learning_rate(count)
     return learning_rate
@@ -637,17 +638,17 @@ def scale_by_learning_rate(
 
     def init_fn(params):
         count = zero_count(params)
-        rate = averages.replicated_like(_readable_rate(_rate_at(learning_rate, count)), params)
+        rate = averages.replicated_like(_readable_rate(rate_at(learning_rate, count)), params)
         return ScaleByLearningRateState(count, rate)
 
     def update_fn(updates, state, params=None):
         del params
-        rate = _rate_at(learning_rate, state.count)
+        rate = rate_at(learning_rate, state.count)
         # A number is negated on the host (one constant per leaf); an array once per update.
-        step = sign * rate if averages._is_concrete(rate) else sign * jnp.asarray(rate)
+        step = sign * rate if check.is_concrete(rate) else sign * jnp.asarray(rate)
         updates = averages.scale(updates, step)
         count = averages.increment_count(state.count)
-        next_rate = _readable_rate(_rate_at(learning_rate, count))
+        next_rate = _readable_rate(rate_at(learning_rate, count))
         return updates, ScaleByLearningRateState(count, next_rate)
 
     return optax.GradientTransformation(init_fn, update_fn)

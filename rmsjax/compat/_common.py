@@ -123,7 +123,7 @@ def decoupled_weight_decay(weight_decay: Any, learning_rate: Any) -> optax.Gradi
     def update_fn(updates, state, params=None):
         check.require_params(params, "decoupled weight decay")
         check.check_trees_match(updates, params, what="params", who="weight_decay", dtypes="kind")
-        rate = jnp.asarray(rate_at(learning_rate, state.count))
+        rate = jnp.asarray(transforms.rate_at(learning_rate, state.count))
         decayed = averages.scale(params, weight_decay)
         updates = averages.add_scaled(updates, decayed, -rate)
         return updates, DecoupledWeightDecayState(count=averages.increment_count(state.count))
@@ -132,13 +132,6 @@ def decoupled_weight_decay(weight_decay: Any, learning_rate: Any) -> optax.Gradi
 
 
 # --------------------------------------------------------------------------- schedules
-
-
-def rate_at(learning_rate: Any, count: jax.Array) -> Any:
-    """The learning rate at ``count`` (a schedule is called, a number returned as is)."""
-    if callable(learning_rate) and not isinstance(learning_rate, jax.Array):
-        return learning_rate(count)
-    return learning_rate
 
 
 def divided_by_decay(learning_rate: Any, lr_decay: Any) -> Any:
@@ -150,7 +143,7 @@ def divided_by_decay(learning_rate: Any, lr_decay: Any) -> Any:
         return learning_rate
 
     def schedule(count):
-        base = jnp.asarray(rate_at(learning_rate, count))
+        base = jnp.asarray(transforms.rate_at(learning_rate, count))
         decay = jnp.asarray(lr_decay)
         # The widest of the two float dtypes, at least float32 (explicit: strict promotion).
         floats = [d for d in (base.dtype, decay.dtype) if jnp.issubdtype(d, jnp.floating)]

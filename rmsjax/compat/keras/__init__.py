@@ -149,6 +149,26 @@ def _check_shared(
         raise TypeError(f"name must be None or a string, got {name!r} of type {type(name).__name__}")
 
 
+_SHARED_OPTIONS = (
+    "weight_decay",
+    "clipnorm",
+    "clipvalue",
+    "global_clipnorm",
+    "use_ema",
+    "ema_momentum",
+    "ema_overwrite_frequency",
+    "loss_scale_factor",
+    "gradient_accumulation_steps",
+    "name",
+    "mask",
+)
+
+
+def _shared_options(arguments: dict[str, Any]) -> dict[str, Any]:
+    """The options every Keras optimizer shares, picked by name from a factory's arguments."""
+    return {key: arguments[key] for key in _SHARED_OPTIONS}
+
+
 def _assemble(
     learning_rate: ScalarOrSchedule,
     optimizer_parts: Parts,
@@ -312,21 +332,7 @@ def RMSprop(
             common.unless_zero(momentum, lambda: transforms.momentum(momentum)),
         ]
 
-    return _assemble(
-        learning_rate,
-        optimizer,
-        weight_decay=weight_decay,
-        clipnorm=clipnorm,
-        clipvalue=clipvalue,
-        global_clipnorm=global_clipnorm,
-        use_ema=use_ema,
-        ema_momentum=ema_momentum,
-        ema_overwrite_frequency=ema_overwrite_frequency,
-        loss_scale_factor=loss_scale_factor,
-        gradient_accumulation_steps=gradient_accumulation_steps,
-        name=name,
-        mask=mask,
-    )
+    return _assemble(learning_rate, optimizer, **_shared_options(locals()))
 
 
 @_shared_doc
@@ -388,21 +394,7 @@ def Adagrad(
             transforms.scale_by_learning_rate(rate),
         ]
 
-    return _assemble(
-        learning_rate,
-        optimizer,
-        weight_decay=weight_decay,
-        clipnorm=clipnorm,
-        clipvalue=clipvalue,
-        global_clipnorm=global_clipnorm,
-        use_ema=use_ema,
-        ema_momentum=ema_momentum,
-        ema_overwrite_frequency=ema_overwrite_frequency,
-        loss_scale_factor=loss_scale_factor,
-        gradient_accumulation_steps=gradient_accumulation_steps,
-        name=name,
-        mask=mask,
-    )
+    return _assemble(learning_rate, optimizer, **_shared_options(locals()))
 
 
 def _adam_checks(learning_rate, beta_1, beta_2, epsilon, amsgrad) -> None:
@@ -482,19 +474,7 @@ def Adam(
     """
     _adam_checks(learning_rate, beta_1, beta_2, epsilon, amsgrad)
     return _assemble(
-        learning_rate,
-        _adam_parts(beta_1, beta_2, epsilon, amsgrad),
-        weight_decay=weight_decay,
-        clipnorm=clipnorm,
-        clipvalue=clipvalue,
-        global_clipnorm=global_clipnorm,
-        use_ema=use_ema,
-        ema_momentum=ema_momentum,
-        ema_overwrite_frequency=ema_overwrite_frequency,
-        loss_scale_factor=loss_scale_factor,
-        gradient_accumulation_steps=gradient_accumulation_steps,
-        name=name,
-        mask=mask,
+        learning_rate, _adam_parts(beta_1, beta_2, epsilon, amsgrad), **_shared_options(locals())
     )
 
 
@@ -554,19 +534,7 @@ def AdamW(
     if weight_decay is None:
         raise TypeError("weight_decay of AdamW must be a real number >= 0, got None (as in Keras)")
     return _assemble(
-        learning_rate,
-        _adam_parts(beta_1, beta_2, epsilon, amsgrad),
-        weight_decay=weight_decay,
-        clipnorm=clipnorm,
-        clipvalue=clipvalue,
-        global_clipnorm=global_clipnorm,
-        use_ema=use_ema,
-        ema_momentum=ema_momentum,
-        ema_overwrite_frequency=ema_overwrite_frequency,
-        loss_scale_factor=loss_scale_factor,
-        gradient_accumulation_steps=gradient_accumulation_steps,
-        name=name,
-        mask=mask,
+        learning_rate, _adam_parts(beta_1, beta_2, epsilon, amsgrad), **_shared_options(locals())
     )
 
 
@@ -625,21 +593,7 @@ def Adadelta(
     def optimizer(rate):
         return [transforms.scale_by_adadelta(rho, epsilon), transforms.scale_by_learning_rate(rate)]
 
-    return _assemble(
-        learning_rate,
-        optimizer,
-        weight_decay=weight_decay,
-        clipnorm=clipnorm,
-        clipvalue=clipvalue,
-        global_clipnorm=global_clipnorm,
-        use_ema=use_ema,
-        ema_momentum=ema_momentum,
-        ema_overwrite_frequency=ema_overwrite_frequency,
-        loss_scale_factor=loss_scale_factor,
-        gradient_accumulation_steps=gradient_accumulation_steps,
-        name=name,
-        mask=mask,
-    )
+    return _assemble(learning_rate, optimizer, **_shared_options(locals()))
 
 
 @_shared_doc
@@ -703,21 +657,7 @@ def Adamax(
     def optimizer(rate):
         return [parts.scale_by_adamax(beta_1, beta_2, epsilon), transforms.scale_by_learning_rate(rate)]
 
-    return _assemble(
-        learning_rate,
-        optimizer,
-        weight_decay=weight_decay,
-        clipnorm=clipnorm,
-        clipvalue=clipvalue,
-        global_clipnorm=global_clipnorm,
-        use_ema=use_ema,
-        ema_momentum=ema_momentum,
-        ema_overwrite_frequency=ema_overwrite_frequency,
-        loss_scale_factor=loss_scale_factor,
-        gradient_accumulation_steps=gradient_accumulation_steps,
-        name=name,
-        mask=mask,
-    )
+    return _assemble(learning_rate, optimizer, **_shared_options(locals()))
 
 
 @_shared_doc
@@ -789,21 +729,7 @@ def Nadam(
     def optimizer(rate):
         return [parts.scale_by_nadam(beta_1, beta_2, epsilon), transforms.scale_by_learning_rate(rate)]
 
-    return _assemble(
-        learning_rate,
-        optimizer,
-        weight_decay=weight_decay,
-        clipnorm=clipnorm,
-        clipvalue=clipvalue,
-        global_clipnorm=global_clipnorm,
-        use_ema=use_ema,
-        ema_momentum=ema_momentum,
-        ema_overwrite_frequency=ema_overwrite_frequency,
-        loss_scale_factor=loss_scale_factor,
-        gradient_accumulation_steps=gradient_accumulation_steps,
-        name=name,
-        mask=mask,
-    )
+    return _assemble(learning_rate, optimizer, **_shared_options(locals()))
 
 
 @_shared_doc
@@ -869,18 +795,4 @@ def SGD(
             common.unless_zero(momentum, lambda: transforms.momentum(momentum, nesterov=nesterov)),
         ]
 
-    return _assemble(
-        learning_rate,
-        optimizer,
-        weight_decay=weight_decay,
-        clipnorm=clipnorm,
-        clipvalue=clipvalue,
-        global_clipnorm=global_clipnorm,
-        use_ema=use_ema,
-        ema_momentum=ema_momentum,
-        ema_overwrite_frequency=ema_overwrite_frequency,
-        loss_scale_factor=loss_scale_factor,
-        gradient_accumulation_steps=gradient_accumulation_steps,
-        name=name,
-        mask=mask,
-    )
+    return _assemble(learning_rate, optimizer, **_shared_options(locals()))

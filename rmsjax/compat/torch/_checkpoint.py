@@ -246,7 +246,7 @@ def _plain(value: Any) -> Any:
 
 
 def _rate(lr: Any, step: int) -> float:
-    return float(np.asarray(common.rate_at(lr, jnp.asarray(step, jnp.int32))))
+    return float(np.asarray(T.rate_at(lr, jnp.asarray(step, jnp.int32))))
 
 
 # --------------------------------------------------------------------------- state_dict
