@@ -50,6 +50,41 @@ def test_dead_terms_are_not_emitted():
     assert damped > undamped
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: rmsjax.rmsprop(0.1, eps=1e-8, momentum=0.9, weight_decay=0.01),
+        lambda: rmsjax.adamw(0.1, weight_decay=0.01),
+        lambda: optax.inject_hyperparams(rmsjax.rmsprop)(learning_rate=0.1, decay=0.9, eps=1e-8),
+    ],
+    ids=["rmsprop", "adamw", "injected rmsprop"],
+)
+def test_hyperparameter_scalars_are_made_once_per_call_not_per_leaf(make, monkeypatch):
+    """Tracing a step on 20 leaves makes no more hyperparameter scalars than on 1 leaf."""
+    from rmsjax import averages
+
+    calls = []
+    original = averages._as
+
+    def counting(value, dtype):
+        calls.append(dtype)
+        return original(value, dtype)
+
+    monkeypatch.setattr(averages, "_as", counting)
+
+    def made(leaves: int) -> int:
+        tx = make()
+        params = {f"w{i}": jnp.ones(3) for i in range(leaves)}
+        state = tx.init(params)
+        calls.clear()
+        jax.jit(program_size._step(tx)).trace(params, state, params)
+        return len(calls)
+
+    one, twenty = made(1), made(20)
+    assert one > 0
+    assert twenty == one, (one, twenty)
+
+
 # ---------------------------------------------------------------- float32 against optax
 
 

@@ -500,3 +500,26 @@ def test_benchmark_smoke(tmp_path):
     assert memory[("adam", 32)] == pytest.approx(8.0, rel=1e-3)
     assert memory[("adam", 8)] < 2.1
     assert all(row["ratio"] > 0 for row in result["speed"])
+
+
+def test_moment_observer_is_seen_only_inside_its_own_context():
+    """quantized's observer of moment updates: not after the block, not in another thread."""
+    import threading
+
+    from rmsjax import averages
+
+    seen = []
+
+    def observer(kind, old, x, new, **coefficients):
+        seen.append(kind)
+
+    def update():
+        averages.update_leaky_average(jnp.zeros(2), jnp.ones(2), 0.9)
+
+    with averages._observing(observer):
+        update()
+        other = threading.Thread(target=update)
+        other.start()
+        other.join()
+    update()
+    assert seen == ["leaky"]
