@@ -7,8 +7,9 @@ rmsjax and for optax's equivalent optimizer (same hyperparameters, the same math
   on 1 and on 11 leaves of shape (8,) (the difference over 10);
 * ``compile s``: trace + lower + compile time of the step on N leaves of shape (64,), for
   each N in ``--leaves`` (400 and 5000 by default), measured side by side in one process,
-  alternating rmsjax and optax, the median of ``--trials`` runs each (``--large-trials``
-  for N above 1000, where one compile takes from half a minute to minutes).
+  alternating rmsjax and optax (and which goes first), after a garbage collection, the
+  median of ``--trials`` runs each (``--large-trials`` for N above 1000, where one compile
+  takes from half a minute to minutes).
 
 optax is lowered under ``jax.numpy_dtype_promotion("standard")`` (it mixes Python floats with
 int32 counters, which strict promotion rejects). Prints a Markdown table and writes
@@ -21,6 +22,7 @@ int32 counters, which strict promotion rejects). Prints a Markdown table and wri
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import statistics
@@ -128,9 +130,16 @@ def main(argv: list[str] | None = None) -> dict:
             make_optax, make_rmsjax = CONFIGURATIONS[name]
             times: dict[str, list[tuple[float, float]]] = {"optax": [], "rmsjax": []}
             trials = args.trials if leaves <= 1000 else args.large_trials
-            for _ in range(trials):  # alternate, so drifts of the machine hit both
-                times["rmsjax"].append(compile_seconds(make_rmsjax(), leaves))
-                times["optax"].append(compile_seconds(make_optax(), leaves, standard=True))
+            for trial in range(trials):
+                # Alternate which goes first, so drifts of the machine hit both alike, and
+                # collect the previous trial's garbage before each one is timed.
+                order = ("rmsjax", "optax") if trial % 2 == 0 else ("optax", "rmsjax")
+                for who in order:
+                    gc.collect()
+                    if who == "rmsjax":
+                        times[who].append(compile_seconds(make_rmsjax(), leaves))
+                    else:
+                        times[who].append(compile_seconds(make_optax(), leaves, standard=True))
             ours = statistics.median(t[1] for t in times["rmsjax"])
             theirs = statistics.median(t[1] for t in times["optax"])
             ours_traced = statistics.median(t[0] for t in times["rmsjax"])

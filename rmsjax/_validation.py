@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeGuard
 
 import jax
 import jax.numpy as jnp
@@ -115,9 +116,14 @@ def check_state_dtype(name: str, value: Any) -> Any:
     return dtype
 
 
+def is_schedule(value: Any) -> TypeGuard[Callable[..., Any]]:
+    """True if ``value`` is a schedule ``f(step)``, not a number or an array."""
+    return callable(value) and not isinstance(value, jax.Array)
+
+
 def check_learning_rate(name: str, value: Any) -> None:
     """A learning rate: a finite number ``>= 0``, a jax array, or a schedule ``f(step)``."""
-    if callable(value) and not isinstance(value, jax.Array):
+    if is_schedule(value):
         return
     check_non_negative(name, value)
 

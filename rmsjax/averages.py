@@ -370,30 +370,39 @@ def update_running_sum(total: PyTree, x: PyTree, *, order: int = 1) -> PyTree:
 
 
 def update_momentum_buffer(
-    buffer: PyTree, x: PyTree, decay: Scalar, dampening: Scalar, count: jax.Array
+    buffer: PyTree, x: PyTree, decay: Scalar, dampening: Scalar, count: jax.Array | None
 ) -> PyTree:
     """The heavy-ball buffer ``b <- decay*b + (1-dampening)*x``; ``b = x`` on the first step.
 
     ``count`` is the number of updates made *before* this one; when it is zero the buffer
     takes ``x`` undampened (PyTorch's convention). With a concrete ``dampening`` of 0 that
-    is what ``decay*0 + x`` gives anyway, so the buffer is the plain ``decay*b + x``.
+    is what ``decay*0 + x`` gives anyway, so the buffer is the plain ``decay*b + x`` and
+    ``count`` is not read (it may be ``None``).
     """
-    undampened = check.is_concrete_zero(dampening)
-    keep = _complement(dampening)
-    decay_as, keep_as = _scalar(decay), _scalar(keep)
-    first = count == 0
+    decay_as = _scalar(decay)
+    if check.is_concrete_zero(dampening):
 
-    def leaf(b, g):
-        dtype = common_compute_dtype(b.dtype, g.dtype)
-        g = _cast(g, dtype)
-        if undampened:
+        def plain(b, g):
+            dtype = common_compute_dtype(b.dtype, g.dtype)
+            g = _cast(g, dtype)
             out = _cast(decay_as(dtype) * _cast(b, dtype) + g, b.dtype)
             return _observe("leaky", b, g, out, order=1, keep=decay, take=1.0)
+
+        return jax.tree.map(plain, buffer, x)
+    if count is None:
+        raise ValueError("update_momentum_buffer: a dampening that may be nonzero needs the count")
+    keep = _complement(dampening)
+    keep_as = _scalar(keep)
+    first = count == 0
+
+    def dampened(b, g):
+        dtype = common_compute_dtype(b.dtype, g.dtype)
+        g = _cast(g, dtype)
         new = decay_as(dtype) * _cast(b, dtype) + keep_as(dtype) * g
         out = _cast(jnp.where(first, g, new), b.dtype)
         return _observe("momentum", b, g, out, order=1, keep=decay, take=keep)
 
-    return jax.tree.map(leaf, buffer, x)
+    return jax.tree.map(dampened, buffer, x)
 
 
 def bias_correction(average: PyTree, decay: Scalar, count: jax.Array, *, exact: bool = False) -> PyTree:

@@ -191,8 +191,9 @@ def _single(values: list[jax.Array], what: str) -> jax.Array:
 def step_count(opt_state: Any) -> jax.Array:
     """Return the number of updates an optimizer has applied.
 
-    Reads the ``count`` field of the learning-rate step's state, or, where there is none, of
-    the first state that has one. Under ``optax.MultiSteps`` this counts the real (outer)
+    Reads the ``count`` field of the learning-rate step's state, or, where that keeps none
+    (a constant rate), of the first state that holds one, or else an ``nnx.Optimizer``'s own
+    ``step``. Under ``optax.MultiSteps`` this counts the real (outer)
     updates, not the accumulated mini-steps.
 
     Args:
@@ -203,7 +204,8 @@ def step_count(opt_state: Any) -> jax.Array:
       The step count as an int32 scalar array.
 
     Raises:
-      ValueError: if the state holds no ``count`` field.
+      ValueError: if the state holds no count (``rmsjax.sgd`` with a constant rate keeps
+        none, like ``optax.sgd``).
 
     Example:
       >>> import jax.numpy as jnp
@@ -217,11 +219,16 @@ def step_count(opt_state: Any) -> jax.Array:
       5
     """
     tree = _to_pure(opt_state)
-    states = _find(tree, "count")
+    states = [state for state in _find(tree, "count") if state.count is not None]
+    if not states and hasattr(opt_state, "opt_state") and hasattr(opt_state, "step"):
+        # An nnx.Optimizer counts its updates itself.
+        return _scalar(_to_pure(opt_state.step)).astype(jnp.int32)
     if not states:
         raise ValueError(
-            "opt_state holds no step count: found no NamedTuple with a 'count' field "
-            f"(states present: {_available(tree)})."
+            "opt_state holds no step count: found no NamedTuple with a 'count' field that "
+            f"holds one (states present: {_available(tree)}). A constant learning rate without "
+            "dampening keeps none (rmsjax.sgd, as optax.sgd): give a schedule, or wrap the "
+            "optimizer in optax.inject_hyperparams, whose state counts the steps."
         )
     preferred = [state for state in states if "learning_rate" in state._fields]
     return _scalar((preferred or states)[0].count)

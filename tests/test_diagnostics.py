@@ -212,6 +212,23 @@ def test_nnx_optimizer():
         np.testing.assert_allclose(float(rmsjax.learning_rate(source)), 0.01, rtol=1e-6)
 
 
+def test_step_count_of_constant_rate_sgd():
+    # rmsjax.sgd with a constant rate keeps no counter (as optax.sgd): asked for one, its
+    # bare state says how to get one, an nnx.Optimizer answers with its own step, and
+    # inject_hyperparams' state has its count.
+    with pytest.raises(ValueError, match="no step count.*inject_hyperparams"):
+        rmsjax.step_count(run(rmsjax.sgd(0.1, momentum=0.9)))
+    model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, rmsjax.sgd(0.1, momentum=0.9), wrt=nnx.Param)
+    x = jnp.ones((4, 3))
+    for _ in range(2):
+        optimizer.update(model, nnx.grad(lambda m: jnp.sum(m(x)))(model))
+    assert int(rmsjax.step_count(optimizer)) == 2
+    state = run(optax.inject_hyperparams(rmsjax.sgd)(learning_rate=0.1, momentum=0.9))
+    assert int(rmsjax.step_count(state)) == len(GRADS)
+    assert int(rmsjax.step_count(run(rmsjax.sgd(optax.constant_schedule(0.1))))) == len(GRADS)
+
+
 def test_works_under_jit():
     state = run(rmsjax.rmsprop(0.01))
     eff = jax.jit(lambda s: rmsjax.effective_learning_rate(s))(state)

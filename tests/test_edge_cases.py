@@ -355,7 +355,20 @@ def test_bfloat16_second_moment_is_close_to_float32():
 INT32_MAX = int(jnp.iinfo(jnp.int32).max)
 
 
-@pytest.mark.parametrize("name", NAMES)
+def _counters(state):
+    return [x for x in jax.tree.leaves(state) if x.dtype == jnp.int32]
+
+
+# SGD with a constant rate and no dampening reads no step count, so it keeps none (as optax.sgd).
+KEEP_NO_COUNTER = {"keras.SGD", "sgd", "sgd_nesterov"}
+
+
+def test_only_constant_rate_sgd_keeps_no_counter():
+    counterless = {n for n in NAMES if not _counters(OPTIMIZERS[n]().init(make_params()))}
+    assert counterless == KEEP_NO_COUNTER
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if n not in KEEP_NO_COUNTER])
 def test_counter_at_int32_max_saturates(name):
     tx = OPTIMIZERS[name]()
     params = make_params()
@@ -366,7 +379,7 @@ def test_counter_at_int32_max_saturates(name):
     for k in range(2):
         updates, state = tx.update(gradient(params, k), state, params)
         assert _finite(updates) and _finite(state)
-    counts = [int(x) for x in jax.tree.leaves(state) if x.dtype == jnp.int32]
+    counts = [int(x) for x in _counters(state)]
     assert counts and all(c == INT32_MAX for c in counts), counts
 
 

@@ -302,3 +302,25 @@ def test_plain_tx_export_uses_the_recorded_arguments():
     with pytest.raises(ValueError, match="not rmsjax.compat.torch|compat.torch's optimizers"):
         tx_timm = compat.param_groups(compat.timm.RMSpropTF)
         pt.state_dict(tx_timm, tx_timm.init(params), params, arrays="numpy")
+
+
+@pytest.mark.parametrize("dampening", [0.0, 0.5])
+def test_sgd_momentum_buffers_are_exported_from_the_first_step(dampening):
+    # PyTorch's SGD makes its momentum buffers at the first step. With dampening 0 rmsjax
+    # keeps no counter (the first step needs none), so the buffer's own values tell.
+    tx = pt.SGD(lr=0.1, momentum=0.9, dampening=dampening)
+    params = {"w": jnp.array([1.0, -2.0])}
+    state = tx.init(params)
+    keeps_count = [p.count is not None for p in state if hasattr(p, "mu")]
+    assert keeps_count == [dampening != 0.0]
+    fresh = pt.state_dict(tx, state, params, arrays="numpy", hyperparams={"lr": 0.1, "momentum": 0.9,
+                                                                          "dampening": dampening})
+    assert fresh["state"] == {}
+    _, state = tx.update({"w": jnp.array([0.5, 0.25])}, state, params)
+    after = pt.state_dict(tx, state, params, arrays="numpy", hyperparams={"lr": 0.1, "momentum": 0.9,
+                                                                          "dampening": dampening})
+    # The first step's buffer is the gradient itself, undampened (PyTorch's rule).
+    np.testing.assert_array_equal(after["state"][0]["momentum_buffer"], [0.5, 0.25])
+    reloaded = pt.load_state_dict(tx, after, params)
+    for a, b in zip(jax.tree.leaves(reloaded), jax.tree.leaves(state), strict=True):
+        assert np.array_equal(a, b)

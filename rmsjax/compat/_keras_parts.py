@@ -161,7 +161,7 @@ def real_step_rate(learning_rate: Any, steps: int) -> Any:
     Inside, a schedule is called with the number of real updates ``n`` made so far; Keras
     calls it with the micro-step count at the update, ``n * steps + steps - 1``.
     """
-    if callable(learning_rate) and not isinstance(learning_rate, jax.Array):
+    if check.is_schedule(learning_rate):
 
         def schedule(count):
             return learning_rate(count * steps + (steps - 1))

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from rmsjax import _validation as check
 from rmsjax import transforms as T
 from rmsjax.compat import _common as common
 from rmsjax.compat import _groups
@@ -343,8 +344,8 @@ def state_dict(
         parts = _parts(g.state)
         scaling = _of_type(parts, *_SCALINGS)
         buffer = _of_type(parts, T.MomentumState)
-        counter = scaling or buffer or _of_type(parts, T.ScaleByLearningRateState)
-        step = int(np.asarray(counter.count))
+        step = _step_of(scaling, buffer, _of_type(parts, T.ScaleByLearningRateState))
+        buffers = buffer is not None and _buffer_started(buffer, step)
         for k, j in enumerate(g.leaves):
             param = leaves[j]
             entry: dict[str, Any] = {}
@@ -353,7 +354,7 @@ def state_dict(
                 for key, field in _FIELDS[type(scaling)].items():
                     value = jax.tree.leaves(getattr(scaling, field))[k]
                     entry[key] = _export_leaf(value, param, names[j], layout)
-            if buffer is not None and int(np.asarray(buffer.count)) > 0:
+            if buffer is not None and buffers:
                 value = jax.tree.leaves(buffer.mu)[k]
                 entry["momentum_buffer"] = _export_leaf(value, param, names[j], layout)
             if entry:
@@ -372,6 +373,28 @@ def state_dict(
         group["params"] = sorted(index[j] for j in g.leaves)
         out_groups.append(group)
     return {"state": dict(sorted(out_state.items())), "param_groups": out_groups}
+
+
+def _step_of(*parts: Any) -> int:
+    """The group's step: the first count its chain keeps (0 where it keeps none).
+
+    A chain keeps none only with a constant learning rate and no dampening (``SGD``), where
+    the step changes nothing PyTorch saves.
+    """
+    counts = [p.count for p in parts if p is not None and p.count is not None]
+    return int(np.asarray(counts[0])) if counts else 0
+
+
+def _buffer_started(buffer: T.MomentumState, step: int) -> bool:
+    """Whether PyTorch would hold this group's momentum buffers (it makes them at step 1).
+
+    Without a counter of its own (``dampening=0``) a buffer counts as made once it is
+    nonzero or the chain's step is past 0: PyTorch's first step ``b = g`` and an all-zero
+    buffer's ``b = mu * 0 + g`` are then the same step.
+    """
+    if buffer.count is not None:
+        return int(np.asarray(buffer.count)) > 0
+    return step > 0 or any(bool(np.any(np.asarray(b) != 0)) for b in jax.tree.leaves(buffer.mu))
 
 
 def _export_leaf(value: Any, param: Any, name: str, layout: Layout | None) -> np.ndarray:
@@ -495,7 +518,7 @@ def load_state_dict(
                 raise ValueError(f"{where}: some parameters have a momentum buffer and some do not")
             if step is not None:
                 steps = {int(step)}
-            elif g.hyper is not None and callable(g.hyper["lr"]) and not isinstance(g.hyper["lr"], jax.Array):
+            elif g.hyper is not None and check.is_schedule(g.hyper["lr"]):
                 raise ValueError(
                     "SGD's state_dict has no step count: pass step= (optimizer.step() calls made)"
                 )
@@ -538,7 +561,7 @@ def _check_group(kind: str, saved: Mapping, hyper: Mapping | None, where: str) -
         if key in _SWITCHES or key == "decoupled_weight_decay" or key not in saved:
             continue
         ours = hyper[key]
-        if key == "lr" and callable(ours) and not isinstance(ours, jax.Array):
+        if key == "lr" and check.is_schedule(ours):
             continue
         a, b = _plain(ours), _plain(saved[key])
         same = a == b if isinstance(a, (bool, tuple)) or isinstance(b, (bool, tuple)) else (
@@ -549,7 +572,7 @@ def _check_group(kind: str, saved: Mapping, hyper: Mapping | None, where: str) -
 
 def _fill(part, entries, g, count, lr, index, leaves, names, layout):
     fields = part._asdict()
-    if "count" in fields:
+    if fields.get("count") is not None:
         fields["count"] = jnp.full_like(part.count, count)
     if isinstance(part, T.ScaleByLearningRateState) and lr is not None:
         rate = _rate(lr, count)
