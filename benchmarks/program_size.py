@@ -17,6 +17,8 @@ int32 counters, which strict promotion rejects). Prints a Markdown table and wri
 
     python benchmarks/program_size.py            # 400 leaves 5 trials, 5000 leaves 1 trial
     python benchmarks/program_size.py --quick    # 400 leaves, 1 trial
+    python benchmarks/program_size.py --leaves 5000 --large-trials 4 \\
+        --configurations "sgd, momentum 0.9" --out /tmp/sgd5000   # one row, more trials
 """
 
 from __future__ import annotations
@@ -112,6 +114,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--trials", type=int, default=5)
     parser.add_argument("--large-trials", type=int, default=1, help="trials above 1000 leaves")
     parser.add_argument("--quick", action="store_true", help="400 leaves, 1 trial")
+    parser.add_argument(
+        "--configurations",
+        nargs="+",
+        choices=COMPILE_CONFIGURATIONS,
+        default=list(COMPILE_CONFIGURATIONS),
+        help="which configurations' compile time to measure",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if args.quick:
@@ -126,7 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
     compiles = []
     for leaves in args.leaves:
-        for name in COMPILE_CONFIGURATIONS:
+        for name in args.configurations:
             make_optax, make_rmsjax = CONFIGURATIONS[name]
             times: dict[str, list[tuple[float, float]]] = {"optax": [], "rmsjax": []}
             trials = args.trials if leaves <= 1000 else args.large_trials
