@@ -54,9 +54,14 @@ def _is_namedtuple(x: Any) -> bool:
     return isinstance(x, tuple) and hasattr(type(x), "_fields")
 
 
+def _is_optimizer(value: Any) -> bool:
+    """True for an ``nnx.Optimizer`` (anything holding an ``opt_state`` and its ``tx``)."""
+    return hasattr(value, "opt_state") and hasattr(value, "tx")
+
+
 def _to_pure(opt_state: Any) -> Any:
     """Accept an ``nnx.Optimizer`` or its state, and strip Flax ``Variable`` boxes."""
-    if hasattr(opt_state, "opt_state") and hasattr(opt_state, "tx"):
+    if _is_optimizer(opt_state):
         opt_state = opt_state.opt_state
     nnx = sys.modules.get("flax.nnx")
     if nnx is not None:
@@ -220,7 +225,7 @@ def step_count(opt_state: Any) -> jax.Array:
     """
     tree = _to_pure(opt_state)
     states = [state for state in _find(tree, "count") if state.count is not None]
-    if not states and hasattr(opt_state, "opt_state") and hasattr(opt_state, "step"):
+    if not states and _is_optimizer(opt_state) and hasattr(opt_state, "step"):
         # An nnx.Optimizer counts its updates itself.
         return _scalar(_to_pure(opt_state.step)).astype(jnp.int32)
     if not states:

@@ -345,7 +345,7 @@ def state_dict(
         scaling = _of_type(parts, *_SCALINGS)
         buffer = _of_type(parts, T.MomentumState)
         step = _step_of(scaling, buffer, _of_type(parts, T.ScaleByLearningRateState))
-        buffers = buffer is not None and _buffer_started(buffer, step)
+        has_buffers = buffer is not None and _buffer_started(buffer, step)
         for k, j in enumerate(g.leaves):
             param = leaves[j]
             entry: dict[str, Any] = {}
@@ -354,7 +354,7 @@ def state_dict(
                 for key, field in _FIELDS[type(scaling)].items():
                     value = jax.tree.leaves(getattr(scaling, field))[k]
                     entry[key] = _export_leaf(value, param, names[j], layout)
-            if buffer is not None and buffers:
+            if buffer is not None and has_buffers:  # (the first test narrows the type)
                 value = jax.tree.leaves(buffer.mu)[k]
                 entry["momentum_buffer"] = _export_leaf(value, param, names[j], layout)
             if entry:
