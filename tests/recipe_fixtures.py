@@ -1,53 +1,48 @@
-"""Shared helpers of ``test_recipes.py`` and ``test_torch_checkpoint.py``: fixtures and replays.
+"""Shared helpers of ``test_recipes.py`` and ``test_torch_checkpoint.py``: the recipe fixtures.
 
 The fixtures in ``tests/reference/fixtures_recipes`` were written by
 ``tests/reference/generate_recipes.py`` from PyTorch 2.13 and timm 1.0 (see its docstring).
+They are replayed by ``fixture_replay`` (the one harness); this module adds what is particular
+to them: the optimizer of a fixture (plain or in parameter groups) and its saved ``state_dict``.
 """
 
 from __future__ import annotations
 
 import inspect
-import json
-from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+import fixture_replay
 import optax
+from fixture_replay import RTOL64, problem, relative_error, run, step_schedule, trajectory
 
 from rmsjax import compat
 
-FIXTURES = Path(__file__).resolve().parent / "reference" / "fixtures_recipes"
-RTOL64 = 1e-9
+__all__ = [
+    "RTOL32",
+    "RTOL64",
+    "factory",
+    "hyperparams",
+    "load",
+    "make",
+    "names",
+    "problem",
+    "relative_error",
+    "run",
+    "saved_state_dict",
+    "step_schedule",
+    "trajectory",
+]
+
+FIXTURES = fixture_replay.REFERENCE / "fixtures_recipes"
 RTOL32 = 1e-4
 MODULES = {"torch": compat.torch, "timm": compat.timm}
 
 
 def names(prefix: str) -> list[str]:
-    return sorted(p.stem for p in FIXTURES.glob(f"{prefix}*.npz"))
+    return fixture_replay.names(FIXTURES, f"{prefix}*")
 
 
 def load(name: str) -> tuple[dict, dict]:
-    with np.load(FIXTURES / f"{name}.npz") as data:
-        arrays = {key: data[key] for key in data.files}
-    return json.loads(str(arrays.pop("meta"))), arrays
-
-
-def step_schedule(base: float, step_size: int, gamma: float, dtype):
-    """``base * gamma ** (step // step_size)``: torch's StepLR or a LambdaLR of that factor."""
-
-    def schedule(step):
-        k = jnp.floor_divide(step, step_size).astype(dtype)
-        return jnp.asarray(base, dtype) * jnp.asarray(gamma, dtype) ** k
-
-    return schedule
-
-
-def _fix(kwargs: dict) -> dict:
-    kwargs = dict(kwargs)
-    if "betas" in kwargs:
-        kwargs["betas"] = tuple(kwargs["betas"])
-    return kwargs
+    return fixture_replay.load(FIXTURES / f"{name}.npz")
 
 
 def factory(meta: dict):
@@ -56,12 +51,7 @@ def factory(meta: dict):
 
 def hyperparams(meta: dict, dtype) -> dict:
     """The fixture's constructor keywords, a StepLR schedule folded into ``lr``."""
-    kwargs = _fix(meta["kwargs"])
-    if meta["schedule"] is not None:
-        base = kwargs.get("lr", inspect.signature(factory(meta)).parameters["lr"].default)
-        spec = meta["schedule"]
-        kwargs["lr"] = step_schedule(base, spec["step_size"], spec["gamma"], dtype)
-    return kwargs
+    return fixture_replay.constructor_kwargs(meta, factory(meta), dtype)
 
 
 def make(meta: dict, dtype, *, grouped: bool | None = None) -> optax.GradientTransformation:
@@ -75,61 +65,12 @@ def make(meta: dict, dtype, *, grouped: bool | None = None) -> optax.GradientTra
     groups = []
     lambdas = meta.get("lambdas") or [None] * len(meta.get("groups") or [])
     for spec, lam in zip(meta.get("groups") or [], lambdas, strict=True):
-        group = _fix(spec)
+        group = fixture_replay.tuples(spec)
         if lam is not None:
             base = group.get("lr", defaults.get("lr", inspect.signature(fac).parameters["lr"].default))
             group["lr"] = step_schedule(base, lam["step_size"], lam["gamma"], dtype)
         groups.append(group)
     return compat.param_groups(fac, groups, **defaults)
-
-
-def problem(meta: dict, arrays: dict, real_dtype):
-    """(initial params, gradient function) of the fixture's problem, in ``real_dtype``."""
-    leaves = meta["leaves"]
-    dtype = jnp.dtype(real_dtype)
-    leaf_dtype = dtype
-    if meta["complex"]:
-        leaf_dtype = jnp.dtype(jnp.complex128 if dtype == jnp.float64 else jnp.complex64)
-
-    def arr(key):
-        return jnp.asarray(arrays[key].astype(leaf_dtype))
-
-    coef = {n: (arr(f"a_{n}"), arr(f"b_{n}"), arr(f"c_{n}")) for n in leaves}
-    params = {n: arr(f"init_{n}") for n in leaves}
-
-    def grad(p):
-        return {n: coef[n][0] * p[n] + coef[n][1] * jnp.sin(p[n]) + coef[n][2] for n in leaves}
-
-    return params, grad
-
-
-def run(tx, grad, params, state, steps: int):
-    """``steps`` updates in one compiled scan: (params after each step, final params, final state)."""
-
-    def body(carry, _):
-        p, s = carry
-        updates, s = tx.update(grad(p), s, p)
-        p = optax.apply_updates(p, updates)
-        return (p, s), p
-
-    (p, s), traj = jax.jit(lambda p, s: jax.lax.scan(body, (p, s), None, length=steps))(params, state)
-    return traj, p, s
-
-
-def relative_error(ours: dict, theirs: dict) -> float:
-    """Worst over steps and leaves of ``max|ours - theirs| / max|theirs|`` at that step."""
-    worst = 0.0
-    for n, b in theirs.items():
-        a = np.asarray(ours[n]).astype(b.dtype)
-        steps = b.shape[0]
-        diff = np.abs(a - b).reshape(steps, -1).max(axis=1)
-        scale = np.abs(b).reshape(steps, -1).max(axis=1)
-        worst = max(worst, float(np.max(diff / scale)))
-    return worst
-
-
-def trajectory(meta: dict, arrays: dict, start: int = 0) -> dict:
-    return {n: arrays[f"traj_{n}"][start:] for n in meta["leaves"]}
 
 
 def saved_state_dict(meta: dict, arrays: dict) -> dict:

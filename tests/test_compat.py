@@ -12,21 +12,21 @@ from __future__ import annotations
 
 import ast
 import inspect
-import json
 from pathlib import Path
 
+import fixture_replay
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from fixture_replay import RTOL64
 
 from rmsjax import compat
 
-FIXTURES = Path(__file__).resolve().parent / "reference" / "fixtures"
-FIXTURE_NAMES = sorted(p.stem for p in FIXTURES.glob("*.npz"))
+FIXTURES = fixture_replay.REFERENCE / "fixtures"
+FIXTURE_NAMES = fixture_replay.names(FIXTURES)
 MODULES = {"torch": compat.torch, "keras": compat.keras, "tf1": compat.tf1}
-RTOL64 = 1e-9
 # float32 replays of the float64 fixtures: the tightest bound each family holds, about twice
 # the worst relative error measured (x86-64 CPU, jax 0.10, after the lean core): torch
 # 5.7e-7 (torch_adagrad_schedule_maximize), tf1 7.4e-7 (tf1_rmsprop_centered), keras 1.1e-6
@@ -48,85 +48,17 @@ def _factories(module) -> list[str]:
 
 
 def _load(name: str) -> tuple[dict, dict]:
-    with np.load(FIXTURES / f"{name}.npz") as data:
-        arrays = {key: data[key] for key in data.files}
-    return json.loads(str(arrays.pop("meta"))), arrays
+    return fixture_replay.load(FIXTURES / f"{name}.npz")
 
 
-def _step_schedule(base: float, spec: dict, dtype) -> callable:
-    """``base * gamma ** (step // step_size)``: torch's StepLR, or the Keras/TF1 equivalent."""
-
-    def schedule(step):
-        k = jnp.floor_divide(step, spec["step_size"]).astype(dtype)
-        return jnp.asarray(base, dtype) * jnp.asarray(spec["gamma"], dtype) ** k
-
-    return schedule
-
-
-def _make(meta: dict, dtype) -> optax.GradientTransformation:
-    factory = getattr(MODULES[meta["framework"]], meta["optimizer"])
-    kwargs = dict(meta["kwargs"])
-    if "betas" in kwargs:
-        kwargs["betas"] = tuple(kwargs["betas"])
-    if meta["schedule"] is not None:
-        name = "lr" if meta["framework"] == "torch" else "learning_rate"
-        base = kwargs.get(name, inspect.signature(factory).parameters[name].default)
-        kwargs[name] = _step_schedule(base, meta["schedule"], dtype)
-    return factory(**kwargs)
-
-
-def _compile_fast(lowered):
-    """Compiles with XLA's backend optimisations off: a third less compile time, same numbers."""
-    try:
-        return lowered.compile({"xla_backend_optimization_level": 0})
-    except Exception:  # an XLA without that option: compile as usual
-        return lowered.compile()
-
-
-def _replay(name: str, real_dtype, tx=None) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """(rmsjax trajectory, framework trajectory) per leaf, for one fixture.
-
-    ``tx`` replaces the fixture's own ``rmsjax.compat`` optimizer when given.
-    """
+def _replay(name: str, real_dtype, tx=None) -> float:
+    """The relative error of one fixture replayed through its own ``rmsjax.compat`` optimizer,
+    or through ``tx`` when given."""
     meta, arrays = _load(name)
-    leaves = meta["leaves"]
-    dtype = jnp.dtype(real_dtype)
-    leaf_dtype = dtype
-    if meta["complex"]:
-        leaf_dtype = jnp.dtype(jnp.complex128 if dtype == jnp.float64 else jnp.complex64)
-
-    def arr(key):
-        return jnp.asarray(arrays[key].astype(leaf_dtype))
-
-    coef = {n: (arr(f"a_{n}"), arr(f"b_{n}"), arr(f"c_{n}")) for n in leaves}
-    params = {n: arr(f"init_{n}") for n in leaves}
-    tx = _make(meta, dtype) if tx is None else tx
-
-    def grad(p):
-        return {n: coef[n][0] * p[n] + coef[n][1] * jnp.sin(p[n]) + coef[n][2] for n in leaves}
-
-    def body(carry, _):
-        p, state = carry
-        updates, state = tx.update(grad(p), state, p)
-        p = optax.apply_updates(p, updates)
-        return (p, state), p
-
-    lowered = jax.jit(lambda p: jax.lax.scan(body, (p, tx.init(p)), None, length=meta["steps"])).lower(params)
-    _, traj = _compile_fast(lowered)(params)
-    for n in leaves:
-        assert traj[n].dtype == leaf_dtype, (traj[n].dtype, leaf_dtype)
-    return [np.asarray(traj[n]) for n in leaves], [arrays[f"traj_{n}"] for n in leaves]
-
-
-def _relative_error(ours: list[np.ndarray], theirs: list[np.ndarray]) -> float:
-    """Worst over steps and leaves of ``max|ours - theirs| / max|theirs|`` at that step."""
-    worst = 0.0
-    for a, b in zip(ours, theirs, strict=True):
-        steps = b.shape[0]
-        diff = np.abs(a.astype(b.dtype) - b).reshape(steps, -1).max(axis=1)
-        scale = np.abs(b).reshape(steps, -1).max(axis=1)
-        worst = max(worst, float(np.max(diff / scale)))
-    return worst
+    if tx is None:
+        factory = getattr(MODULES[meta["framework"]], meta["optimizer"])
+        tx = factory(**fixture_replay.constructor_kwargs(meta, factory, jnp.dtype(real_dtype)))
+    return fixture_replay.replay_error(meta, arrays, tx, real_dtype, fast_compile=True)
 
 
 def test_every_option_has_a_fixture():
@@ -142,15 +74,13 @@ def test_every_option_has_a_fixture():
 @pytest.mark.parametrize("name", FIXTURE_NAMES)
 def test_float64_matches_framework(name):
     with jax.enable_x64(True):
-        ours, theirs = _replay(name, jnp.float64)
-    err = _relative_error(ours, theirs)
+        err = _replay(name, jnp.float64)
     assert err <= RTOL64, f"{name}: relative error {err:.3e}"
 
 
 @pytest.mark.parametrize("name", FIXTURE_NAMES)
 def test_float32_matches_framework(name):
-    ours, theirs = _replay(name, jnp.float32)
-    err = _relative_error(ours, theirs)
+    err = _replay(name, jnp.float32)
     tolerance = RTOL32_BY_FIXTURE.get(name, RTOL32[name.split("_")[0]])
     assert err <= tolerance, f"{name}: relative error {err:.3e} > {tolerance:.1e}"
 
@@ -165,7 +95,7 @@ def _wrong_conventions():
     from rmsjax.transforms import add_decayed_weights, scale_by_learning_rate
 
     def sched(lr):
-        return _step_schedule(lr, {"step_size": 15, "gamma": 0.5}, jnp.float64)
+        return fixture_replay.step_schedule(lr, 15, 0.5, jnp.float64)
 
     return [
         # eps outside vs inside the root
@@ -281,8 +211,7 @@ WRONG = _wrong_conventions()
 def test_the_other_convention_does_not_match(name, make):
     """Each convention in docs/porting.md's table changes the trajectory, far beyond rounding."""
     with jax.enable_x64(True):
-        ours, theirs = _replay(name, jnp.float64, tx=make())
-    assert _relative_error(ours, theirs) > 1e-4
+        assert _replay(name, jnp.float64, tx=make()) > 1e-4
 
 
 # ---------------------------------------------------------------- coverage of the options
@@ -536,9 +465,7 @@ def test_live_side_by_side_with_pytorch(complex_params):
             # rmsjax.compat.torch, same arguments
             jkwargs = dict(kwargs)
             if step_size is not None:
-                jkwargs["lr"] = _step_schedule(
-                    kwargs["lr"], {"step_size": step_size, "gamma": gamma}, jnp.float64
-                )
+                jkwargs["lr"] = fixture_replay.step_schedule(kwargs["lr"], step_size, gamma, jnp.float64)
             tx = getattr(compat.torch, optimizer)(**jkwargs)
             p = {n: jnp.asarray(x) for n, x in init.items()}
             tgt = {n: jnp.asarray(x) for n, x in target.items()}

@@ -12,15 +12,17 @@ Keras is only needed by the optional live test.
 from __future__ import annotations
 
 import inspect
-import json
 import math
 from pathlib import Path
 
+import fixture_replay
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from fixture_replay import RTOL64
+from fixture_replay import load as _load
 
 from rmsjax.compat import keras as kc
 from rmsjax.compat.keras import schedules as ks
@@ -29,12 +31,11 @@ from rmsjax.compat.keras import schedules as ks
 # the pinned-version CI stages (-m "not slow"), which check the core on other jax versions.
 pytestmark = pytest.mark.slow
 
-FIXTURES = Path(__file__).resolve().parent / "reference" / "fixtures_keras"
-OLD_FIXTURES = Path(__file__).resolve().parent / "reference" / "fixtures"
-RUNS = sorted(p.stem for p in FIXTURES.glob("keras_*.npz"))
-SCHEDULES = sorted(p.stem for p in FIXTURES.glob("schedule_*.npz"))
+FIXTURES = fixture_replay.REFERENCE / "fixtures_keras"
+OLD_FIXTURES = fixture_replay.REFERENCE / "fixtures"
+RUNS = fixture_replay.names(FIXTURES, "keras_*")
+SCHEDULES = fixture_replay.names(FIXTURES, "schedule_*")
 OPTIMIZERS = ["RMSprop", "Adagrad", "Adam", "AdamW", "Adadelta", "Adamax", "Nadam", "SGD"]
-RTOL64 = 1e-9
 RTOL_SCHEDULE = 1e-12
 # Keras 3.15's CosineDecay is a float32 number even in float64 (keras.ops.cos computes in
 # float32; see ks.CosineDecay). Ours repeats Keras's float32 operations and agrees bit for bit
@@ -43,12 +44,6 @@ RTOL_SCHEDULE = 1e-12
 # driven by it part from Keras by at most ~3e-8 here; everything else meets RTOL64.
 RTOL_COSINE = 2.5e-7
 RTOL_COSINE_RUN = 5e-8
-
-
-def _load(path: Path) -> tuple[dict, dict]:
-    with np.load(path) as data:
-        arrays = {key: data[key] for key in data.files}
-    return json.loads(str(arrays.pop("meta"))), arrays
 
 
 def _schedule(spec: dict | None, dtype=None):
@@ -64,49 +59,22 @@ def _make(meta: dict, dtype=None) -> optax.GradientTransformation:
     return getattr(kc, meta["optimizer"])(**kwargs)
 
 
-def _replay(name: str, dtype) -> tuple[dict, dict, dict]:
-    """(our parameters per step, our EMA per step or None, the fixture's arrays)."""
-    meta, arrays = _load(FIXTURES / f"{name}.npz")
-    leaves = meta["leaves"]
-    tx = _make(meta, dtype)
-
-    def arr(key):
-        return jnp.asarray(arrays[key].astype(dtype))
-
-    coef = {n: (arr(f"a_{n}"), arr(f"b_{n}"), arr(f"c_{n}")) for n in leaves}
-    params = {n: arr(f"init_{n}") for n in leaves}
-    use_ema = meta["kwargs"].get("use_ema", False)
-
-    def body(carry, _):
-        p, state = carry
-        grads = {n: coef[n][0] * p[n] + coef[n][1] * jnp.sin(p[n]) + coef[n][2] for n in leaves}
-        updates, state = tx.update(grads, state, p)
-        p = optax.apply_updates(p, updates)
-        return (p, state), (p, kc.ema_params(state) if use_ema else None)
-
-    run = jax.jit(lambda p: jax.lax.scan(body, (p, tx.init(p)), None, length=meta["steps"])[1])
-    traj, ema = run(params)
-    for n in leaves:
-        assert traj[n].dtype == dtype
-    return traj, ema, arrays
-
-
-def _relative_error(ours: dict, arrays: dict, prefix: str) -> float:
-    worst = 0.0
-    for n in ("w", "b"):
-        theirs = arrays[f"{prefix}_{n}"]
-        steps = theirs.shape[0]
-        diff = np.abs(np.asarray(ours[n]).astype(np.float64) - theirs).reshape(steps, -1).max(axis=1)
-        scale = np.abs(theirs).reshape(steps, -1).max(axis=1)
-        worst = max(worst, float(np.max(diff / scale)))
-    return worst
-
-
 def _errors(name: str, dtype) -> tuple[float, float | None]:
-    traj, ema, arrays = _replay(name, dtype)
-    err = _relative_error(traj, arrays, "traj")
-    ema_err = None if ema is None else _relative_error(ema, arrays, "ema")
-    return err, ema_err
+    """The relative errors of one fixture's replay: of the parameters, and of the moving average
+    (``None`` without ``use_ema``)."""
+    meta, arrays = _load(FIXTURES / f"{name}.npz")
+    if not meta["kwargs"].get("use_ema", False):
+        return fixture_replay.replay_error(meta, arrays, _make(meta, dtype), dtype), None
+    tx = _make(meta, dtype)
+    params, grad = fixture_replay.problem(meta, arrays, dtype)
+    (traj, ema), _, _ = fixture_replay.run(
+        tx, grad, params, tx.init(params), meta["steps"], observe=lambda p, s: (p, kc.ema_params(s))
+    )
+    assert all(traj[n].dtype == ema[n].dtype == dtype for n in params)
+    return (
+        fixture_replay.relative_error(traj, fixture_replay.trajectory(meta, arrays)),
+        fixture_replay.relative_error(ema, fixture_replay.trajectory(meta, arrays, prefix="ema")),
+    )
 
 
 # ---------------------------------------------------------------- the fixtures themselves

@@ -6,12 +6,13 @@ PyTorch 2.13 and timm 1.0, offline). Neither torch nor timm is needed here.
 
 from __future__ import annotations
 
+import fixture_replay
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from recipe_fixtures import RTOL32, RTOL64, load, make, names, problem, relative_error, run, trajectory
+from recipe_fixtures import RTOL32, RTOL64, load, make, names
 
 from rmsjax import compat
 
@@ -26,10 +27,7 @@ GROUPS = names("groups_")
 
 def _replay(name, dtype):
     meta, arrays = load(name)
-    params, grad = problem(meta, arrays, dtype)
-    tx = make(meta, dtype)
-    traj, _, _ = run(tx, grad, params, tx.init(params), meta["steps"])
-    return relative_error(traj, trajectory(meta, arrays))
+    return fixture_replay.replay_error(meta, arrays, make(meta, dtype), dtype)
 
 
 def test_fixtures_cover_the_options():
