@@ -116,22 +116,24 @@ def _one_pass_run(flags: str, arrangement: str) -> dict:
 
 @pytest.mark.slow
 def test_one_pass_step_with_multi_output_fusion():
-    """The documented recipe (``rmsjax.one_pass`` + the multi-output fusion flag): one loop
-    (two for centred + momentum), no state copies, the same numbers as the plain optimizer
-    without the flag up to XLA's FMA contraction."""
+    """The documented recipe (``rmsjax.one_pass`` + XLA:CPU's multi-output fusion flag) never
+    splits a step into more loops than the plain step, fuses at least one, and gives the same
+    numbers as the plain optimizer without the flag up to XLA's FMA contraction.
+
+    The exact counts are what one compiler makes of the flag and are not asserted: the XLA of
+    jaxlib 0.10.2 gives one loop and no copy (two loops for centred + momentum, against 2, 2,
+    3 and 4 loops without it), the XLA of jaxlib 0.12.0.1 two loops and one copy for rmsprop.
+    """
+    if jax.default_backend() != "cpu":
+        pytest.skip("xla_cpu_use_multi_output_fusion is an XLA:CPU flag; this backend is "
+                    f"{jax.default_backend()}")
     default = _one_pass_run("", "plain")
     fused = _one_pass_run("--xla_backend_extra_options=xla_cpu_use_multi_output_fusion", "one_pass")
+    assert set(fused) == set(default)
     for name in default:
         assert default[name]["copies"] == 0, name
         assert default[name]["loops"] >= 2, name
+        assert fused[name]["loops"] <= default[name]["loops"], (name, fused[name], default[name])
         np.testing.assert_allclose(fused[name]["params"], default[name]["params"], rtol=1e-6,
                                    atol=1e-7, err_msg=name)
-    # The loop and copy counts are what one compiler makes of the flag: measured with the
-    # XLA of jaxlib 0.10.2; the XLA of jaxlib 0.12.0.1 gives 2 loops and 1 copy for rmsprop.
-    if tuple(int(x) for x in jax.lib.__version__.split(".")[:2]) > (0, 10):
-        counts = {name: (run["loops"], run["copies"]) for name, run in fused.items()}
-        pytest.skip(f"one-pass counts are asserted for jaxlib <= 0.10 only; jaxlib "
-                    f"{jax.lib.__version__} gives (loops, copies) {counts} with the flag")
-    for name in fused:
-        assert fused[name]["copies"] == 0, name
-        assert fused[name]["loops"] == (2 if name == "centered_momentum" else 1), name
+    assert sum(run["loops"] for run in fused.values()) < sum(run["loops"] for run in default.values())

@@ -14,6 +14,7 @@ import ast
 import inspect
 from pathlib import Path
 
+import api_contract
 import fixture_replay
 import jax
 import jax.numpy as jnp
@@ -221,14 +222,13 @@ def _fixture_metas() -> list[dict]:
     return [_load(name)[0] for name in FIXTURE_NAMES]
 
 
+# Keras's optimizers have their own fixtures and this check in tests/test_keras_recipes.py.
 @pytest.mark.parametrize(
     "framework,optimizer",
-    [(fw, name) for fw, module in MODULES.items() for name in _factories(module)],
+    [(fw, name) for fw, module in MODULES.items() if fw != "keras" for name in _factories(module)],
 )
 def test_every_argument_is_exercised_by_a_fixture(framework, optimizer):
     """Each argument of each factory takes a non-default value in at least one fixture."""
-    if framework == "keras":  # Keras recipes have their own fixtures and this check there
-        pytest.skip("covered by tests/test_keras_recipes.py (fixtures_keras)")
     factory = getattr(MODULES[framework], optimizer)
     metas = [m for m in _fixture_metas() if (m["framework"], m["optimizer"]) == (framework, optimizer)]
     assert metas, optimizer
@@ -254,36 +254,15 @@ def test_step_schedule_with_momentum_and_the_combination_are_covered(framework):
         )
 
 
-# ---------------------------------------------------------------- signatures (DESIGN.md, layer 4)
-
-CONTRACT = """
-rmsjax.compat.torch.RMSprop(lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
-                            centered=False, maximize=False)
-rmsjax.compat.torch.Adagrad(lr=1e-2, lr_decay=0.0, weight_decay=0.0,
-                            initial_accumulator_value=0.0, eps=1e-10, maximize=False)
-rmsjax.compat.torch.Adam(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                         amsgrad=False, maximize=False)
-rmsjax.compat.torch.AdamW(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
-                          amsgrad=False, maximize=False)
-rmsjax.compat.torch.Adadelta(lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, maximize=False)
-rmsjax.compat.torch.SGD(lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
-                        nesterov=False, maximize=False)
-rmsjax.compat.keras.RMSprop(learning_rate=0.001, rho=0.9, momentum=0.0, epsilon=1e-7,
-                            centered=False, weight_decay=None)
-rmsjax.compat.keras.Adagrad(learning_rate=0.001, initial_accumulator_value=0.1, epsilon=1e-7)
-rmsjax.compat.keras.Adam(learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7,
-                         amsgrad=False)
-rmsjax.compat.keras.Adadelta(learning_rate=0.001, rho=0.95, epsilon=1e-7)
-rmsjax.compat.tf1.RMSPropOptimizer(learning_rate, decay=0.9, momentum=0.0, epsilon=1e-10,
-                                   centered=False)
-"""
+# ---------------------------------------------------------------- signatures (docs/api.md, layer 4)
 
 
 def _contract() -> list[tuple[str, str, list]]:
-    """(module, name, [(argument, default or empty, kind)]) for each line of CONTRACT."""
+    """(module, name, [(argument, default or empty, kind)]) for each layer-4 signature of the
+    contract block in docs/api.md."""
     items = []
-    for call in ast.parse(" ".join(CONTRACT.split()).replace(") rmsjax", ")\nrmsjax")).body:
-        text = ast.unparse(call.value)
+    for line in api_contract.signatures("rmsjax.compat."):
+        text = ast.unparse(ast.parse(line).body[0].value)
         path, _, arguments = text.partition("(")
         fn = ast.parse(f"def f({arguments[:-1]}): pass").body[0].args
         required = len(fn.args) - len(fn.defaults)

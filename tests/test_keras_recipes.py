@@ -119,6 +119,11 @@ SHARED = (
 )
 
 
+def test_every_keras_optimizer_is_checked_here():
+    """test_compat leaves the argument coverage of compat.keras's optimizers to this file."""
+    assert sorted(OPTIMIZERS) == sorted(name for name in kc.__all__ if name[0].isupper())
+
+
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
 def test_every_argument_is_exercised_by_a_fixture(optimizer):
     """Each optimizer's own arguments take a non-default value in a fixture (shared ones: below)."""
