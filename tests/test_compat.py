@@ -369,8 +369,11 @@ def test_jax_array_hyperparameters_and_inject_hyperparams():
             updates, state = step(jax.tree.map(lambda x: 2 * x, p), state, p)
             p = optax.apply_updates(p, updates)
         outs.append(p)
+    # Injected, the hyperparameters are float32 arrays and the scalars made from them (1 - alpha,
+    # ...) are rounded in float32 on the device, not once on the host: after 5 steps the runs
+    # part by 7.0e-7 relative on XLA:CPU, 1.02e-6 on an H200.
     for a, b in zip(jax.tree.leaves(outs[0]), jax.tree.leaves(outs[1]), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-6)
+        np.testing.assert_allclose(a, b, rtol=2e-6)
 
 
 @pytest.mark.parametrize(

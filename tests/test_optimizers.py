@@ -176,7 +176,11 @@ QUADRATIC = {
     "adagrad": (rmsjax.adagrad(0.5), 1000),
     "adam": (rmsjax.adam(0.05), 1000),
     "adamw": (rmsjax.adamw(0.05, weight_decay=1e-4), 1000),
-    "adadelta": (rmsjax.adadelta(1.0, rho=0.95, eps=1e-4), 3000),
+    # rho 0.99, not 0.95: at 0.95 the stiff coordinate ends at 0.26 (loss ratio 0.07) where the
+    # state's denormals are kept (XLA:GPU, NumPy) and at 0 where XLA:CPU flushes them, and optax's
+    # adadelta does the same. At 0.99 both arithmetics converge (a float32 NumPy transcription,
+    # with and without flushing, from 1000 steps on).
+    "adadelta": (rmsjax.adadelta(1.0, rho=0.99, eps=1e-4), 2000),
     "sgd_momentum": (rmsjax.sgd(0.009, momentum=0.9), 1000),
 }
 ROSENBROCK = {

@@ -221,7 +221,11 @@ def test_tracer_hyperparameters_under_jit():
 
     eager = rmsjax.rmsprop(0.1, decay=0.9, momentum=0.5)
     expected = eager.update(2 * params, eager.init(params), params)[0]
-    np.testing.assert_array_equal(step(0.1, 0.9, 0.5), expected)
+    # Traced, the scalars (1 - decay, ...) are float32 operations on the device; concrete, they
+    # are rounded once on the host. Bit for bit on XLA:CPU (measured); XLA:GPU's float32
+    # arithmetic leaves one element one ulp off (measured on an H200).
+    maxulp = 0 if jax.default_backend() == "cpu" else 1
+    np.testing.assert_array_max_ulp(step(0.1, 0.9, 0.5), expected, maxulp=maxulp)
 
 
 @pytest.mark.parametrize(
