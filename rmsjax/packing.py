@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from typing import Any, NamedTuple, cast
 
 import jax
@@ -24,11 +25,9 @@ import jax.core  # jax deletes its own alias; named here so type checkers see ja
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import AxisType, NamedSharding, SingleDeviceSharding
+from jax.sharding import AxisType, NamedSharding, PartitionSpec, SingleDeviceSharding
 
-from rmsjax import averages
-
-__all__ = ["PackedState", "PackingLayout", "pack", "packed", "unpack"]
+__all__ = ["PackedState", "PackingLayout", "pack", "packed", "state_layout", "unpack"]
 
 PyTree = Any
 
@@ -95,16 +94,26 @@ def _placement(leaf: Any) -> Any:
     return None
 
 
+def _dtype_name(leaf: Any) -> str:
+    """The dtype ``leaf`` has once it is a jax array (NumPy float64 is float32 without x64)."""
+    dtype = getattr(leaf, "dtype", None)
+    if dtype is None:
+        dtype = np.asarray(leaf).dtype
+    return jnp.dtype(jax.dtypes.canonicalize_dtype(dtype)).name
+
+
 def layout_of(tree: PyTree, *, max_leaf_size: int = 4096) -> PackingLayout:
     """The packing of ``tree``: leaves of one dtype and placement share a buffer.
 
     Leaves with more than ``max_leaf_size`` elements, and leaves split across devices,
     stay on their own (a big leaf gains nothing from being copied into a buffer).
+    Linear in the number of leaves.
     """
     leaves = jax.tree.leaves(tree)
     shapes = tuple(tuple(int(d) for d in np.shape(x)) for x in leaves)
-    dtypes = tuple(jnp.dtype(x.dtype).name for x in leaves)
-    groups: dict[Any, list[list[int]]] = {}
+    dtypes = tuple(_dtype_name(x) for x in leaves)
+    # (dtype, placement) -> its buffers so far, each [elements used, leaf indices]
+    groups: dict[Any, list[tuple[list[int], list[int]]]] = {}
     alone: list[tuple[int]] = []
     for i, leaf in enumerate(leaves):
         size = math.prod(shapes[i])
@@ -112,12 +121,14 @@ def layout_of(tree: PyTree, *, max_leaf_size: int = 4096) -> PackingLayout:
         if place is None or size > max_leaf_size:
             alone.append((i,))
             continue
-        buffers = groups.setdefault((dtypes[i], place), [[]])
-        used = sum(math.prod(shapes[j]) for j in buffers[-1])
-        if used + size > _MAX_BUFFER:
-            buffers.append([])
-        buffers[-1].append(i)
-    packed_groups = [tuple(b) for bs in groups.values() for b in bs if b]
+        buffers = groups.setdefault((dtypes[i], place), [([0], [])])
+        used, members = buffers[-1]
+        if used[0] + size > _MAX_BUFFER:
+            used, members = [0], []
+            buffers.append((used, members))
+        used[0] += size
+        members.append(i)
+    packed_groups = [tuple(members) for bs in groups.values() for _, members in bs if members]
     ordered = sorted(packed_groups + alone, key=lambda g: g[0])
     return PackingLayout(
         shapes=shapes, dtypes=dtypes, groups=tuple(ordered), treedef=jax.tree.structure(tree)
@@ -132,7 +143,7 @@ def _check_matches(leaves: list[Any], layout: PackingLayout, what: str) -> None:
         )
     for i, leaf in enumerate(leaves):
         shape = tuple(np.shape(leaf))
-        dtype = jnp.dtype(leaf.dtype).name
+        dtype = _dtype_name(leaf)
         if shape != layout.shapes[i] or dtype != layout.dtypes[i]:
             raise ValueError(
                 f"packed: leaf {i} of {what} is {dtype}{list(shape)}, the packed state was "
@@ -222,46 +233,145 @@ def unpack(buffers: Any, layout: PackingLayout) -> PyTree:
     return jax.tree.unflatten(layout.treedef, _unpack_leaves(buffers, layout))
 
 
-@jax.tree_util.register_pytree_node_class
-class _Offsets:
-    """The start of each packed leaf in its buffer, as int32 scalars, plus the layout.
+def _leaf_keys(tree: PyTree) -> tuple[list[str], list[Any], Any]:
+    """(a key per leaf: its path, dtype and shape; the leaves; the tree structure).
 
-    The starts are state (values), not constants, so that XLA compiles one slicing kernel
-    per leaf size rather than one per leaf; the layout rides along as static data.
+    The keys are what a packed state remembers of the tree it was built for: they name each
+    leaf in errors, and assign each leaf to its buffer by name, never by position.
     """
+    # A Flax NNX Variable is named by its own path: nnx.Optimizer initialises on Variables
+    # (whose array sits one level down) and updates with the bare arrays.
+    nnx = sys.modules.get("flax.nnx")
+    boxed = (lambda x: isinstance(x, nnx.Variable)) if nnx is not None else None
+    with_paths, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=boxed)
+    keys, leaves = [], []
+    for path, leaf in with_paths:
+        inside = jax.tree.leaves(leaf) if boxed is not None and boxed(leaf) else [leaf]
+        for i, array in enumerate(inside):
+            where = jax.tree_util.keystr(path) + (f"#{i}" if len(inside) > 1 else "")
+            keys.append(f"{where} {_dtype_name(array)}{list(np.shape(array))}")
+            leaves.append(array)
+    return keys, leaves, jax.tree.structure(tree)
 
-    def __init__(self, starts: tuple[Any, ...], layout: PackingLayout):
-        self.starts = tuple(starts)
-        self.layout = layout
 
-    def tree_flatten(self):
-        return self.starts, self.layout
+def _differences(what: str, keys: list[str], state_keys: list[str]) -> str:
+    """Which leaves ``what`` has that the state has not, and the other way round."""
+    theirs, ours = set(keys), set(state_keys)
+    extra = [k for k in keys if k not in ours]
+    missing = [k for k in state_keys if k not in theirs]
 
-    @classmethod
-    def tree_unflatten(cls, layout, starts):
-        return cls(tuple(starts), layout)
+    def listing(items: list[str]) -> str:
+        shown = ", ".join(items[:5])
+        return shown + (f" and {len(items) - 5} more" if len(items) > 5 else "")
 
-    def __repr__(self) -> str:
-        return f"_Offsets({len(self.starts)} leaves in {len(self.layout.groups)} buffers)"
+    parts = []
+    if extra:
+        parts.append(f"in the {what} but not in the packed state: {listing(extra)}")
+    if missing:
+        parts.append(f"in the packed state but not in the {what}: {listing(missing)}")
+    return "; ".join(parts)
+
+
+def _int32_scalars(values: list[int], buffers: Any) -> list[Any]:
+    """``values`` as int32 scalars placed like the buffers' step counters: replicated over the
+    buffers' mesh when they have one. Made in one transfer, not one per value."""
+    host = [np.asarray(v, np.int32) for v in values]
+    leaves = jax.tree.leaves(buffers)
+    if any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
+        return [jnp.asarray(h) for h in host]
+    mesh = next(
+        (leaf.sharding.mesh for leaf in leaves
+         if isinstance(leaf, jax.Array) and isinstance(leaf.sharding, NamedSharding)),
+        None,
+    )
+    return list(jax.device_put(host, None if mesh is None else NamedSharding(mesh, PartitionSpec())))
 
 
 class PackedState(NamedTuple):
     """State of :func:`packed`: the wrapped transformation's state over the buffers.
 
+    Only arrays, dicts and tuples: it serializes with ``flax.serialization`` and orbax as any
+    optax state does.
+
     Attributes:
       inner: the state of the wrapped transformation, whose leaves are buffers.
-      offsets: where each packed leaf starts in its buffer (and, as static data, the
-        layout).
+      offsets: one dict per buffer, in the order of the buffers. Its keys name the leaves
+        the buffer holds (``"['dense']['w'] float32[3, 4]"``: path, dtype, shape); its
+        values are where each starts in the buffer (int32 scalars), or ``None`` for a leaf
+        that is its buffer on its own. ``update`` finds the leaves by these names.
     """
 
     inner: Any
-    # An _Offsets; typed Any so that the state is an optax.OptState (an array tree) to
-    # type checkers, as the pytree it is at run time.
-    offsets: Any
+    offsets: tuple[dict[str, Any], ...]
+
+
+def state_layout(state: PackedState, tree: PyTree) -> PackingLayout:
+    """The :class:`PackingLayout` of a :func:`packed` state, for the tree it was built for.
+
+    With it, :func:`pack` ``(tree, layout)`` gives the buffers of the state's ``inner``
+    transformation (each buffer where the state's buffer is).
+
+    Raises:
+      ValueError: ``tree`` has other leaves (paths, dtypes or shapes) than the state's.
+    """
+    return _state_layout(state, tree, "tree")[0]
+
+
+def _state_layout(state: Any, tree: PyTree, what: str) -> tuple[PackingLayout, list[Any], list[Any]]:
+    """(layout, leaves of ``tree``, the start of each packed leaf in buffer order)."""
+    keys, leaves, treedef = _leaf_keys(tree)
+    offsets = getattr(state, "offsets", None)
+    if not isinstance(state, PackedState) or not isinstance(offsets, tuple):
+        raise TypeError(f"packed: the state is not a packed state, got {type(state).__name__}")
+    state_keys = [key for buffer in offsets for key in buffer]
+    if len(keys) != len(state_keys) or set(keys) != set(state_keys):
+        raise ValueError(
+            f"packed: the {what} do not match the tree the packed state was built for "
+            f"({len(keys)} leaves in the {what}, {len(state_keys)} in the state): "
+            + _differences(what, keys, state_keys)
+        )
+    index = {key: i for i, key in enumerate(keys)}
+    groups, starts = [], []
+    for buffer in offsets:
+        group = tuple(sorted(index[key] for key in buffer))
+        groups.append(group)
+        if len(group) > 1:
+            starts.extend(buffer[keys[i]] for i in group)
+    layout = PackingLayout(
+        shapes=tuple(tuple(int(d) for d in np.shape(x)) for x in leaves),
+        dtypes=tuple(_dtype_name(x) for x in leaves),
+        groups=tuple(groups),
+        treedef=treedef,
+    )
+    return layout, leaves, starts
+
+
+def _is_params_placeholder(params: Any) -> bool:
+    """``optax.tree.map_params`` initialises the transformation on a placeholder object."""
+    kind = type(params)
+    return kind.__name__ == "_ParamsPlaceholder" and kind.__module__.startswith("optax")
+
+
+def _static_leaf_size(max_leaf_size: Any) -> int | None:
+    """``max_leaf_size`` as a Python int; ``None`` when it is traced (it is only needed by
+    ``init``, which then says so)."""
+    if max_leaf_size is None:
+        return 4096
+    if isinstance(max_leaf_size, jax.core.Tracer):
+        return None
+    if isinstance(max_leaf_size, bool) or not (
+        isinstance(max_leaf_size, (int, np.integer))
+        or (isinstance(max_leaf_size, (np.ndarray, jax.Array)) and np.ndim(max_leaf_size) == 0
+            and jnp.issubdtype(max_leaf_size.dtype, jnp.integer))
+    ):
+        raise TypeError(f"packed: max_leaf_size must be an int >= 0 or None, got {max_leaf_size!r}")
+    if int(max_leaf_size) < 0:
+        raise ValueError(f"packed: max_leaf_size must be an int >= 0 or None, got {max_leaf_size!r}")
+    return int(max_leaf_size)
 
 
 def packed(
-    tx: optax.GradientTransformation, *, max_leaf_size: int = 4096
+    tx: optax.GradientTransformation, *, max_leaf_size: int | None = None
 ) -> optax.GradientTransformationExtraArgs:
     """Runs ``tx`` on a few contiguous buffers instead of many small leaves.
 
@@ -278,9 +388,17 @@ def packed(
     devices stay as they are too: arrays on different devices, or with different
     shardings, are never packed together.
 
+    The state (:class:`PackedState`) names every leaf by its path, dtype and shape: an
+    ``update`` with a tree of other leaves fails naming them, and the state serializes with
+    ``flax.serialization`` and orbax. It holds no tree shaped like the parameters, so
+    ``optax.tree.map_params`` leaves it as it is (``transform_non_params`` sees ``inner``
+    and ``offsets`` whole).
+
     Args:
       tx: the transformation to wrap.
-      max_leaf_size: the largest leaf (in elements) that is packed.
+      max_leaf_size: the largest leaf (in elements) that is packed; ``None``: 4096. It
+        decides the layout when the state is made, so it must be a concrete int then (under
+        ``optax.inject_hyperparams`` and ``jax.jit``, name it in ``static_args``).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with state :class:`PackedState`.
@@ -300,19 +418,29 @@ def packed(
       ...     rmsjax.rmsprop(0.1).init(params["w7"]))[0]).all())
       True
     """
-    if not isinstance(max_leaf_size, int) or max_leaf_size < 0:
-        raise ValueError(f"max_leaf_size must be an int >= 0, got {max_leaf_size!r}")
+    leaf_size = _static_leaf_size(max_leaf_size)
     inner_tx = optax.with_extra_args_support(tx)
 
     def init_fn(params: optax.Params) -> PackedState:
-        buffers, layout = pack(params, layout_of(params, max_leaf_size=max_leaf_size))
-        starts = []
-        for group in layout.groups:
-            if len(group) > 1:
-                # Replicated over the buffers' mesh, like the inner transformation's counts.
-                for offset in layout.offsets(group):
-                    starts.append(averages.replicated_like(jnp.asarray(offset, jnp.int32), buffers))
-        return PackedState(inner=inner_tx.init(buffers), offsets=_Offsets(tuple(starts), layout))
+        if _is_params_placeholder(params):
+            # No part of the state is shaped like the parameters: map_params maps none of it.
+            return PackedState(inner=0, offsets=0)  # pyright: ignore[reportArgumentType]
+        if leaf_size is None:
+            raise ValueError(
+                "packed: max_leaf_size is traced (optax.inject_hyperparams under jax.jit makes "
+                "it an array); it decides the layout and must be a concrete int: pass "
+                "static_args=('max_leaf_size',) to optax.inject_hyperparams"
+            )
+        keys, leaves, _ = _leaf_keys(params)
+        layout = layout_of(params, max_leaf_size=leaf_size)
+        buffers, _ = pack(leaves, layout)
+        values = [offset for group in layout.groups if len(group) > 1 for offset in layout.offsets(group)]
+        scalars = iter(_int32_scalars(values, buffers))
+        offsets = tuple(
+            {keys[i]: (next(scalars) if len(group) > 1 else None) for i in group}
+            for group in layout.groups
+        )
+        return PackedState(inner=inner_tx.init(buffers), offsets=offsets)
 
     def update_fn(
         updates: optax.Updates,
@@ -321,17 +449,14 @@ def packed(
         **extra_args: Any,
     ) -> tuple[optax.Updates, PackedState]:
         state = cast(PackedState, state)  # what init_fn returned
-        layout = state.offsets.layout
-        leaves, treedef = jax.tree.flatten(updates)
-        _check_matches(leaves, layout, "updates")
+        layout, leaves, starts = _state_layout(state, updates, "updates")
         grads, _ = pack(leaves, layout)
         where = None
         if params is not None:
-            param_leaves = jax.tree.leaves(params)
-            _check_matches(param_leaves, layout, "params")
+            _, param_leaves, _ = _state_layout(state, params, "params")
             where, _ = pack(param_leaves, layout)
         steps, inner = inner_tx.update(grads, state.inner, where, **extra_args)
-        out = _unpack_leaves(steps, layout, state.offsets.starts)
-        return jax.tree.unflatten(treedef, out), PackedState(inner=inner, offsets=state.offsets)
+        out = _unpack_leaves(steps, layout, starts)
+        return jax.tree.unflatten(layout.treedef, out), PackedState(inner=inner, offsets=state.offsets)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -116,12 +116,142 @@ def test_pack_unpack_roundtrip_and_gradient():
 def test_mismatched_tree_is_named():
     tx = rmsjax.packed(rmsjax.rmsprop(0.1))
     state = tx.init({"a": jnp.ones(3), "b": jnp.ones(2)})
-    with pytest.raises(ValueError, match="leaf 1 of updates"):
+    with pytest.raises(ValueError, match=r"updates but not in the packed state: \['b'\] float32\[4\]"):
         tx.update({"a": jnp.ones(3), "b": jnp.ones(4)}, state)
-    with pytest.raises(ValueError, match="3 leaves"):
+    with pytest.raises(ValueError, match=r"3 leaves in the updates, 2 in the state.*\['c'\] float32\[1\]"):
         tx.update({"a": jnp.ones(3), "b": jnp.ones(2), "c": jnp.ones(1)}, state)
+    with pytest.raises(ValueError, match=r"params.*\['b'\] bfloat16\[2\]"):
+        params = {"a": jnp.ones(3), "b": jnp.ones(2, jnp.bfloat16)}
+        tx.update({"a": jnp.ones(3), "b": jnp.ones(2)}, state, params)
     with pytest.raises(ValueError, match="max_leaf_size"):
         rmsjax.packed(rmsjax.rmsprop(0.1), max_leaf_size=-1)
+    with pytest.raises(TypeError, match="max_leaf_size"):
+        rmsjax.packed(rmsjax.rmsprop(0.1), max_leaf_size=2.5)
+
+
+def test_other_keys_raise_naming_them_not_reattached_by_position():
+    """Same shapes and count, other names: the plain optimizer raises, and so does packed
+    (it used to hand the state of 'a' to 'x' by position)."""
+    params = {"a": jnp.ones(3), "b": jnp.ones(3)}
+    grads = {"x": jnp.ones(3), "y": jnp.ones(3)}
+    plain = rmsjax.rmsprop(0.1)
+    with pytest.raises(ValueError):
+        plain.update(grads, plain.init(params))
+    tx = rmsjax.packed(rmsjax.rmsprop(0.1))
+    state = tx.init(params)
+    with pytest.raises(ValueError) as info:
+        tx.update(grads, state)
+    message = str(info.value)
+    for name in ("['x']", "['y']", "['a']", "['b']"):
+        assert name in message, message
+    with pytest.raises(ValueError, match=r"\['x'\]"):
+        jax.jit(tx.update)(grads, state)
+
+
+def test_state_serializes_with_flax_and_resumes_bit_for_bit():
+    serialization = pytest.importorskip("flax.serialization")
+    params = _tree()
+    tx = rmsjax.packed(rmsjax.adam(0.1), max_leaf_size=100)
+    _, state = _run(tx, params, 2, jit=False)
+    restored = serialization.from_bytes(tx.init(params), serialization.to_bytes(state))
+    assert jax.tree.structure(restored) == jax.tree.structure(state)
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state), strict=True):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(np.asarray(a, np.float64), np.asarray(b, np.float64))
+    grads = jax.tree.map(lambda p: (0.5 * p).astype(p.dtype), params)
+    for a, b in zip(jax.tree.leaves(tx.update(grads, restored, params)),
+                    jax.tree.leaves(tx.update(grads, state, params)), strict=True):
+        np.testing.assert_array_equal(np.asarray(a, np.float64), np.asarray(b, np.float64))
+
+
+def _layout_seconds(n: int) -> float:
+    import time
+
+    tree = [np.zeros(3, np.float32) for _ in range(n)]
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        packing.layout_of(tree)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def test_layout_is_linear_in_the_leaf_count():
+    """Four times the leaves, about four times the time (a quadratic layout: sixteen)."""
+    small, large = _layout_seconds(4000), _layout_seconds(16000)
+    assert large < 8 * small, (small, large)
+    layout = packing.layout_of([np.zeros(3, np.float32) for _ in range(16000)])
+    assert layout.groups == (tuple(range(16000)),)
+
+
+def test_numpy_float64_parameters_under_jit_as_eagerly():
+    params = {f"w{i}": np.linspace(-1.0, 1.0, 3) * (i + 1) for i in range(5)}  # float64
+    grads = jax.tree.map(lambda p: 0.5 * p, params)
+    tx = rmsjax.packed(rmsjax.rmsprop(0.1))
+    eager, _ = tx.update(grads, tx.init(params), params)
+    jitted, _ = jax.jit(tx.update)(grads, jax.jit(tx.init)(params), params)
+    plain = rmsjax.rmsprop(0.1)
+    as_jax = jax.tree.map(jnp.asarray, (grads, params))
+    reference, _ = plain.update(as_jax[0], plain.init(as_jax[1]))
+    leaves = (jax.tree.leaves(eager), jax.tree.leaves(jitted), jax.tree.leaves(reference))
+    for a, b, c in zip(*leaves, strict=True):
+        assert a.dtype == b.dtype == c.dtype
+        np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(b), np.asarray(c), rtol=1e-6)
+
+
+def test_map_params_identity_and_with_a_params_shaped_tree():
+    params = {"a": jnp.ones(3), "b": jnp.ones((2, 2)), "big": jnp.ones(200)}
+    tx = rmsjax.packed(rmsjax.rmsprop(0.1, momentum=0.9), max_leaf_size=100)
+    state = tx.init(params)
+    same = optax.tree.map_params(tx, lambda p: p, state)
+    assert jax.tree.structure(same) == jax.tree.structure(state)
+    specs = jax.tree.map(lambda p: p.shape, params)
+    mapped = optax.tree.map_params(tx, lambda p, spec: spec, state, specs,
+                                   transform_non_params=lambda x: "not params")
+    # No part of a packed state is shaped like the parameters.
+    assert mapped == rmsjax.packing.PackedState(inner="not params", offsets="not params")
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("wrapper", ["packed", "one_pass"])
+def test_inject_hyperparams_over_the_wrappers_gives_the_plain_state(wrapper, jit):
+    factory = getattr(rmsjax, wrapper)
+    params = {f"w{i}": jnp.full(3, i + 1.0) for i in range(4)}
+    plain = factory(rmsjax.rmsprop(0.1))
+    injected = optax.inject_hyperparams(factory)(rmsjax.rmsprop(0.1))
+    init = jax.jit(injected.init) if jit else injected.init
+    state, reference = init(params), plain.init(params)
+    assert jax.tree.structure(state.inner_state) == jax.tree.structure(reference)
+    for _ in range(2):
+        updates, state = injected.update(params, state, params)
+        expected, reference = plain.update(params, reference, params)
+        for a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(expected), strict=True):
+            np.testing.assert_array_equal(a, b)
+    assert jax.tree.structure(state.inner_state) == jax.tree.structure(reference)
+
+
+def test_injected_max_leaf_size_must_be_static_under_jit():
+    params = {f"w{i}": jnp.ones(3) for i in range(4)}
+    injected = optax.inject_hyperparams(rmsjax.packed)(rmsjax.rmsprop(0.1), max_leaf_size=2)
+    assert len(injected.init(params).inner_state.offsets) == 4  # eager: concrete, all alone
+    with pytest.raises(ValueError, match=r"static_args=\('max_leaf_size',\)"):
+        jax.jit(injected.init)(params)
+    static = optax.inject_hyperparams(rmsjax.packed, static_args=("max_leaf_size",))
+    assert len(jax.jit(static(rmsjax.rmsprop(0.1), max_leaf_size=2).init)(params).inner_state.offsets) == 4
+
+
+def test_state_layout_gives_the_buffers_of_the_state():
+    params = _tree()
+    tx = rmsjax.packed(rmsjax.rmsprop(0.1), max_leaf_size=100)
+    state = tx.init(params)
+    layout = packing.state_layout(state, params)
+    assert layout == packing.layout_of(params, max_leaf_size=100)
+    buffers, _ = packing.pack(params, layout)
+    nu = optax.tree.get(state.inner, "nu")
+    assert [b.shape for b in buffers] == [b.shape for b in nu] == [(300,), (58,), (9,)]
+    with pytest.raises(ValueError, match="tree"):
+        packing.state_layout(state, {"a": jnp.ones(3)})
 
 
 def test_compiles_once_and_one_slice_kernel_per_size():

@@ -153,7 +153,7 @@ def test_explicit_mesh_axes(mesh):
 def _packed_report(state, params, mesh):
     """``placement_report`` for ``rmsjax.packed``: its state holds one buffer per group of
     leaves; a buffer must sit where ``pack`` puts the parameters (a leaf alone: the leaf)."""
-    layout = state.offsets.layout
+    layout = rmsjax.packing.state_layout(state, params)
     buffers, _ = rmsjax.packing.pack(params, layout)
     report = placement_report(state.inner, buffers, mesh)
     offsets = placement_report(state.offsets, (), mesh)
@@ -168,7 +168,7 @@ def test_packed_state_is_placed_like_params(name, jitted, axes):
     tx = PACKED[name]()
     params = sharded_tree(mesh)
     state = jax.jit(tx.init)(params) if jitted else tx.init(params)
-    layout = state.offsets.layout
+    layout = rmsjax.packing.state_layout(state, params)
     leaves = jax.tree.leaves(params)
     # A parameter split across devices is never packed with others.
     for group in layout.groups:
