@@ -145,20 +145,7 @@ def test_every_argument_is_exercised_by_a_fixture(optimizer):
         assert any(value != parameter.default for value in used), f"{optimizer}({parameter.name}=...)"
 
 
-@pytest.mark.parametrize(
-    "argument",
-    [
-        "weight_decay",
-        "clipnorm",
-        "clipvalue",
-        "global_clipnorm",
-        "use_ema",
-        "ema_momentum",
-        "ema_overwrite_frequency",
-        "loss_scale_factor",
-        "gradient_accumulation_steps",
-    ],
-)
+@pytest.mark.parametrize("argument", [a for a in SHARED if a not in ("name", "mask")])
 def test_each_shared_option_on_two_optimizers(argument):
     metas = _all_metas()
     used = {m["optimizer"] for m in metas if m["kwargs"].get(argument) not in (None, False)}
