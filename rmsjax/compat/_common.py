@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from rmsjax import _validation as check
@@ -22,16 +23,42 @@ from rmsjax import averages, transforms
 PyTree = Any
 
 
-# --------------------------------------------------------------------------- chains
+# --------------------------------------------------------------------------- concrete values
+
+
+def is_concrete(value: Any) -> bool:
+    """True for a hyperparameter known at construction: a real Python or NumPy number.
+
+    A NumPy 0-d array of a real dtype counts, as a NumPy scalar does (``np.array(0.0)``
+    behaves as ``0.0``); a jax array or tracer never does (its value is only known when the
+    update runs, e.g. under ``optax.inject_hyperparams``), nor does a bool.
+
+    (The core is moving to one such predicate in ``rmsjax._validation``; this is the same
+    rule, kept here so that compat decides every optional part by it.)
+    """
+    if isinstance(value, jax.Array) or isinstance(value, (bool, np.bool_)):
+        return False
+    if isinstance(value, np.ndarray):
+        real = np.issubdtype(value.dtype, np.integer) or np.issubdtype(value.dtype, np.floating)
+        return value.ndim == 0 and bool(real)
+    return isinstance(value, (int, float, np.integer, np.floating))
+
+
+def is_concrete_zero(value: Any) -> bool:
+    """True for a concrete number (see :func:`is_concrete`) equal to zero."""
+    return is_concrete(value) and float(value) == 0.0
 
 
 def unless_zero(value: Any, make: Callable[[], optax.GradientTransformation]) -> optax.GradientTransformation:
-    """``make()``, or ``optax.identity()`` when ``value`` is a concrete zero (a jax array never is).
+    """``make()``, or ``optax.identity()`` when ``value`` is ``None`` or a concrete zero.
 
-    The identity keeps the part's slot in the chain (with an empty state), so a framework
-    optimizer's state layout does not depend on its hyperparameters' values.
+    A framework's signature default of 0 (momentum, weight decay) means "no such part";
+    ``None`` (Keras's options) too. A jax array is never known to be zero, so under
+    ``optax.inject_hyperparams`` a default of 0 switches the part on (with updates equal to
+    the plain ones) unless it is listed in ``static_args`` (``docs/porting.md``). The
+    identity keeps the part's slot in the chain with an empty state.
     """
-    return optax.identity() if check.is_concrete_zero(value) else make()
+    return optax.identity() if value is None or is_concrete_zero(value) else make()
 
 
 # --------------------------------------------------------------------------- validation
@@ -40,11 +67,6 @@ def unless_zero(value: Any, make: Callable[[], optax.GradientTransformation]) ->
 # The framework classes validate with the core's checks, under names that read well there.
 require = check.check_range
 require_learning_rate = check.check_learning_rate
-
-
-def concrete_nonzero(value: Any) -> bool:
-    """True for a concrete number other than zero (a jax array is never known to be)."""
-    return not isinstance(value, jax.Array) and not check.is_concrete_zero(value)
 
 
 # --------------------------------------------------------------------------- transformations
@@ -139,7 +161,7 @@ def divided_by_decay(learning_rate: Any, lr_decay: Any) -> Any:
 
     Returns ``learning_rate`` itself when ``lr_decay`` is a concrete zero.
     """
-    if check.is_concrete_zero(lr_decay):
+    if is_concrete_zero(lr_decay):
         return learning_rate
 
     def schedule(count):

@@ -8,7 +8,6 @@ arithmetic uses :mod:`rmsjax.averages` wherever a formula exists there.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -411,10 +410,3 @@ def check_positive_int(name: str, value: Any, low: int) -> None:
         )
     if value < low:
         raise ValueError(f"{name} must be None or an integer >= {low}, got {value!r}")
-
-
-def optional(value: Any, make: Callable[[], optax.GradientTransformation]) -> optax.GradientTransformation:
-    """``make()`` unless ``value`` is ``None`` or a concrete zero (then ``optax.identity()``)."""
-    if value is None or check.is_concrete_zero(value):
-        return optax.identity()
-    return make()

@@ -33,6 +33,11 @@ checkpointed with it); :func:`ema_params` reads it.
 
 Keras itself checks few hyperparameters; here out-of-range values raise ``ValueError``
 naming the argument, and an argument Keras does not have raises ``TypeError``.
+
+``momentum=0`` (SGD's and RMSprop's default) leaves the buffer out; under
+``optax.inject_hyperparams`` pass ``static_args=("momentum",)`` to keep it out (an injected 0
+is an array and keeps the buffer, with the same updates). The shared options default to
+``None``, which is never injected.
 """
 
 from __future__ import annotations
@@ -140,7 +145,7 @@ def _check_shared(
     parts.check_positive_int("ema_overwrite_frequency", ema_overwrite_frequency, 1)
     if loss_scale_factor is not None:
         common.require("loss_scale_factor", loss_scale_factor)
-        if check.is_concrete_zero(loss_scale_factor):
+        if common.is_concrete_zero(loss_scale_factor):
             raise ValueError(
                 f"loss_scale_factor must be None or a finite number > 0, got {loss_scale_factor!r}"
             )
@@ -201,18 +206,18 @@ def _assemble(
     steps = gradient_accumulation_steps
     rate = learning_rate if steps is None else parts.real_step_rate(learning_rate, steps)
     if clipnorm is not None:
-        clip = parts.optional(clipnorm, lambda: parts.clip_by_norm(clipnorm))
+        clip = common.unless_zero(clipnorm, lambda: parts.clip_by_norm(clipnorm))
     elif global_clipnorm is not None:
-        clip = parts.optional(global_clipnorm, lambda: parts.clip_by_global_norm(global_clipnorm))
+        clip = common.unless_zero(global_clipnorm, lambda: parts.clip_by_global_norm(global_clipnorm))
     else:
-        clip = parts.optional(clipvalue, lambda: parts.clip_by_value(clipvalue))
+        clip = common.unless_zero(clipvalue, lambda: parts.clip_by_value(clipvalue))
 
     def decay():
         tx = common.decoupled_weight_decay(weight_decay, rate)
         return tx if mask is None else optax.masked(tx, mask)
 
-    middle = [clip, *optimizer_parts(rate), parts.optional(weight_decay, decay)]
-    scale = parts.optional(loss_scale_factor, lambda: parts.divide_gradients(loss_scale_factor))
+    middle = [clip, *optimizer_parts(rate), common.unless_zero(weight_decay, decay)]
+    scale = common.unless_zero(loss_scale_factor, lambda: parts.divide_gradients(loss_scale_factor))
     if use_ema:
         average = parts.ema(ema_momentum, ema_overwrite_frequency, 1 if steps is None else steps)
     else:

@@ -22,6 +22,12 @@ What PyTorch does, and these factories therefore do:
 
 Invalid hyperparameters raise ``ValueError`` naming the argument, as PyTorch does; rmsjax
 also requires decay rates (``alpha``, ``rho``, ``betas``, ``momentum``) below 1.
+
+A ``momentum``, ``weight_decay``, ``dampening`` or ``lr_decay`` of 0 (PyTorch's defaults)
+leaves its part out. Under ``optax.inject_hyperparams`` they become arrays and the parts
+are kept (same updates, larger state, ``params`` needed): name them in ``static_args``,
+e.g. ``optax.inject_hyperparams(SGD, static_args=("momentum", "weight_decay",
+"dampening", "nesterov"))`` (the table in ``docs/porting.md`` lists them per optimizer).
 """
 
 from __future__ import annotations
@@ -418,7 +424,8 @@ def SGD(
     common.require("dampening", dampening, high=1.0, high_open=False)
     common.require("weight_decay", weight_decay)
     check.check_flag("nesterov", nesterov)
-    if nesterov and (check.is_concrete_zero(momentum) or common.concrete_nonzero(dampening)):
+    dampened = common.is_concrete(dampening) and float(dampening) != 0.0  # an array: unknown, allowed
+    if nesterov and (common.is_concrete_zero(momentum) or dampened):
         raise ValueError(
             "Nesterov momentum requires a momentum and zero dampening: nesterov=True needs "
             f"momentum > 0 and dampening == 0, got momentum={momentum!r}, dampening={dampening!r}"
