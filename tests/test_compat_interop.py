@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -71,7 +73,7 @@ def _static_args_keep_the_plain_state(name):
     params, grads = _f64(PARAMS), _f64(GRADS)
     plain = factory(**kwargs)
     tx = optax.inject_hyperparams(factory, static_args=static)(**kwargs)
-    state = tx.init(params)
+    state: Any = tx.init(params)
     plain_state = plain.init(params)
     assert jax.tree.structure(state.inner_state) == jax.tree.structure(plain_state)
     assert _shapes(state.inner_state) == _shapes(plain_state)
@@ -92,7 +94,8 @@ def test_injected_defaults_give_the_plain_updates(name):
         params, grads = _f64(PARAMS), _f64(GRADS)
         plain = factory(**kwargs)
         tx = optax.inject_hyperparams(factory)(**kwargs)
-        state, plain_state = tx.init(params), plain.init(params)
+        state: Any = tx.init(params)
+        plain_state = plain.init(params)
         for _ in range(3):
             ours, state = tx.update(grads, state, params)
             theirs, plain_state = plain.update(grads, plain_state, params)
@@ -105,7 +108,8 @@ def test_injecting_a_zero_default_switches_its_part_on():
     # The documented behaviour that the static_args above avoid: pinned, so that the docs
     # stay true.
     plain = pt.SGD(lr=0.1).init(PARAMS)
-    injected = optax.inject_hyperparams(pt.SGD)(lr=0.1).init(PARAMS).inner_state
+    injected_state: Any = optax.inject_hyperparams(pt.SGD)(lr=0.1).init(PARAMS)
+    injected = injected_state.inner_state
     assert len(jax.tree.leaves(injected)) > len(jax.tree.leaves(plain))
 
 

@@ -6,10 +6,10 @@ re-view, or route updates through the transformations of :mod:`rmsjax.transforms
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
-import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -177,33 +177,70 @@ def divided_by_decay(learning_rate: Any, lr_decay: Any) -> Any:
     return schedule
 
 
-# --------------------------------------------------------------------------- recorded arguments
-
-# The arguments each framework optimizer was built with, keyed by its update function (one per
-# call of a factory), so that a checkpoint exporter can write PyTorch's ``param_groups``.
-_ARGUMENTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# --------------------------------------------------------------------------- declarations
 
 
-def records_arguments(factory: Callable[..., optax.GradientTransformation]):
-    """Decorates a framework factory so that :func:`arguments_of` can read its arguments back."""
+@dataclasses.dataclass(frozen=True)
+class Declaration:
+    """What a framework optimizer's transformation is, declared by the factory that made it.
 
-    signature = inspect.signature(factory)
+    Attributes:
+      framework: ``"torch"``, ``"keras"``, ``"tf1"`` or ``"timm"``.
+      optimizer: the framework's class name, e.g. ``"Adam"``.
+      hyperparameters: every keyword argument of the factory, its defaults included.
+    """
 
-    @functools.wraps(factory)
-    def wrapper(*args: Any, **kwargs: Any) -> optax.GradientTransformation:
-        tx = factory(*args, **kwargs)
-        bound = signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        _ARGUMENTS[tx.update] = (factory.__name__, dict(bound.arguments))
-        return tx
-
-    return wrapper
+    framework: str
+    optimizer: str
+    hyperparameters: Mapping[str, Any]
 
 
-def arguments_of(tx: Any) -> tuple[str, dict[str, Any]] | None:
-    """``(factory name, arguments)`` of a transformation made by a recording factory, else None."""
-    update = getattr(tx, "update", None)
-    try:
-        return _ARGUMENTS.get(update) if update is not None else None
-    except TypeError:  # not weak-referenceable: not one of ours
-        return None
+class Declared(optax.GradientTransformationExtraArgs):
+    """An ``optax`` transformation that carries the :class:`Declaration` of its optimizer.
+
+    It is the ``(init, update)`` pair of any optax transformation (``optax.chain`` and the
+    wrappers take it as one); ``declaration`` is set once, when the factory returns it, and
+    is what :func:`rmsjax.compat.torch.state_dict` reads: nothing is inferred from the
+    state's layout. A wrapper (``optax.chain``, ``optax.inject_hyperparams``,
+    :func:`rmsjax.quantized`) returns a transformation of its own, without it.
+    """
+
+    declaration: Declaration | None
+
+    def __new__(cls, init, update, declaration: Declaration | None = None):
+        # (``declaration=None`` only while copy or pickle rebuild one: they call
+        # ``__new__(cls, init, update)`` and then restore the attribute.)
+        self = super().__new__(cls, init, update)
+        self.declaration = declaration
+        return self
+
+
+Factory = Callable[..., optax.GradientTransformation]
+
+
+def declares(framework: str) -> Callable[[Factory], Callable[..., Declared]]:
+    """Decorates a framework factory so that its result declares ``framework``, its name and arguments.
+
+    The arguments are bound to the factory's signature (its defaults applied): the
+    declaration holds exactly what the caller asked for.
+    """
+
+    def decorate(factory: Factory) -> Callable[..., Declared]:
+        signature = inspect.signature(factory)
+
+        @functools.wraps(factory)
+        def wrapper(*args: Any, **kwargs: Any) -> Declared:
+            tx = optax.with_extra_args_support(factory(*args, **kwargs))
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            declaration = Declaration(framework, factory.__name__, dict(bound.arguments))
+            return Declared(tx.init, tx.update, declaration)
+
+        return wrapper
+
+    return decorate
+
+
+def declaration_of(tx: Any) -> Declaration | None:
+    """The :class:`Declaration` a transformation carries, ``None`` if it carries none."""
+    return getattr(tx, "declaration", None) if isinstance(tx, Declared) else None

@@ -24,6 +24,7 @@ from rmsjax.compat import _common as common
 __all__ = ["RMSPropOptimizer"]
 
 
+@common.declares("tf1")
 def RMSPropOptimizer(
     learning_rate,
     decay=0.9,

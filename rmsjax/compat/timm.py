@@ -27,6 +27,7 @@ from rmsjax.transforms import Scalar, ScalarOrSchedule
 __all__ = ["RMSpropTF"]
 
 
+@common.declares("timm")
 def RMSpropTF(
     lr: ScalarOrSchedule = 0.01,
     alpha: Scalar = 0.9,

@@ -264,6 +264,7 @@ def ema_params(opt_state: Any) -> PyTree:
     return found[0].ema
 
 
+@common.declares("keras")
 @_shared_doc
 def RMSprop(
     learning_rate: ScalarOrSchedule = 0.001,
@@ -340,6 +341,7 @@ def RMSprop(
     return _assemble(learning_rate, optimizer, **_shared_options(locals()))
 
 
+@common.declares("keras")
 @_shared_doc
 def Adagrad(
     learning_rate: ScalarOrSchedule = 0.001,
@@ -420,6 +422,7 @@ def _adam_parts(beta_1, beta_2, epsilon, amsgrad) -> Parts:
     return optimizer
 
 
+@common.declares("keras")
 @_shared_doc
 def Adam(
     learning_rate: ScalarOrSchedule = 0.001,
@@ -483,6 +486,7 @@ def Adam(
     )
 
 
+@common.declares("keras")
 @_shared_doc
 def AdamW(
     learning_rate: ScalarOrSchedule = 0.001,
@@ -543,6 +547,7 @@ def AdamW(
     )
 
 
+@common.declares("keras")
 @_shared_doc
 def Adadelta(
     learning_rate: ScalarOrSchedule = 0.001,
@@ -601,6 +606,7 @@ def Adadelta(
     return _assemble(learning_rate, optimizer, **_shared_options(locals()))
 
 
+@common.declares("keras")
 @_shared_doc
 def Adamax(
     learning_rate: ScalarOrSchedule = 0.001,
@@ -665,6 +671,7 @@ def Adamax(
     return _assemble(learning_rate, optimizer, **_shared_options(locals()))
 
 
+@common.declares("keras")
 @_shared_doc
 def Nadam(
     learning_rate: ScalarOrSchedule = 0.001,
@@ -737,6 +744,7 @@ def Nadam(
     return _assemble(learning_rate, optimizer, **_shared_options(locals()))
 
 
+@common.declares("keras")
 @_shared_doc
 def SGD(
     learning_rate: ScalarOrSchedule = 0.01,

@@ -66,7 +66,7 @@ def _l2(weight_decay: Any) -> optax.GradientTransformation:
     return common.unless_zero(weight_decay, lambda: transforms.add_decayed_weights(weight_decay))
 
 
-@common.records_arguments
+@common.declares("torch")
 def RMSprop(
     lr=1e-2,
     alpha=0.99,
@@ -135,7 +135,7 @@ def RMSprop(
     )
 
 
-@common.records_arguments
+@common.declares("torch")
 def Adagrad(
     lr=1e-2,
     lr_decay=0.0,
@@ -212,7 +212,7 @@ def _adam_scaling(beta1: Any, beta2: Any, eps: Any, amsgrad: bool) -> optax.Grad
     return transforms.scale_by_adam(beta1, beta2, eps, amsgrad=amsgrad, exact_bias_correction=True)
 
 
-@common.records_arguments
+@common.declares("torch")
 def Adam(
     lr=1e-3,
     betas=(0.9, 0.999),
@@ -268,7 +268,7 @@ def Adam(
     )
 
 
-@common.records_arguments
+@common.declares("torch")
 def AdamW(
     lr=1e-3,
     betas=(0.9, 0.999),
@@ -319,7 +319,7 @@ def AdamW(
     )
 
 
-@common.records_arguments
+@common.declares("torch")
 def Adadelta(
     lr=1.0,
     rho=0.9,
@@ -373,7 +373,7 @@ def Adadelta(
     )
 
 
-@common.records_arguments
+@common.declares("torch")
 def SGD(
     lr=1e-3,
     momentum=0.0,
