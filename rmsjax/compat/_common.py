@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import numbers
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -66,7 +67,43 @@ def unless_zero(value: Any, make: Callable[[], optax.GradientTransformation]) ->
 
 # The framework classes validate with the core's checks, under names that read well there.
 require = check.check_range
-require_learning_rate = check.check_learning_rate
+
+
+def require_learning_rate(name: str, value: Any) -> None:
+    """A learning rate: a finite number >= 0, a jax array, or a schedule returning a number.
+
+    A schedule is called once, at step 0, to check that it returns a number or an array
+    (a schedule returning ``None`` would otherwise fail deep inside the update).
+    """
+    check.check_learning_rate(name, value)
+    if check.is_schedule(value):
+        rate = value(jnp.zeros((), jnp.int32))
+        numeric = isinstance(rate, (jax.Array, np.ndarray, numbers.Real)) and not isinstance(rate, bool)
+        if not numeric or not jnp.issubdtype(jnp.result_type(rate), jnp.number):
+            raise TypeError(
+                f"{name}: the schedule {value!r} returned {rate!r} of type {type(rate).__name__} at "
+                "step 0; a schedule f(step) must return a number or a numeric array"
+            )
+
+MAX_COUNT = 2**31 - 1  # step counts are int32
+
+
+def check_integer(name: str, value: Any, *, low: int, high: int = MAX_COUNT, optional: bool = False) -> Any:
+    """``value`` as a Python int in ``[low, high]`` (``None`` too when ``optional``).
+
+    The one integer check of :mod:`rmsjax.compat`: a bool, a float or any non-integer
+    raises ``TypeError``, an integer out of range ``ValueError``, both naming ``name``. The
+    default upper bound is the largest int32 step count (larger values would overflow the
+    counts they are compared with).
+    """
+    wanted = f"{'None or ' if optional else ''}an integer in [{low}, {high}]"
+    if value is None and optional:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be {wanted}, got {value!r} of type {type(value).__name__}")
+    if not low <= int(value) <= high:
+        raise ValueError(f"{name} must be {wanted}, got {value!r}")
+    return int(value)
 
 
 # --------------------------------------------------------------------------- transformations
@@ -118,8 +155,24 @@ def complex_as_real(inner: optax.GradientTransformation) -> optax.GradientTransf
         return inner.init(_to_real(params))
 
     def update_fn(updates, state, params=None):
+        if params is not None:
+            check.check_trees_match(updates, params, what="params", who="complex_as_real", dtypes="kind")
         real_params = None if params is None else _to_real(params)
-        out, state = inner.update(_to_real(updates), state, real_params)
+        try:
+            out, state = inner.update(_to_real(updates), state, real_params)
+        except ValueError as error:
+            complex_paths = [
+                jax.tree_util.keystr(path)
+                for path, x in jax.tree_util.tree_flatten_with_path(updates)[0]
+                if jnp.iscomplexobj(x)
+            ]
+            if not complex_paths:
+                raise
+            raise ValueError(
+                f"{error} (the complex updates at {', '.join(complex_paths)} are seen as pairs of reals, "
+                "shape + (2,), as PyTorch does: a complex gradient needs a complex parameter, and a "
+                "state made by init from it)"
+            ) from None
         return _to_complex(out, updates), state
 
     return optax.GradientTransformation(init_fn, update_fn)

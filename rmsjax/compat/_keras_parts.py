@@ -395,18 +395,3 @@ def scale_by_nadam(b1: float, b2: float, eps: float) -> optax.GradientTransforma
         return steps, ScaleByNadamState(count=count, mu=mu, nu=nu, mu_product=product)
 
     return optax.GradientTransformation(init_fn, update_fn)
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def check_positive_int(name: str, value: Any, low: int) -> None:
-    """``value`` must be ``None`` or a Python int ``>= low``; the error names ``name``."""
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(
-            f"{name} must be None or an integer >= {low}, got {value!r} of type {type(value).__name__}"
-        )
-    if value < low:
-        raise ValueError(f"{name} must be None or an integer >= {low}, got {value!r}")

@@ -142,14 +142,14 @@ def _check_shared(
         )
     check.check_flag("use_ema", use_ema)
     common.require("ema_momentum", ema_momentum, high=1.0, high_open=False)
-    parts.check_positive_int("ema_overwrite_frequency", ema_overwrite_frequency, 1)
+    common.check_integer("ema_overwrite_frequency", ema_overwrite_frequency, low=1, optional=True)
     if loss_scale_factor is not None:
         common.require("loss_scale_factor", loss_scale_factor)
         if common.is_concrete_zero(loss_scale_factor):
             raise ValueError(
                 f"loss_scale_factor must be None or a finite number > 0, got {loss_scale_factor!r}"
             )
-    parts.check_positive_int("gradient_accumulation_steps", gradient_accumulation_steps, 2)
+    common.check_integer("gradient_accumulation_steps", gradient_accumulation_steps, low=2, optional=True)
     if name is not None and not isinstance(name, str):
         raise TypeError(f"name must be None or a string, got {name!r} of type {type(name).__name__}")
 

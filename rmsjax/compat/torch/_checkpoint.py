@@ -649,6 +649,12 @@ def _import_leaf(value, like, param, name, i, key, layout) -> jax.Array:
             f"state_dict['state'][{i}][{key!r}] has shape {array.shape}, but parameter {i} "
             f"({name!r}) has shape {tuple(param.shape)}; pass layout= to convert"
         )
+    if np.iscomplexobj(array) != jnp.iscomplexobj(param):
+        raise ValueError(
+            f"state_dict['state'][{i}][{key!r}] is {array.dtype}, but parameter {i} ({name!r}) is "
+            f"{param.dtype}: PyTorch keeps complex state for a complex parameter and real state for "
+            "a real one (a checkpoint of other parameters?)"
+        )
     if np.iscomplexobj(array) and not jnp.iscomplexobj(like):
         array = np.stack([array.real, array.imag], axis=-1)  # pyright: ignore[reportAttributeAccessIssue]
     return jnp.asarray(array.astype(like.dtype))
