@@ -62,6 +62,22 @@ def unless_zero(value: Any, make: Callable[[], optax.GradientTransformation]) ->
     return optax.identity() if value is None or is_concrete_zero(value) else make()
 
 
+def widest_float(*dtypes: Any) -> jnp.dtype:
+    """The widest real floating dtype among ``dtypes``, float32 at least (float64 only with x64).
+
+    Non-floating dtypes are passed over; complex ones count as their real part.
+    ``widest_float(jnp.float64)`` is JAX's default float (float64 with x64, else float32).
+    """
+    widest = jnp.dtype(jnp.float32)
+    for dtype in dtypes:
+        dtype = jnp.dtype(dtype)
+        if jnp.issubdtype(dtype, jnp.complexfloating):
+            dtype = jnp.finfo(dtype).dtype
+        if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize > widest.itemsize:
+            widest = dtype
+    return jnp.dtype(jax.dtypes.canonicalize_dtype(widest))
+
+
 # --------------------------------------------------------------------------- validation
 
 
@@ -220,9 +236,7 @@ def divided_by_decay(learning_rate: Any, lr_decay: Any) -> Any:
     def schedule(count):
         base = jnp.asarray(transforms.rate_at(learning_rate, count))
         decay = jnp.asarray(lr_decay)
-        # The widest of the two float dtypes, at least float32 (explicit: strict promotion).
-        floats = [d for d in (base.dtype, decay.dtype) if jnp.issubdtype(d, jnp.floating)]
-        dtype = max([jnp.dtype(jnp.float32), *floats], key=lambda d: d.itemsize)
+        dtype = widest_float(base.dtype, decay.dtype)  # (explicit: strict promotion)
         decay = decay.astype(dtype)
         steps = jnp.asarray(count).astype(dtype)
         return base.astype(dtype) / (jnp.ones_like(decay) + steps * decay)

@@ -16,6 +16,7 @@ import optax
 
 from rmsjax import _validation as check
 from rmsjax import averages, transforms
+from rmsjax.compat import _common as common
 
 PyTree = Any
 
@@ -33,8 +34,7 @@ def _opaque(value: Any, dtype: Any) -> jax.Array:
 
 def _widest(tree: PyTree) -> jnp.dtype:
     """The widest real compute dtype of a tree's leaves (float32 at least)."""
-    widths = [averages.real_dtype(averages.compute_dtype(x.dtype)).itemsize for x in jax.tree.leaves(tree)]
-    return jnp.dtype(jnp.float64) if widths and max(widths) == 8 else jnp.dtype(jnp.float32)
+    return common.widest_float(*(averages.compute_dtype(x.dtype) for x in jax.tree.leaves(tree)))
 
 
 # --------------------------------------------------------------------------- gradients
@@ -267,10 +267,14 @@ def ema(
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def find_ema(opt_state: Any) -> list[EmaState]:
-    """Every :class:`EmaState` inside an optimizer state."""
-    nodes = jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, EmaState))
-    return [node for node in nodes if isinstance(node, EmaState)]
+def find_ema(opt_state: Any) -> list[PyTree]:
+    """The ``ema`` field of every :class:`EmaState` inside an optimizer state (``optax.tree_utils``)."""
+    def in_ema_state(path, value) -> bool:
+        del value
+        return getattr(path[-1], "tuple_name", None) == EmaState.__name__
+
+    found = optax.tree_utils.tree_get_all_with_path(opt_state, "ema", filtering=in_ema_state)
+    return [value for _, value in found]
 
 
 # --------------------------------------------------------------------------- Adamax, Nadam

@@ -88,7 +88,7 @@ _MAX_TABLE = 1 << 22
 
 def _float_dtype():
     """float64 when x64 is on, else float32 (read at trace time)."""
-    return jax.dtypes.canonicalize_dtype(jnp.float64)
+    return common.widest_float(jnp.float64)
 
 
 _integer = common.check_integer
