@@ -128,15 +128,11 @@ def check_integer(name: str, value: Any, *, low: int, high: int = MAX_COUNT, opt
 def negate() -> optax.GradientTransformation:
     """Flips the sign of the updates (PyTorch's ``maximize=True``, applied to the gradient)."""
 
-    def init_fn(params):
+    def flip(updates, params):
         del params
-        return optax.EmptyState()
+        return averages.scale(updates, -1.0)
 
-    def update_fn(updates, state, params=None):
-        del params
-        return averages.scale(updates, -1.0), state
-
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.stateless(flip)
 
 
 def _to_real(tree: PyTree) -> PyTree:

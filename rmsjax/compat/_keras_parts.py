@@ -43,20 +43,12 @@ def _widest(tree: PyTree) -> jnp.dtype:
 def divide_gradients(factor: float) -> optax.GradientTransformation:
     """``g / factor``: Keras's ``loss_scale_factor`` (the loss was multiplied by it)."""
 
-    def init_fn(params):
+    def leaf(g, params):
         del params
-        return optax.EmptyState()
+        dtype = averages.compute_dtype(g.dtype)
+        return (g.astype(dtype) / _opaque(factor, averages.real_dtype(dtype))).astype(g.dtype)
 
-    def update_fn(updates, state, params=None):
-        del params
-
-        def leaf(g):
-            dtype = averages.compute_dtype(g.dtype)
-            return (g.astype(dtype) / _opaque(factor, averages.real_dtype(dtype))).astype(g.dtype)
-
-        return jax.tree.map(leaf, updates), state
-
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.stateless_with_tree_map(leaf)
 
 
 def clip_by_norm(clipnorm: float) -> optax.GradientTransformation:
@@ -66,23 +58,15 @@ def clip_by_norm(clipnorm: float) -> optax.GradientTransformation:
     ``_clip_by_norm``: the product ``g*c`` first, then the division).
     """
 
-    def init_fn(params):
+    def leaf(g, params):
         del params
-        return optax.EmptyState()
+        dtype = averages.compute_dtype(g.dtype)
+        rdtype = averages.real_dtype(dtype)
+        norm = jnp.sqrt(jnp.sum(averages.squared_magnitude(g)).astype(rdtype))
+        c = _real(clipnorm, rdtype)
+        return ((g.astype(dtype) * c.astype(dtype)) / jnp.maximum(norm, c).astype(dtype)).astype(g.dtype)
 
-    def update_fn(updates, state, params=None):
-        del params
-
-        def leaf(g):
-            dtype = averages.compute_dtype(g.dtype)
-            rdtype = averages.real_dtype(dtype)
-            norm = jnp.sqrt(jnp.sum(averages.squared_magnitude(g)).astype(rdtype))
-            c = _real(clipnorm, rdtype)
-            return ((g.astype(dtype) * c.astype(dtype)) / jnp.maximum(norm, c).astype(dtype)).astype(g.dtype)
-
-        return jax.tree.map(leaf, updates), state
-
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.stateless_with_tree_map(leaf)
 
 
 def clip_by_global_norm(global_clipnorm: float) -> optax.GradientTransformation:
@@ -93,23 +77,19 @@ def clip_by_global_norm(global_clipnorm: float) -> optax.GradientTransformation:
     """
     inverse = 1.0 / float(global_clipnorm)  # Keras's Python ``1.0 / clip_norm``
 
-    def init_fn(params):
-        del params
-        return optax.EmptyState()
-
-    def update_fn(updates, state, params=None):
+    def clip(updates, params):
         del params
         leaves = jax.tree.leaves(updates)
         if not leaves:
-            return updates, state
+            return updates
         dtype = _widest(updates)
         squares = jnp.stack([jnp.sum(averages.squared_magnitude(g)).astype(dtype) for g in leaves])
         norm = jnp.sqrt(jnp.sum(squares))
         c = _real(global_clipnorm, dtype)
         factor = c * jnp.minimum(jnp.ones_like(norm) / norm, _real(inverse, dtype)) + (norm - norm)
-        return averages.scale(updates, factor), state
+        return averages.scale(updates, factor)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.stateless(clip)
 
 
 def clip_by_value(clipvalue: float) -> optax.GradientTransformation:
@@ -119,22 +99,14 @@ def clip_by_value(clipvalue: float) -> optax.GradientTransformation:
     separately.
     """
 
-    def init_fn(params):
+    def leaf(g, params):
         del params
-        return optax.EmptyState()
+        v = _real(clipvalue, averages.real_dtype(g.dtype))
+        if jnp.iscomplexobj(g):
+            return jax.lax.complex(jnp.clip(g.real, -v, v), jnp.clip(g.imag, -v, v)).astype(g.dtype)
+        return jnp.clip(g, -v, v)
 
-    def update_fn(updates, state, params=None):
-        del params
-
-        def leaf(g):
-            v = _real(clipvalue, averages.real_dtype(g.dtype))
-            if jnp.iscomplexobj(g):
-                return jax.lax.complex(jnp.clip(g.real, -v, v), jnp.clip(g.imag, -v, v)).astype(g.dtype)
-            return jnp.clip(g, -v, v)
-
-        return jax.tree.map(leaf, updates), state
-
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.stateless_with_tree_map(leaf)
 
 
 # --------------------------------------------------------------------------- accumulation
