@@ -310,3 +310,33 @@ def test_schedule_returning_none_is_a_type_error_naming_the_argument():
         pt.SGD(lr=lambda count: None)
     with pytest.raises(TypeError, match="learning_rate: the schedule"):
         kc.Adam(learning_rate=lambda count: None)
+
+
+# ---------------------------------------------------------------- declarations
+
+
+def test_declaration_is_data_that_copies_and_survives_jit():
+    import copy
+
+    tx = pt.RMSprop(lr=0.1, momentum=0.5)
+    assert tx.declaration is not None
+    assert (tx.declaration.framework, tx.declaration.optimizer) == ("torch", "RMSprop")
+    assert tx.declaration.hyperparameters["alpha"] == 0.99  # the default, declared too
+    assert copy.deepcopy(tx).declaration == tx.declaration
+    state = tx.init(W)
+    _, state = jax.jit(tx.update)(W, state, W)  # a state made under jit exports as any other
+    (group,) = pt.state_dict(tx, state, W, arrays="numpy")["param_groups"]
+    assert (group["lr"], group["momentum"], group["alpha"]) == (0.1, 0.5, 0.99)
+    grouped = pt.param_groups(pt.Adam, [{"params": "w", "lr": 0.5}], lr=0.1)
+    clone = copy.deepcopy(grouped)
+    assert [g.hyperparameters["lr"] for g in clone.groups] == [0.5]
+    assert clone.factory is pt.Adam and clone.defaults == {"lr": 0.1}
+
+
+@pytest.mark.parametrize(
+    "tx", [kc.Adam(), tf1.RMSPropOptimizer(0.1), timm.RMSpropTF()], ids=["keras", "tf1", "timm"]
+)
+def test_every_framework_declares(tx):
+    assert tx.declaration.framework in ("keras", "tf1", "timm")
+    state = optax.chain(tx).init(W)  # still an optax transformation to chain
+    assert jax.tree.leaves(state)
