@@ -203,7 +203,8 @@ def _torch_order(groups: list[_Group], names: list[str], order) -> dict[int, int
             else:
                 flat.append(int(item))
     if sorted(flat) != list(range(n)):
-        raise ValueError(f"order must list each of the {n} parameters exactly once, got {list(order)}")  # pyright: ignore[reportArgumentType]  # noqa: E501
+        given = list(order) if order is not None else flat
+        raise ValueError(f"order must list each of the {n} parameters exactly once, got {given}")
     return {j: i for i, j in enumerate(flat)}
 
 
