@@ -259,7 +259,7 @@ def test_state_dict_for_another_optimizer_is_refused():
 def test_other_configuration_and_missing_keys_are_refused():
     with jax.enable_x64(True):
         sd, params = _sd("ckpt_rmsprop_momentum")
-        with pytest.raises(ValueError, match="'momentum_buffer'"):
+        with pytest.raises(ValueError, match=r"\['momentum'\] is 0.9, tx's group has momentum=0.0"):
             pt.load_state_dict(pt.RMSprop(lr=0.005), sd, params)  # tx without momentum
         del sd["state"][0]["momentum_buffer"]
         with pytest.raises(ValueError, match=r"\[0\] lacks the key 'momentum_buffer'"):
@@ -311,7 +311,7 @@ def test_sgd_momentum_buffers_are_exported_from_the_first_step(dampening):
     tx = pt.SGD(lr=0.1, momentum=0.9, dampening=dampening)
     params = {"w": jnp.array([1.0, -2.0])}
     state = tx.init(params)
-    keeps_count = [p.count is not None for p in state if hasattr(p, "mu")]
+    keeps_count = [getattr(p, "count", None) is not None for p in state if hasattr(p, "mu")]
     assert keeps_count == [dampening != 0.0]
     fresh = pt.state_dict(tx, state, params, arrays="numpy", hyperparams={"lr": 0.1, "momentum": 0.9,
                                                                           "dampening": dampening})

@@ -6,14 +6,16 @@ re-view, or route updates through the transformations of :mod:`rmsjax.transforms
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
-import weakref
-from collections.abc import Callable
+import numbers
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from rmsjax import _validation as check
@@ -22,16 +24,58 @@ from rmsjax import averages, transforms
 PyTree = Any
 
 
-# --------------------------------------------------------------------------- chains
+# --------------------------------------------------------------------------- concrete values
+
+
+def is_concrete(value: Any) -> bool:
+    """True for a hyperparameter known at construction: a real Python or NumPy number.
+
+    A NumPy 0-d array of a real dtype counts, as a NumPy scalar does (``np.array(0.0)``
+    behaves as ``0.0``); a jax array or tracer never does (its value is only known when the
+    update runs, e.g. under ``optax.inject_hyperparams``), nor does a bool.
+
+    (The core is moving to one such predicate in ``rmsjax._validation``; this is the same
+    rule, kept here so that compat decides every optional part by it.)
+    """
+    if isinstance(value, jax.Array) or isinstance(value, (bool, np.bool_)):
+        return False
+    if isinstance(value, np.ndarray):
+        real = np.issubdtype(value.dtype, np.integer) or np.issubdtype(value.dtype, np.floating)
+        return value.ndim == 0 and bool(real)
+    return isinstance(value, (int, float, np.integer, np.floating))
+
+
+def is_concrete_zero(value: Any) -> bool:
+    """True for a concrete number (see :func:`is_concrete`) equal to zero."""
+    return is_concrete(value) and float(value) == 0.0
 
 
 def unless_zero(value: Any, make: Callable[[], optax.GradientTransformation]) -> optax.GradientTransformation:
-    """``make()``, or ``optax.identity()`` when ``value`` is a concrete zero (a jax array never is).
+    """``make()``, or ``optax.identity()`` when ``value`` is ``None`` or a concrete zero.
 
-    The identity keeps the part's slot in the chain (with an empty state), so a framework
-    optimizer's state layout does not depend on its hyperparameters' values.
+    A framework's signature default of 0 (momentum, weight decay) means "no such part";
+    ``None`` (Keras's options) too. A jax array is never known to be zero, so under
+    ``optax.inject_hyperparams`` a default of 0 switches the part on (with updates equal to
+    the plain ones) unless it is listed in ``static_args`` (``docs/porting.md``). The
+    identity keeps the part's slot in the chain with an empty state.
     """
-    return optax.identity() if check.is_concrete_zero(value) else make()
+    return optax.identity() if value is None or is_concrete_zero(value) else make()
+
+
+def widest_float(*dtypes: Any) -> jnp.dtype:
+    """The widest real floating dtype among ``dtypes``, float32 at least (float64 only with x64).
+
+    Non-floating dtypes are passed over; complex ones count as their real part.
+    ``widest_float(jnp.float64)`` is JAX's default float (float64 with x64, else float32).
+    """
+    widest = jnp.dtype(jnp.float32)
+    for dtype in dtypes:
+        dtype = jnp.dtype(dtype)
+        if jnp.issubdtype(dtype, jnp.complexfloating):
+            dtype = jnp.finfo(dtype).dtype
+        if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize > widest.itemsize:
+            widest = dtype
+    return jnp.dtype(jax.dtypes.canonicalize_dtype(widest))
 
 
 # --------------------------------------------------------------------------- validation
@@ -39,12 +83,43 @@ def unless_zero(value: Any, make: Callable[[], optax.GradientTransformation]) ->
 
 # The framework classes validate with the core's checks, under names that read well there.
 require = check.check_range
-require_learning_rate = check.check_learning_rate
 
 
-def concrete_nonzero(value: Any) -> bool:
-    """True for a concrete number other than zero (a jax array is never known to be)."""
-    return not isinstance(value, jax.Array) and not check.is_concrete_zero(value)
+def require_learning_rate(name: str, value: Any) -> None:
+    """A learning rate: a finite number >= 0, a jax array, or a schedule returning a number.
+
+    A schedule is called once, at step 0, to check that it returns a number or an array
+    (a schedule returning ``None`` would otherwise fail deep inside the update).
+    """
+    check.check_learning_rate(name, value)
+    if check.is_schedule(value):
+        rate = value(jnp.zeros((), jnp.int32))
+        numeric = isinstance(rate, (jax.Array, np.ndarray, numbers.Real)) and not isinstance(rate, bool)
+        if not numeric or not jnp.issubdtype(jnp.result_type(rate), jnp.number):
+            raise TypeError(
+                f"{name}: the schedule {value!r} returned {rate!r} of type {type(rate).__name__} at "
+                "step 0; a schedule f(step) must return a number or a numeric array"
+            )
+
+MAX_COUNT = 2**31 - 1  # step counts are int32
+
+
+def check_integer(name: str, value: Any, *, low: int, high: int = MAX_COUNT, optional: bool = False) -> Any:
+    """``value`` as a Python int in ``[low, high]`` (``None`` too when ``optional``).
+
+    The one integer check of :mod:`rmsjax.compat`: a bool, a float or any non-integer
+    raises ``TypeError``, an integer out of range ``ValueError``, both naming ``name``. The
+    default upper bound is the largest int32 step count (larger values would overflow the
+    counts they are compared with).
+    """
+    wanted = f"{'None or ' if optional else ''}an integer in [{low}, {high}]"
+    if value is None and optional:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be {wanted}, got {value!r} of type {type(value).__name__}")
+    if not low <= int(value) <= high:
+        raise ValueError(f"{name} must be {wanted}, got {value!r}")
+    return int(value)
 
 
 # --------------------------------------------------------------------------- transformations
@@ -53,15 +128,11 @@ def concrete_nonzero(value: Any) -> bool:
 def negate() -> optax.GradientTransformation:
     """Flips the sign of the updates (PyTorch's ``maximize=True``, applied to the gradient)."""
 
-    def init_fn(params):
+    def flip(updates, params):
         del params
-        return optax.EmptyState()
+        return averages.scale(updates, -1.0)
 
-    def update_fn(updates, state, params=None):
-        del params
-        return averages.scale(updates, -1.0), state
-
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.stateless(flip)
 
 
 def _to_real(tree: PyTree) -> PyTree:
@@ -96,8 +167,24 @@ def complex_as_real(inner: optax.GradientTransformation) -> optax.GradientTransf
         return inner.init(_to_real(params))
 
     def update_fn(updates, state, params=None):
+        if params is not None:
+            check.check_trees_match(updates, params, what="params", who="complex_as_real", dtypes="kind")
         real_params = None if params is None else _to_real(params)
-        out, state = inner.update(_to_real(updates), state, real_params)
+        try:
+            out, state = inner.update(_to_real(updates), state, real_params)
+        except ValueError as error:
+            complex_paths = [
+                jax.tree_util.keystr(path)
+                for path, x in jax.tree_util.tree_flatten_with_path(updates)[0]
+                if jnp.iscomplexobj(x)
+            ]
+            if not complex_paths:
+                raise
+            raise ValueError(
+                f"{error} (the complex updates at {', '.join(complex_paths)} are seen as pairs of reals, "
+                "shape + (2,), as PyTorch does: a complex gradient needs a complex parameter, and a "
+                "state made by init from it)"
+            ) from None
         return _to_complex(out, updates), state
 
     return optax.GradientTransformation(init_fn, update_fn)
@@ -139,15 +226,13 @@ def divided_by_decay(learning_rate: Any, lr_decay: Any) -> Any:
 
     Returns ``learning_rate`` itself when ``lr_decay`` is a concrete zero.
     """
-    if check.is_concrete_zero(lr_decay):
+    if is_concrete_zero(lr_decay):
         return learning_rate
 
     def schedule(count):
         base = jnp.asarray(transforms.rate_at(learning_rate, count))
         decay = jnp.asarray(lr_decay)
-        # The widest of the two float dtypes, at least float32 (explicit: strict promotion).
-        floats = [d for d in (base.dtype, decay.dtype) if jnp.issubdtype(d, jnp.floating)]
-        dtype = max([jnp.dtype(jnp.float32), *floats], key=lambda d: d.itemsize)
+        dtype = widest_float(base.dtype, decay.dtype)  # (explicit: strict promotion)
         decay = decay.astype(dtype)
         steps = jnp.asarray(count).astype(dtype)
         return base.astype(dtype) / (jnp.ones_like(decay) + steps * decay)
@@ -155,33 +240,70 @@ def divided_by_decay(learning_rate: Any, lr_decay: Any) -> Any:
     return schedule
 
 
-# --------------------------------------------------------------------------- recorded arguments
-
-# The arguments each framework optimizer was built with, keyed by its update function (one per
-# call of a factory), so that a checkpoint exporter can write PyTorch's ``param_groups``.
-_ARGUMENTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# --------------------------------------------------------------------------- declarations
 
 
-def records_arguments(factory: Callable[..., optax.GradientTransformation]):
-    """Decorates a framework factory so that :func:`arguments_of` can read its arguments back."""
+@dataclasses.dataclass(frozen=True)
+class Declaration:
+    """What a framework optimizer's transformation is, declared by the factory that made it.
 
-    signature = inspect.signature(factory)
+    Attributes:
+      framework: ``"torch"``, ``"keras"``, ``"tf1"`` or ``"timm"``.
+      optimizer: the framework's class name, e.g. ``"Adam"``.
+      hyperparameters: every keyword argument of the factory, its defaults included.
+    """
 
-    @functools.wraps(factory)
-    def wrapper(*args: Any, **kwargs: Any) -> optax.GradientTransformation:
-        tx = factory(*args, **kwargs)
-        bound = signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        _ARGUMENTS[tx.update] = (factory.__name__, dict(bound.arguments))
-        return tx
-
-    return wrapper
+    framework: str
+    optimizer: str
+    hyperparameters: Mapping[str, Any]
 
 
-def arguments_of(tx: Any) -> tuple[str, dict[str, Any]] | None:
-    """``(factory name, arguments)`` of a transformation made by a recording factory, else None."""
-    update = getattr(tx, "update", None)
-    try:
-        return _ARGUMENTS.get(update) if update is not None else None
-    except TypeError:  # not weak-referenceable: not one of ours
-        return None
+class Declared(optax.GradientTransformationExtraArgs):
+    """An ``optax`` transformation that carries the :class:`Declaration` of its optimizer.
+
+    It is the ``(init, update)`` pair of any optax transformation (``optax.chain`` and the
+    wrappers take it as one); ``declaration`` is set once, when the factory returns it, and
+    is what :func:`rmsjax.compat.torch.state_dict` reads: nothing is inferred from the
+    state's layout. A wrapper (``optax.chain``, ``optax.inject_hyperparams``,
+    :func:`rmsjax.quantized`) returns a transformation of its own, without it.
+    """
+
+    declaration: Declaration | None
+
+    def __new__(cls, init, update, declaration: Declaration | None = None):
+        # (``declaration=None`` only while copy or pickle rebuild one: they call
+        # ``__new__(cls, init, update)`` and then restore the attribute.)
+        self = super().__new__(cls, init, update)
+        self.declaration = declaration
+        return self
+
+
+Factory = Callable[..., optax.GradientTransformation]
+
+
+def declares(framework: str) -> Callable[[Factory], Callable[..., Declared]]:
+    """Decorates a framework factory so that its result declares ``framework``, its name and arguments.
+
+    The arguments are bound to the factory's signature (its defaults applied): the
+    declaration holds exactly what the caller asked for.
+    """
+
+    def decorate(factory: Factory) -> Callable[..., Declared]:
+        signature = inspect.signature(factory)
+
+        @functools.wraps(factory)
+        def wrapper(*args: Any, **kwargs: Any) -> Declared:
+            tx = optax.with_extra_args_support(factory(*args, **kwargs))
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            declaration = Declaration(framework, factory.__name__, dict(bound.arguments))
+            return Declared(tx.init, tx.update, declaration)
+
+        return wrapper
+
+    return decorate
+
+
+def declaration_of(tx: Any) -> Declaration | None:
+    """The :class:`Declaration` a transformation carries, ``None`` if it carries none."""
+    return getattr(tx, "declaration", None) if isinstance(tx, Declared) else None

@@ -18,20 +18,28 @@ from typing import Any, NamedTuple
 import jax
 import optax
 
+from rmsjax import _validation as check
+
 PyTree = Any
 Selector = str | Sequence[str] | Callable[[str, Any], bool]
 
-__all__ = ["ParamGroups", "ParamGroupsState", "param_groups", "path_name"]
+__all__ = ["ParamGroup", "ParamGroups", "ParamGroupsState", "param_groups", "path_name"]
 
 
 class ParamGroupsState(NamedTuple):
-    """State of :func:`param_groups`: one inner state per group, in the groups' order.
+    """State of :func:`param_groups`: ``optax.partition``'s, one inner state per group.
 
-    Each inner state is the state of that group's transformation over the *list* of the
-    group's leaves (in the order of ``jax.tree.leaves(params)``).
+    ``inner_states`` maps each group's label (its position in PyTorch's order, as a string:
+    ``"0"``, ``"1"``, ...) to an ``optax.MaskedState`` whose ``inner_state`` is that group's
+    transformation state over the *whole* parameter tree, the other groups' leaves masked
+    out (``optax.MaskedNode``): state paths keep the parameter names, e.g.
+    ``inner_states/"1"/inner_state/2/nu/dense/bias``.
+
+    Changed in 0.3: in 0.2 ``inner_states`` was a tuple of states over *lists* of leaves;
+    :meth:`ParamGroups.upgrade_state` converts such a state.
     """
 
-    inner_states: tuple
+    inner_states: dict
 
 
 def _key_name(key: Any) -> str:
@@ -78,20 +86,47 @@ def _check_selector(index: int, selector: Any) -> None:
     )
 
 
-class _Group(NamedTuple):
-    index: int  # position in the exported (PyTorch) order
-    kwargs: dict  # the overrides merged over the defaults
-    selector: Any  # None: the rest
+class ParamGroup(NamedTuple):
+    """One group of :class:`ParamGroups`, as declared.
+
+    Attributes:
+      index: its position in PyTorch's order (and its label in the state, as a string).
+      selector: the group's ``"params"``; ``None`` for the group of the remaining leaves.
+      hyperparameters: the factory's full keyword arguments for this group (its own
+        defaults, then the shared ones, then the group's overrides).
+      tx: the group's transformation, ``factory(**overrides)``.
+    """
+
+    index: int
+    selector: Any
+    hyperparameters: dict
     tx: optax.GradientTransformationExtraArgs
 
 
 class ParamGroups(optax.GradientTransformationExtraArgs):
-    """The transformation :func:`param_groups` returns: an optax transformation that knows its groups.
+    """The transformation :func:`param_groups` returns: an ``optax.partition`` that declares its groups.
 
-    Besides ``init`` and ``update`` it carries ``factory``, ``defaults`` (the keyword
-    arguments shared by all groups) and ``groups`` (the group dicts as given), which
-    :func:`rmsjax.compat.torch.state_dict` reads to write PyTorch's ``param_groups``.
+    Besides ``init`` and ``update`` it carries, set once when it is made, ``factory``,
+    ``defaults`` (the keyword arguments shared by all groups), ``groups`` (a
+    :class:`ParamGroup` per group given) and ``implicit`` (the group of the leaves no group
+    selects, when no group takes "the rest"), which :func:`rmsjax.compat.torch.state_dict`
+    reads to write PyTorch's ``param_groups``.
     """
+
+    factory: Callable[..., optax.GradientTransformation] | None
+    defaults: dict
+    groups: tuple[ParamGroup, ...]
+    implicit: ParamGroup | None
+
+    def __new__(cls, init, update, factory=None, defaults=None, groups=(), implicit=None):
+        # (The declared attributes are set here, once; the defaults only serve copy and
+        # pickle, which call ``__new__(cls, init, update)`` and then restore them.)
+        self = super().__new__(cls, init, update)
+        self.factory = factory
+        self.defaults = dict(defaults or {})
+        self.groups = tuple(groups)
+        self.implicit = implicit
+        return self
 
     def assign(self, tree: PyTree) -> list[tuple[dict, list[int]]]:
         """``[(hyperparameters, leaf indices)]`` per group, in PyTorch's group order.
@@ -101,7 +136,44 @@ class ParamGroups(optax.GradientTransformationExtraArgs):
         included) for that group. Raises ``ValueError`` for a group that selects no leaf
         and for a leaf that two groups select.
         """
-        return [(_full_kwargs(self.factory, g.kwargs), leaves) for g, leaves in _assign(self, tree)]  # pyright: ignore[reportAttributeAccessIssue]  # noqa: E501
+        return [(g.hyperparameters, leaves) for g, leaves in _assign(self, tree)]
+
+    def labels(self, tree: PyTree) -> PyTree:
+        """The tree of group labels (``"0"``, ``"1"``, ...) that ``optax.partition`` gets."""
+        labels = [""] * len(jax.tree.leaves(tree))
+        for g, leaves in _assign(self, tree):
+            for j in leaves:
+                labels[j] = str(g.index)
+        return jax.tree.unflatten(jax.tree.structure(tree), labels)
+
+    def upgrade_state(self, state: Any, params: PyTree) -> ParamGroupsState:
+        """The 0.3 state of a :class:`ParamGroupsState` saved by rmsjax 0.2.
+
+        0.2 kept each group's state over the *list* of the group's leaves; 0.3 keeps it over
+        the whole tree (``optax.partition``). The leaves are the same, in the same order:
+        they are moved into ``self.init(params)``'s structure, shapes checked.
+        """
+        fresh: Any = self.init(params)
+        old = getattr(state, "inner_states", None)
+        if not isinstance(old, (tuple, list)):
+            raise TypeError(f"upgrade_state: expected a 0.2 ParamGroupsState, got {type(state).__name__}")
+        if len(old) != len(fresh.inner_states):
+            raise ValueError(
+                f"upgrade_state: the 0.2 state has {len(old)} groups, this transformation "
+                f"{len(fresh.inner_states)} for these params"
+            )
+        inner = {}
+        for (label, masked), previous in zip(fresh.inner_states.items(), old, strict=True):
+            leaves, treedef = jax.tree.flatten(masked.inner_state)
+            saved = jax.tree.leaves(previous)
+            shapes = [jax.numpy.shape(x) for x in leaves]
+            if [jax.numpy.shape(x) for x in saved] != shapes:
+                raise ValueError(
+                    f"upgrade_state: group {label}'s 0.2 state does not match these params "
+                    f"(leaf shapes {[jax.numpy.shape(x) for x in saved]}, expected {shapes})"
+                )
+            inner[label] = optax.MaskedState(jax.tree.unflatten(treedef, saved))
+        return ParamGroupsState(inner)
 
 
 def _full_kwargs(factory: Callable, kwargs: dict) -> dict:
@@ -113,11 +185,11 @@ def _full_kwargs(factory: Callable, kwargs: dict) -> dict:
     return out
 
 
-def _assign(tx: ParamGroups, tree: PyTree) -> list[tuple[_Group, list[int]]]:
+def _assign(tx: ParamGroups, tree: PyTree) -> list[tuple[ParamGroup, list[int]]]:
     named = _named_leaves(tree)
-    explicit = [g for g in tx._groups if g.selector is not None]  # pyright: ignore[reportAttributeAccessIssue]  # noqa: E501
-    rest = [g for g in tx._groups if g.selector is None]  # pyright: ignore[reportAttributeAccessIssue]
-    members: dict[int, list[int]] = {g.index: [] for g in tx._groups}  # pyright: ignore[reportAttributeAccessIssue]  # noqa: E501
+    explicit = [g for g in tx.groups if g.selector is not None]
+    rest = [g for g in tx.groups if g.selector is None]
+    members: dict[int, list[int]] = {g.index: [] for g in tx.groups}
     unmatched = []
     for j, (name, leaf) in enumerate(named):
         hits = [g for g in explicit if _selects(g.selector, name, leaf)]
@@ -130,13 +202,12 @@ def _assign(tx: ParamGroups, tree: PyTree) -> list[tuple[_Group, list[int]]]:
             members[hits[0].index].append(j)
         else:
             unmatched.append(j)
-    groups = list(tx._groups)  # pyright: ignore[reportAttributeAccessIssue]
+    groups = list(tx.groups)
     if rest:
         members[rest[0].index] = unmatched
-    elif unmatched:
-        implicit = tx._implicit  # pyright: ignore[reportAttributeAccessIssue]
-        groups.append(implicit)
-        members[implicit.index] = unmatched
+    elif unmatched and tx.implicit is not None:
+        groups.append(tx.implicit)
+        members[tx.implicit.index] = unmatched
     for g in groups:
         if not members[g.index]:
             what = "the remaining parameters" if g.selector is None else repr(g.selector)
@@ -177,14 +248,17 @@ def param_groups(
       **defaults: the arguments every group shares (PyTorch's constructor keywords).
 
     Returns:
-      A :class:`ParamGroups` transformation with state :class:`ParamGroupsState`.
+      A :class:`ParamGroups` transformation, built on ``optax.partition`` (each group's
+      transformation runs masked to its leaves), with state :class:`ParamGroupsState`.
 
     Raises:
       TypeError: an argument (in ``defaults`` or a group) that ``factory`` does not take,
         naming it, or a malformed selector.
       ValueError: a hyperparameter out of range (naming the group), two groups without
-        ``"params"``; at ``init``/``update``, a group that selects no leaf or a leaf that
-        two groups select.
+        ``"params"``; at ``init``/``update``, a group that selects no leaf, a leaf that two
+        groups select, updates whose tree differs from the parameters' or the state's
+        (naming the first path that differs), or a 0.2 state (see
+        :meth:`ParamGroups.upgrade_state`).
 
     Example:
       >>> import jax.numpy as jnp, optax
@@ -240,41 +314,44 @@ def param_groups(
         else:
             rest_count += 1
         kwargs = {**defaults, **overrides}
-        built.append(_Group(i, kwargs, selector, make(f"param group {i}", kwargs)))
+        built.append(ParamGroup(i, selector, _full_kwargs(factory, kwargs), make(f"param group {i}", kwargs)))
     if rest_count > 1:
         raise ValueError("param_groups: at most one group may omit 'params' (the remaining leaves)")
-    implicit = _Group(len(built), dict(defaults), None, make("the defaults", dict(defaults)))
+    implicit = ParamGroup(
+        len(built), None, _full_kwargs(factory, dict(defaults)), make("the defaults", dict(defaults))
+    )
+
+    def partition(tree):
+        """``optax.partition`` over the groups that ``tree``'s leaves fall in."""
+        assigned = _assign(tx, tree)
+        transforms: dict[Any, optax.GradientTransformation] = {str(g.index): g.tx for g, _ in assigned}
+        return transforms, optax.partition(transforms, tx.labels(tree))
 
     def init_fn(params):
-        assigned = _assign(tx, params)
-        leaves = jax.tree.leaves(params)
-        return ParamGroupsState(
-            tuple(g.tx.init([leaves[j] for j in idx]) for g, idx in assigned)
-        )
+        _, inner = partition(params)
+        state: Any = inner.init(params)
+        return ParamGroupsState(dict(state.inner_states))
 
     def update_fn(updates, state, params=None, **extra_args):
-        assigned = _assign(tx, updates if params is None else params)
-        if len(assigned) != len(state.inner_states):
+        if isinstance(getattr(state, "inner_states", None), (tuple, list)):
             raise ValueError(
-                f"param_groups: the state has {len(state.inner_states)} groups but the tree "
-                f"gives {len(assigned)}"
+                "param_groups: this state was made by rmsjax 0.2, whose groups kept their states "
+                "over lists of leaves; 0.3 keeps them over the parameter tree (optax.partition, "
+                "paths keep the parameter names). Convert it once with "
+                "tx.upgrade_state(state, params)"
             )
-        flat, treedef = jax.tree.flatten(updates)
-        p_flat = None if params is None else jax.tree.leaves(params)
-        out = list(flat)
-        states = []
-        for (g, idx), inner in zip(assigned, state.inner_states, strict=True):
-            sub_params = None if p_flat is None else [p_flat[j] for j in idx]
-            new, inner = g.tx.update([flat[j] for j in idx], inner, sub_params, **extra_args)
-            for j, leaf in zip(idx, new, strict=True):  # pyright: ignore[reportArgumentType]
-                out[j] = leaf
-            states.append(inner)
-        return jax.tree.unflatten(treedef, out), ParamGroupsState(tuple(states))
+        if params is not None:
+            check.check_trees_match(updates, params, what="params", who="param_groups")
+        transforms, inner = partition(updates if params is None else params)
+        if set(state.inner_states) != set(transforms):
+            raise ValueError(
+                f"param_groups: the state holds groups {sorted(state.inner_states)}, the tree's "
+                f"leaves fall in groups {sorted(transforms)}"
+            )
+        partitioned = optax.transforms.PartitionState(state.inner_states)
+        new: Any
+        updates, new = inner.update(updates, partitioned, params, **extra_args)
+        return updates, ParamGroupsState(dict(new.inner_states))
 
-    tx = ParamGroups(init_fn, update_fn)
-    tx.factory = factory  # pyright: ignore[reportAttributeAccessIssue]
-    tx.defaults = dict(defaults)  # pyright: ignore[reportAttributeAccessIssue]
-    tx.groups = tuple(dict(g) for g in groups)  # pyright: ignore[reportAttributeAccessIssue]
-    tx._groups = tuple(built)  # pyright: ignore[reportAttributeAccessIssue]
-    tx._implicit = implicit  # pyright: ignore[reportAttributeAccessIssue]
+    tx = ParamGroups(init_fn, update_fn, factory, defaults, built, implicit)
     return tx

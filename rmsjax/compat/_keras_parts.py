@@ -8,7 +8,6 @@ arithmetic uses :mod:`rmsjax.averages` wherever a formula exists there.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -17,6 +16,7 @@ import optax
 
 from rmsjax import _validation as check
 from rmsjax import averages, transforms
+from rmsjax.compat import _common as common
 
 PyTree = Any
 
@@ -34,8 +34,7 @@ def _opaque(value: Any, dtype: Any) -> jax.Array:
 
 def _widest(tree: PyTree) -> jnp.dtype:
     """The widest real compute dtype of a tree's leaves (float32 at least)."""
-    widths = [averages.real_dtype(averages.compute_dtype(x.dtype)).itemsize for x in jax.tree.leaves(tree)]
-    return jnp.dtype(jnp.float64) if widths and max(widths) == 8 else jnp.dtype(jnp.float32)
+    return common.widest_float(*(averages.compute_dtype(x.dtype) for x in jax.tree.leaves(tree)))
 
 
 # --------------------------------------------------------------------------- gradients
@@ -44,20 +43,12 @@ def _widest(tree: PyTree) -> jnp.dtype:
 def divide_gradients(factor: float) -> optax.GradientTransformation:
     """``g / factor``: Keras's ``loss_scale_factor`` (the loss was multiplied by it)."""
 
-    def init_fn(params):
+    def leaf(g, params):
         del params
-        return optax.EmptyState()
+        dtype = averages.compute_dtype(g.dtype)
+        return (g.astype(dtype) / _opaque(factor, averages.real_dtype(dtype))).astype(g.dtype)
 
-    def update_fn(updates, state, params=None):
-        del params
-
-        def leaf(g):
-            dtype = averages.compute_dtype(g.dtype)
-            return (g.astype(dtype) / _opaque(factor, averages.real_dtype(dtype))).astype(g.dtype)
-
-        return jax.tree.map(leaf, updates), state
-
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.stateless_with_tree_map(leaf)
 
 
 def clip_by_norm(clipnorm: float) -> optax.GradientTransformation:
@@ -67,23 +58,15 @@ def clip_by_norm(clipnorm: float) -> optax.GradientTransformation:
     ``_clip_by_norm``: the product ``g*c`` first, then the division).
     """
 
-    def init_fn(params):
+    def leaf(g, params):
         del params
-        return optax.EmptyState()
+        dtype = averages.compute_dtype(g.dtype)
+        rdtype = averages.real_dtype(dtype)
+        norm = jnp.sqrt(jnp.sum(averages.squared_magnitude(g)).astype(rdtype))
+        c = _real(clipnorm, rdtype)
+        return ((g.astype(dtype) * c.astype(dtype)) / jnp.maximum(norm, c).astype(dtype)).astype(g.dtype)
 
-    def update_fn(updates, state, params=None):
-        del params
-
-        def leaf(g):
-            dtype = averages.compute_dtype(g.dtype)
-            rdtype = averages.real_dtype(dtype)
-            norm = jnp.sqrt(jnp.sum(averages.squared_magnitude(g)).astype(rdtype))
-            c = _real(clipnorm, rdtype)
-            return ((g.astype(dtype) * c.astype(dtype)) / jnp.maximum(norm, c).astype(dtype)).astype(g.dtype)
-
-        return jax.tree.map(leaf, updates), state
-
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.stateless_with_tree_map(leaf)
 
 
 def clip_by_global_norm(global_clipnorm: float) -> optax.GradientTransformation:
@@ -94,23 +77,19 @@ def clip_by_global_norm(global_clipnorm: float) -> optax.GradientTransformation:
     """
     inverse = 1.0 / float(global_clipnorm)  # Keras's Python ``1.0 / clip_norm``
 
-    def init_fn(params):
-        del params
-        return optax.EmptyState()
-
-    def update_fn(updates, state, params=None):
+    def clip(updates, params):
         del params
         leaves = jax.tree.leaves(updates)
         if not leaves:
-            return updates, state
+            return updates
         dtype = _widest(updates)
         squares = jnp.stack([jnp.sum(averages.squared_magnitude(g)).astype(dtype) for g in leaves])
         norm = jnp.sqrt(jnp.sum(squares))
         c = _real(global_clipnorm, dtype)
         factor = c * jnp.minimum(jnp.ones_like(norm) / norm, _real(inverse, dtype)) + (norm - norm)
-        return averages.scale(updates, factor), state
+        return averages.scale(updates, factor)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.stateless(clip)
 
 
 def clip_by_value(clipvalue: float) -> optax.GradientTransformation:
@@ -120,22 +99,14 @@ def clip_by_value(clipvalue: float) -> optax.GradientTransformation:
     separately.
     """
 
-    def init_fn(params):
+    def leaf(g, params):
         del params
-        return optax.EmptyState()
+        v = _real(clipvalue, averages.real_dtype(g.dtype))
+        if jnp.iscomplexobj(g):
+            return jax.lax.complex(jnp.clip(g.real, -v, v), jnp.clip(g.imag, -v, v)).astype(g.dtype)
+        return jnp.clip(g, -v, v)
 
-    def update_fn(updates, state, params=None):
-        del params
-
-        def leaf(g):
-            v = _real(clipvalue, averages.real_dtype(g.dtype))
-            if jnp.iscomplexobj(g):
-                return jax.lax.complex(jnp.clip(g.real, -v, v), jnp.clip(g.imag, -v, v)).astype(g.dtype)
-            return jnp.clip(g, -v, v)
-
-        return jax.tree.map(leaf, updates), state
-
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.stateless_with_tree_map(leaf)
 
 
 # --------------------------------------------------------------------------- accumulation
@@ -268,10 +239,14 @@ def ema(
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def find_ema(opt_state: Any) -> list[EmaState]:
-    """Every :class:`EmaState` inside an optimizer state."""
-    nodes = jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, EmaState))
-    return [node for node in nodes if isinstance(node, EmaState)]
+def find_ema(opt_state: Any) -> list[PyTree]:
+    """The ``ema`` field of every :class:`EmaState` inside an optimizer state (``optax.tree_utils``)."""
+    def in_ema_state(path, value) -> bool:
+        del value
+        return getattr(path[-1], "tuple_name", None) == EmaState.__name__
+
+    found = optax.tree_utils.tree_get_all_with_path(opt_state, "ema", filtering=in_ema_state)
+    return [value for _, value in found]
 
 
 # --------------------------------------------------------------------------- Adamax, Nadam
@@ -396,25 +371,3 @@ def scale_by_nadam(b1: float, b2: float, eps: float) -> optax.GradientTransforma
         return steps, ScaleByNadamState(count=count, mu=mu, nu=nu, mu_product=product)
 
     return optax.GradientTransformation(init_fn, update_fn)
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def check_positive_int(name: str, value: Any, low: int) -> None:
-    """``value`` must be ``None`` or a Python int ``>= low``; the error names ``name``."""
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(
-            f"{name} must be None or an integer >= {low}, got {value!r} of type {type(value).__name__}"
-        )
-    if value < low:
-        raise ValueError(f"{name} must be None or an integer >= {low}, got {value!r}")
-
-
-def optional(value: Any, make: Callable[[], optax.GradientTransformation]) -> optax.GradientTransformation:
-    """``make()`` unless ``value`` is ``None`` or a concrete zero (then ``optax.identity()``)."""
-    if value is None or check.is_concrete_zero(value):
-        return optax.identity()
-    return make()

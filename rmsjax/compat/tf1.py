@@ -8,6 +8,9 @@ learning rate sits inside the momentum buffer. ``learning_rate`` may be a schedu
 ``f(step)`` with ``step`` the global step (0 at the first update), as a decayed learning-rate
 tensor such as ``tf.compat.v1.train.exponential_decay(lr, global_step, ...)`` gives when
 ``apply_gradients(..., global_step=global_step)`` increments it after each update.
+
+A ``momentum`` of 0 leaves the buffer out; under ``optax.inject_hyperparams`` pass
+``static_args=("momentum",)`` to keep it out (an injected 0 is an array and keeps it).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from rmsjax.compat import _common as common
 __all__ = ["RMSPropOptimizer"]
 
 
+@common.declares("tf1")
 def RMSPropOptimizer(
     learning_rate,
     decay=0.9,

@@ -9,6 +9,10 @@ of timm 1.0 (less ``params``, ``foreach`` and the timm-only extras ``caution`` a
 ``optax.GradientTransformation`` whose updates, applied with ``optax.apply_updates``, follow
 timm's parameter trajectory (checked to 1e-9 relative in float64 against fixtures recorded
 from timm 1.0 on torch 2.13). Neither timm nor torch is imported or needed.
+
+A ``momentum`` or ``weight_decay`` of 0 leaves its part out; under
+``optax.inject_hyperparams`` pass ``static_args=("momentum", "weight_decay")`` to keep them
+out (an injected 0 is an array and keeps the part, with the same updates).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from rmsjax.transforms import Scalar, ScalarOrSchedule
 __all__ = ["RMSpropTF"]
 
 
+@common.declares("timm")
 def RMSpropTF(
     lr: ScalarOrSchedule = 0.01,
     alpha: Scalar = 0.9,
@@ -103,7 +108,7 @@ def RMSpropTF(
     check.check_flag("decoupled_decay", decoupled_decay)
     check.check_flag("lr_in_momentum", lr_in_momentum)
     scaling = transforms.scale_by_stddev if centered else transforms.scale_by_rms
-    no_decay = check.is_concrete_zero(weight_decay)
+    no_decay = common.is_concrete_zero(weight_decay)
     l2 = optax.identity() if decoupled_decay or no_decay else transforms.add_decayed_weights(weight_decay)
     decoupled = (
         common.decoupled_weight_decay(weight_decay, lr)

@@ -1,4 +1,4 @@
-"""Keras 3's ``keras.optimizers``, reproduced with rmsjax's transformations.
+r"""Keras 3's ``keras.optimizers``, reproduced with rmsjax's transformations.
 
 Each factory takes the arguments, argument order and defaults of the Keras 3 class of the
 same name -- the optimizer's own, then the options every Keras optimizer shares
@@ -31,14 +31,48 @@ optimizer parts -> learning rate -> [momentum] -> weight decay -> EMA``, each un
 is wrapped in one accumulation part. The moving average lives in the optimizer state (it is
 checkpointed with it); :func:`ema_params` reads it.
 
+Shared options (the arguments every factory here takes after its own, as Keras's
+``Optimizer`` does; ``mask`` is keyword-only):
+
+  weight_decay: :math:`\lambda`, ``None`` or >= 0: decoupled decay
+    ``params -= lr_t * weight_decay * params``, with the current learning rate, outside
+    any momentum buffer.
+  clipnorm: ``None`` or >= 0: each leaf's gradient rescaled to an L2 norm of at most
+    this (0: no clipping, as in Keras).
+  clipvalue: ``None`` or >= 0: each gradient element clipped to ``[-clipvalue,
+    clipvalue]`` (0: no clipping).
+  global_clipnorm: ``None`` or >= 0: the whole gradient tree rescaled to a global L2 norm
+    of at most this (0: no clipping). At most one of the three clipping options may be
+    set.
+  use_ema: keep a moving average of the parameters in the state (:func:`ema_params`).
+  ema_momentum: :math:`m`, in [0, 1]: ``ema = m * ema + (1 - m) * params`` after each
+    update; the first update sets ``ema = params``.
+  ema_overwrite_frequency: ``None`` or an integer >= 1: every that many iterations the
+    parameters are replaced by their moving average (the update of that step is
+    ``ema - params``). ``None``: never (Keras's ``finalize_variable_values`` at the end of
+    ``fit`` is ``ema_params(opt_state)``).
+  loss_scale_factor: ``None`` or > 0: the gradients are divided by it first (they are
+    gradients of the loss multiplied by it).
+  gradient_accumulation_steps: ``None`` or an integer >= 2: the parameters change every
+    that many updates, with the mean of the gradients since the last change (the
+    updates in between are zero). As in Keras, schedules and the weight decay see the
+    count of all updates, the bias corrections and the EMA the count of real ones.
+  name: ``None`` or a string; accepted for Keras's signature and ignored.
+  mask: where weight decay applies (Keras's ``exclude_from_weight_decay``): a tree of
+    bools like the parameters, or a function of the parameters returning one (True:
+    decay). Keyword-only.
+
 Keras itself checks few hyperparameters; here out-of-range values raise ``ValueError``
 naming the argument, and an argument Keras does not have raises ``TypeError``.
+
+``momentum=0`` (SGD's and RMSprop's default) leaves the buffer out; under
+``optax.inject_hyperparams`` pass ``static_args=("momentum",)`` to keep it out (an injected 0
+is an array and keeps the buffer, with the same updates). The shared options default to
+``None``, which is never injected.
 """
 
 from __future__ import annotations
 
-import re
-import textwrap
 from collections.abc import Callable
 from typing import Any
 
@@ -58,47 +92,6 @@ __all__ = ["SGD", "Adadelta", "Adagrad", "Adam", "AdamW", "Adamax", "Nadam", "RM
 PyTree = Any
 Parts = Callable[[ScalarOrSchedule], list[optax.GradientTransformation]]
 
-_SHARED_ARGS = """\
-      weight_decay: :math:`\\lambda`, ``None`` or >= 0: decoupled decay
-        ``params -= lr_t * weight_decay * params``, with the current learning rate, outside
-        any momentum buffer.
-      clipnorm: ``None`` or >= 0: each leaf's gradient rescaled to an L2 norm of at most
-        this (0: no clipping, as in Keras).
-      clipvalue: ``None`` or >= 0: each gradient element clipped to ``[-clipvalue,
-        clipvalue]`` (0: no clipping).
-      global_clipnorm: ``None`` or >= 0: the whole gradient tree rescaled to a global L2 norm
-        of at most this (0: no clipping). At most one of the three clipping options may be
-        set.
-      use_ema: keep a moving average of the parameters in the state (:func:`ema_params`).
-      ema_momentum: :math:`m`, in [0, 1]: ``ema = m * ema + (1 - m) * params`` after each
-        update; the first update sets ``ema = params``.
-      ema_overwrite_frequency: ``None`` or an integer >= 1: every that many iterations the
-        parameters are replaced by their moving average (the update of that step is
-        ``ema - params``). ``None``: never (Keras's ``finalize_variable_values`` at the end of
-        ``fit`` is ``ema_params(opt_state)``).
-      loss_scale_factor: ``None`` or > 0: the gradients are divided by it first (they are
-        gradients of the loss multiplied by it).
-      gradient_accumulation_steps: ``None`` or an integer >= 2: the parameters change every
-        that many updates, with the mean of the gradients since the last change (the
-        updates in between are zero). As in Keras, schedules and the weight decay see the
-        count of all updates, the bias corrections and the EMA the count of real ones.
-      name: ``None`` or a string; accepted for Keras's signature and ignored.
-      mask: where weight decay applies (Keras's ``exclude_from_weight_decay``): a tree of
-        bools like the parameters, or a function of the parameters returning one (True:
-        decay). Keyword-only.
-"""
-
-
-def _shared_doc(factory):
-    # The placeholder's indentation depends on the Python version (3.13 dedents docstrings
-    # when compiling), so the shared arguments take whatever indentation it has.
-    doc = factory.__doc__
-    match = re.search(r"^( *)\{shared\}\n", doc or "", re.MULTILINE)
-    if match is None or doc is None:
-        raise AssertionError(f"{factory.__name__}'s docstring has no {{shared}} placeholder")
-    shared = textwrap.indent(textwrap.dedent(_SHARED_ARGS), match.group(1))
-    factory.__doc__ = doc.replace(match.group(0), shared)
-    return factory
 
 
 def _check_shared(
@@ -137,42 +130,21 @@ def _check_shared(
         )
     check.check_flag("use_ema", use_ema)
     common.require("ema_momentum", ema_momentum, high=1.0, high_open=False)
-    parts.check_positive_int("ema_overwrite_frequency", ema_overwrite_frequency, 1)
+    common.check_integer("ema_overwrite_frequency", ema_overwrite_frequency, low=1, optional=True)
     if loss_scale_factor is not None:
         common.require("loss_scale_factor", loss_scale_factor)
-        if check.is_concrete_zero(loss_scale_factor):
+        if common.is_concrete_zero(loss_scale_factor):
             raise ValueError(
                 f"loss_scale_factor must be None or a finite number > 0, got {loss_scale_factor!r}"
             )
-    parts.check_positive_int("gradient_accumulation_steps", gradient_accumulation_steps, 2)
+    common.check_integer("gradient_accumulation_steps", gradient_accumulation_steps, low=2, optional=True)
     if name is not None and not isinstance(name, str):
         raise TypeError(f"name must be None or a string, got {name!r} of type {type(name).__name__}")
-
-
-_SHARED_OPTIONS = (
-    "weight_decay",
-    "clipnorm",
-    "clipvalue",
-    "global_clipnorm",
-    "use_ema",
-    "ema_momentum",
-    "ema_overwrite_frequency",
-    "loss_scale_factor",
-    "gradient_accumulation_steps",
-    "name",
-    "mask",
-)
-
-
-def _shared_options(arguments: dict[str, Any]) -> dict[str, Any]:
-    """The options every Keras optimizer shares, picked by name from a factory's arguments."""
-    return {key: arguments[key] for key in _SHARED_OPTIONS}
 
 
 def _assemble(
     learning_rate: ScalarOrSchedule,
     optimizer_parts: Parts,
-    *,
     weight_decay,
     clipnorm,
     clipvalue,
@@ -185,7 +157,11 @@ def _assemble(
     name,
     mask,
 ) -> optax.GradientTransformation:
-    """The chain ``loss scale -> [accumulate: clip -> optimizer -> weight decay] -> EMA``."""
+    """The chain ``loss scale -> [accumulate: clip -> optimizer -> weight decay] -> EMA``.
+
+    The shared options come in the order of the factories' signatures (AdamW's
+    ``weight_decay``, which comes second there, included), passed by position.
+    """
     _check_shared(
         weight_decay,
         clipnorm,
@@ -201,18 +177,18 @@ def _assemble(
     steps = gradient_accumulation_steps
     rate = learning_rate if steps is None else parts.real_step_rate(learning_rate, steps)
     if clipnorm is not None:
-        clip = parts.optional(clipnorm, lambda: parts.clip_by_norm(clipnorm))
+        clip = common.unless_zero(clipnorm, lambda: parts.clip_by_norm(clipnorm))
     elif global_clipnorm is not None:
-        clip = parts.optional(global_clipnorm, lambda: parts.clip_by_global_norm(global_clipnorm))
+        clip = common.unless_zero(global_clipnorm, lambda: parts.clip_by_global_norm(global_clipnorm))
     else:
-        clip = parts.optional(clipvalue, lambda: parts.clip_by_value(clipvalue))
+        clip = common.unless_zero(clipvalue, lambda: parts.clip_by_value(clipvalue))
 
     def decay():
         tx = common.decoupled_weight_decay(weight_decay, rate)
         return tx if mask is None else optax.masked(tx, mask)
 
-    middle = [clip, *optimizer_parts(rate), parts.optional(weight_decay, decay)]
-    scale = parts.optional(loss_scale_factor, lambda: parts.divide_gradients(loss_scale_factor))
+    middle = [clip, *optimizer_parts(rate), common.unless_zero(weight_decay, decay)]
+    scale = common.unless_zero(loss_scale_factor, lambda: parts.divide_gradients(loss_scale_factor))
     if use_ema:
         average = parts.ema(ema_momentum, ema_overwrite_frequency, 1 if steps is None else steps)
     else:
@@ -256,10 +232,10 @@ def ema_params(opt_state: Any) -> PyTree:
             f"ema_params needs the state of an optimizer made with use_ema=True; found {len(found)} "
             "moving averages in opt_state"
         )
-    return found[0].ema
+    return found[0]
 
 
-@_shared_doc
+@common.declares("keras")
 def RMSprop(
     learning_rate: ScalarOrSchedule = 0.001,
     rho: float = 0.9,
@@ -300,7 +276,11 @@ def RMSprop(
       momentum: :math:`\mu`, in [0, 1); the learning rate sits inside the buffer.
       epsilon: :math:`\epsilon`, inside the square root, >= 0.
       centered: divide by the leaky standard deviation.
-      {shared}
+      weight_decay: ``None`` or >= 0: decoupled decay ``params -= lr_t * weight_decay * params``.
+      clipnorm, clipvalue, global_clipnorm, use_ema, ema_momentum, ema_overwrite_frequency,
+        loss_scale_factor, gradient_accumulation_steps, name, mask: the options every Keras
+        optimizer shares (``mask`` keyword-only), under "Shared options" in
+        :mod:`rmsjax.compat.keras`.
 
     Example:
       >>> import jax.numpy as jnp, optax
@@ -332,10 +312,13 @@ def RMSprop(
             common.unless_zero(momentum, lambda: transforms.momentum(momentum)),
         ]
 
-    return _assemble(learning_rate, optimizer, **_shared_options(locals()))
+    return _assemble(
+        learning_rate, optimizer, weight_decay, clipnorm, clipvalue, global_clipnorm, use_ema, ema_momentum,
+        ema_overwrite_frequency, loss_scale_factor, gradient_accumulation_steps, name, mask,
+    )
 
 
-@_shared_doc
+@common.declares("keras")
 def Adagrad(
     learning_rate: ScalarOrSchedule = 0.001,
     initial_accumulator_value: float = 0.1,
@@ -367,7 +350,11 @@ def Adagrad(
       learning_rate: :math:`\eta`, >= 0, or a schedule ``f(step)``.
       initial_accumulator_value: :math:`G_0`, >= 0.
       epsilon: :math:`\epsilon`, inside the root, >= 0.
-      {shared}
+      weight_decay: ``None`` or >= 0: decoupled decay ``params -= lr_t * weight_decay * params``.
+      clipnorm, clipvalue, global_clipnorm, use_ema, ema_momentum, ema_overwrite_frequency,
+        loss_scale_factor, gradient_accumulation_steps, name, mask: the options every Keras
+        optimizer shares (``mask`` keyword-only), under "Shared options" in
+        :mod:`rmsjax.compat.keras`.
 
     Example:
       >>> import jax.numpy as jnp, optax
@@ -394,7 +381,10 @@ def Adagrad(
             transforms.scale_by_learning_rate(rate),
         ]
 
-    return _assemble(learning_rate, optimizer, **_shared_options(locals()))
+    return _assemble(
+        learning_rate, optimizer, weight_decay, clipnorm, clipvalue, global_clipnorm, use_ema, ema_momentum,
+        ema_overwrite_frequency, loss_scale_factor, gradient_accumulation_steps, name, mask,
+    )
 
 
 def _adam_checks(learning_rate, beta_1, beta_2, epsilon, amsgrad) -> None:
@@ -415,7 +405,7 @@ def _adam_parts(beta_1, beta_2, epsilon, amsgrad) -> Parts:
     return optimizer
 
 
-@_shared_doc
+@common.declares("keras")
 def Adam(
     learning_rate: ScalarOrSchedule = 0.001,
     beta_1: float = 0.9,
@@ -453,7 +443,11 @@ def Adam(
       beta_2: :math:`\beta_2`, in [0, 1).
       epsilon: :math:`\epsilon`, added to the root of the *uncorrected* :math:`v_t`, >= 0.
       amsgrad: use the running maximum of :math:`v_t`.
-      {shared}
+      weight_decay: ``None`` or >= 0: decoupled decay ``params -= lr_t * weight_decay * params``.
+      clipnorm, clipvalue, global_clipnorm, use_ema, ema_momentum, ema_overwrite_frequency,
+        loss_scale_factor, gradient_accumulation_steps, name, mask: the options every Keras
+        optimizer shares (``mask`` keyword-only), under "Shared options" in
+        :mod:`rmsjax.compat.keras`.
 
     Example:
       >>> import jax.numpy as jnp, optax
@@ -473,12 +467,14 @@ def Adam(
       the first steps and whenever :math:`\sqrt{v_t}` is comparable to ``epsilon``.
     """
     _adam_checks(learning_rate, beta_1, beta_2, epsilon, amsgrad)
+    optimizer = _adam_parts(beta_1, beta_2, epsilon, amsgrad)
     return _assemble(
-        learning_rate, _adam_parts(beta_1, beta_2, epsilon, amsgrad), **_shared_options(locals())
+        learning_rate, optimizer, weight_decay, clipnorm, clipvalue, global_clipnorm, use_ema, ema_momentum,
+        ema_overwrite_frequency, loss_scale_factor, gradient_accumulation_steps, name, mask,
     )
 
 
-@_shared_doc
+@common.declares("keras")
 def AdamW(
     learning_rate: ScalarOrSchedule = 0.001,
     weight_decay: float = 0.004,
@@ -515,7 +511,10 @@ def AdamW(
       beta_2: :math:`\beta_2`, in [0, 1).
       epsilon: :math:`\epsilon`, added to the root of the *uncorrected* :math:`v_t`, >= 0.
       amsgrad: use the running maximum of :math:`v_t`.
-      {shared}
+      clipnorm, clipvalue, global_clipnorm, use_ema, ema_momentum, ema_overwrite_frequency,
+        loss_scale_factor, gradient_accumulation_steps, name, mask: the options every Keras
+        optimizer shares (``mask`` keyword-only), under "Shared options" in
+        :mod:`rmsjax.compat.keras`.
 
     Example:
       >>> import jax.numpy as jnp, optax
@@ -533,12 +532,14 @@ def AdamW(
     _adam_checks(learning_rate, beta_1, beta_2, epsilon, amsgrad)
     if weight_decay is None:
         raise TypeError("weight_decay of AdamW must be a real number >= 0, got None (as in Keras)")
+    optimizer = _adam_parts(beta_1, beta_2, epsilon, amsgrad)
     return _assemble(
-        learning_rate, _adam_parts(beta_1, beta_2, epsilon, amsgrad), **_shared_options(locals())
+        learning_rate, optimizer, weight_decay, clipnorm, clipvalue, global_clipnorm, use_ema, ema_momentum,
+        ema_overwrite_frequency, loss_scale_factor, gradient_accumulation_steps, name, mask,
     )
 
 
-@_shared_doc
+@common.declares("keras")
 def Adadelta(
     learning_rate: ScalarOrSchedule = 0.001,
     rho: float = 0.95,
@@ -572,7 +573,11 @@ def Adadelta(
         1.0), or a schedule ``f(step)``.
       rho: :math:`\rho`, in [0, 1).
       epsilon: :math:`\epsilon`, inside both roots, >= 0.
-      {shared}
+      weight_decay: ``None`` or >= 0: decoupled decay ``params -= lr_t * weight_decay * params``.
+      clipnorm, clipvalue, global_clipnorm, use_ema, ema_momentum, ema_overwrite_frequency,
+        loss_scale_factor, gradient_accumulation_steps, name, mask: the options every Keras
+        optimizer shares (``mask`` keyword-only), under "Shared options" in
+        :mod:`rmsjax.compat.keras`.
 
     Example:
       >>> import jax.numpy as jnp, optax
@@ -593,10 +598,13 @@ def Adadelta(
     def optimizer(rate):
         return [transforms.scale_by_adadelta(rho, epsilon), transforms.scale_by_learning_rate(rate)]
 
-    return _assemble(learning_rate, optimizer, **_shared_options(locals()))
+    return _assemble(
+        learning_rate, optimizer, weight_decay, clipnorm, clipvalue, global_clipnorm, use_ema, ema_momentum,
+        ema_overwrite_frequency, loss_scale_factor, gradient_accumulation_steps, name, mask,
+    )
 
 
-@_shared_doc
+@common.declares("keras")
 def Adamax(
     learning_rate: ScalarOrSchedule = 0.001,
     beta_1: float = 0.9,
@@ -632,7 +640,11 @@ def Adamax(
       beta_1: :math:`\beta_1`, in [0, 1).
       beta_2: :math:`\beta_2`, in [0, 1): the decay of the infinity norm.
       epsilon: :math:`\epsilon`, added to :math:`u_t`, >= 0.
-      {shared}
+      weight_decay: ``None`` or >= 0: decoupled decay ``params -= lr_t * weight_decay * params``.
+      clipnorm, clipvalue, global_clipnorm, use_ema, ema_momentum, ema_overwrite_frequency,
+        loss_scale_factor, gradient_accumulation_steps, name, mask: the options every Keras
+        optimizer shares (``mask`` keyword-only), under "Shared options" in
+        :mod:`rmsjax.compat.keras`.
 
     Example:
       >>> import jax.numpy as jnp, optax
@@ -657,10 +669,13 @@ def Adamax(
     def optimizer(rate):
         return [parts.scale_by_adamax(beta_1, beta_2, epsilon), transforms.scale_by_learning_rate(rate)]
 
-    return _assemble(learning_rate, optimizer, **_shared_options(locals()))
+    return _assemble(
+        learning_rate, optimizer, weight_decay, clipnorm, clipvalue, global_clipnorm, use_ema, ema_momentum,
+        ema_overwrite_frequency, loss_scale_factor, gradient_accumulation_steps, name, mask,
+    )
 
 
-@_shared_doc
+@common.declares("keras")
 def Nadam(
     learning_rate: ScalarOrSchedule = 0.001,
     beta_1: float = 0.9,
@@ -699,7 +714,11 @@ def Nadam(
       beta_1: :math:`\beta_1`, in [0, 1).
       beta_2: :math:`\beta_2`, in [0, 1).
       epsilon: :math:`\epsilon`, outside the root of the bias-corrected :math:`v_t`, >= 0.
-      {shared}
+      weight_decay: ``None`` or >= 0: decoupled decay ``params -= lr_t * weight_decay * params``.
+      clipnorm, clipvalue, global_clipnorm, use_ema, ema_momentum, ema_overwrite_frequency,
+        loss_scale_factor, gradient_accumulation_steps, name, mask: the options every Keras
+        optimizer shares (``mask`` keyword-only), under "Shared options" in
+        :mod:`rmsjax.compat.keras`.
 
     Example:
       >>> import jax.numpy as jnp, optax
@@ -729,10 +748,13 @@ def Nadam(
     def optimizer(rate):
         return [parts.scale_by_nadam(beta_1, beta_2, epsilon), transforms.scale_by_learning_rate(rate)]
 
-    return _assemble(learning_rate, optimizer, **_shared_options(locals()))
+    return _assemble(
+        learning_rate, optimizer, weight_decay, clipnorm, clipvalue, global_clipnorm, use_ema, ema_momentum,
+        ema_overwrite_frequency, loss_scale_factor, gradient_accumulation_steps, name, mask,
+    )
 
 
-@_shared_doc
+@common.declares("keras")
 def SGD(
     learning_rate: ScalarOrSchedule = 0.01,
     momentum: float = 0.0,
@@ -766,7 +788,11 @@ def SGD(
       learning_rate: :math:`\eta`, >= 0, or a schedule ``f(step)``.
       momentum: :math:`\mu`, in [0, 1) (Keras also accepts 1).
       nesterov: Nesterov's look-ahead.
-      {shared}
+      weight_decay: ``None`` or >= 0: decoupled decay ``params -= lr_t * weight_decay * params``.
+      clipnorm, clipvalue, global_clipnorm, use_ema, ema_momentum, ema_overwrite_frequency,
+        loss_scale_factor, gradient_accumulation_steps, name, mask: the options every Keras
+        optimizer shares (``mask`` keyword-only), under "Shared options" in
+        :mod:`rmsjax.compat.keras`.
 
     Example:
       >>> import jax.numpy as jnp, optax
@@ -795,4 +821,7 @@ def SGD(
             common.unless_zero(momentum, lambda: transforms.momentum(momentum, nesterov=nesterov)),
         ]
 
-    return _assemble(learning_rate, optimizer, **_shared_options(locals()))
+    return _assemble(
+        learning_rate, optimizer, weight_decay, clipnorm, clipvalue, global_clipnorm, use_ema, ema_momentum,
+        ema_overwrite_frequency, loss_scale_factor, gradient_accumulation_steps, name, mask,
+    )

@@ -186,6 +186,12 @@ class PiecewiseConstantDecay(LearningRateSchedule):
             raise ValueError(f"boundaries must have at least one element, got boundaries={boundaries!r}")
         for i, b in enumerate(boundaries):
             check.check_range(f"boundaries[{i}]", b, low=-math.inf)
+        for i in range(1, len(boundaries)):
+            if not float(boundaries[i]) > float(boundaries[i - 1]):
+                raise ValueError(
+                    f"boundaries must increase, got boundaries[{i - 1}]={boundaries[i - 1]!r} and "
+                    f"boundaries[{i}]={boundaries[i]!r}"
+                )
         for i, v in enumerate(values):
             check.check_range(f"values[{i}]", v)
         self.boundaries = boundaries

@@ -22,6 +22,12 @@ What PyTorch does, and these factories therefore do:
 
 Invalid hyperparameters raise ``ValueError`` naming the argument, as PyTorch does; rmsjax
 also requires decay rates (``alpha``, ``rho``, ``betas``, ``momentum``) below 1.
+
+A ``momentum``, ``weight_decay``, ``dampening`` or ``lr_decay`` of 0 (PyTorch's defaults)
+leaves its part out. Under ``optax.inject_hyperparams`` they become arrays and the parts
+are kept (same updates, larger state, ``params`` needed): name them in ``static_args``,
+e.g. ``optax.inject_hyperparams(SGD, static_args=("momentum", "weight_decay",
+"dampening", "nesterov"))`` (the table in ``docs/porting.md`` lists them per optimizer).
 """
 
 from __future__ import annotations
@@ -60,7 +66,7 @@ def _l2(weight_decay: Any) -> optax.GradientTransformation:
     return common.unless_zero(weight_decay, lambda: transforms.add_decayed_weights(weight_decay))
 
 
-@common.records_arguments
+@common.declares("torch")
 def RMSprop(
     lr=1e-2,
     alpha=0.99,
@@ -129,7 +135,7 @@ def RMSprop(
     )
 
 
-@common.records_arguments
+@common.declares("torch")
 def Adagrad(
     lr=1e-2,
     lr_decay=0.0,
@@ -206,7 +212,7 @@ def _adam_scaling(beta1: Any, beta2: Any, eps: Any, amsgrad: bool) -> optax.Grad
     return transforms.scale_by_adam(beta1, beta2, eps, amsgrad=amsgrad, exact_bias_correction=True)
 
 
-@common.records_arguments
+@common.declares("torch")
 def Adam(
     lr=1e-3,
     betas=(0.9, 0.999),
@@ -262,7 +268,7 @@ def Adam(
     )
 
 
-@common.records_arguments
+@common.declares("torch")
 def AdamW(
     lr=1e-3,
     betas=(0.9, 0.999),
@@ -313,7 +319,7 @@ def AdamW(
     )
 
 
-@common.records_arguments
+@common.declares("torch")
 def Adadelta(
     lr=1.0,
     rho=0.9,
@@ -367,7 +373,7 @@ def Adadelta(
     )
 
 
-@common.records_arguments
+@common.declares("torch")
 def SGD(
     lr=1e-3,
     momentum=0.0,
@@ -418,7 +424,8 @@ def SGD(
     common.require("dampening", dampening, high=1.0, high_open=False)
     common.require("weight_decay", weight_decay)
     check.check_flag("nesterov", nesterov)
-    if nesterov and (check.is_concrete_zero(momentum) or common.concrete_nonzero(dampening)):
+    dampened = common.is_concrete(dampening) and float(dampening) != 0.0  # an array: unknown, allowed
+    if nesterov and (common.is_concrete_zero(momentum) or dampened):
         raise ValueError(
             "Nesterov momentum requires a momentum and zero dampening: nesterov=True needs "
             f"momentum > 0 and dampening == 0, got momentum={momentum!r}, dampening={dampening!r}"

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -77,31 +77,22 @@ _FIELDS = {
 
 # --------------------------------------------------------------------------- chain parts
 
+_PARTS = (*_SCALINGS, T.MomentumState, T.ScaleByLearningRateState)
+
+
+def _is_part(node: Any) -> bool:
+    """A part of a chain whose fields a checkpoint reads or writes (found by its type)."""
+    return isinstance(node, _PARTS)
+
 
 def _parts(state: Any) -> list:
-    """The NamedTuple states inside a (nested) chain state, depth first."""
-    if isinstance(state, tuple) and hasattr(state, "_fields"):
-        if any(isinstance(state, t) for t in (*_SCALINGS, T.MomentumState, T.ScaleByLearningRateState)):
-            return [state]
-        if "count" in state._fields:  # pyright: ignore[reportAttributeAccessIssue]
-            return [state]
-        return [p for x in state for p in _parts(x)]
-    if isinstance(state, (tuple, list)):
-        return [p for x in state for p in _parts(x)]
-    return []
+    """The parts inside a (nested, possibly masked) chain state, in tree order."""
+    return [node for node in jax.tree.leaves(state, is_leaf=_is_part) if _is_part(node)]
 
 
 def _rebuild(state: Any, fn: Callable[[Any], Any]) -> Any:
-    """``state`` with each part returned by :func:`_parts` replaced by ``fn(part)``."""
-    if isinstance(state, tuple) and hasattr(state, "_fields"):
-        if _parts(state) == [state]:
-            return fn(state)
-        return type(state)(*[_rebuild(x, fn) for x in state])
-    if isinstance(state, tuple):
-        return tuple(_rebuild(x, fn) for x in state)
-    if isinstance(state, list):
-        return [_rebuild(x, fn) for x in state]
-    return state
+    """``state`` with each part :func:`_parts` finds replaced by ``fn(part)``."""
+    return jax.tree.map(lambda node: fn(node) if _is_part(node) else node, state, is_leaf=_is_part)
 
 
 def _of_type(parts: list, *types) -> Any:
@@ -109,37 +100,12 @@ def _of_type(parts: list, *types) -> Any:
     return found[0] if found else None
 
 
-def _kind(state: Any, factory: Callable | None) -> str:
-    """PyTorch's class name for a compat chain's state (or its factory)."""
-    if factory is not None:
-        name = getattr(factory, "__name__", "")
-        if getattr(factory, "__module__", "") != "rmsjax.compat.torch" or name not in _GROUP_KEYS:
-            raise ValueError(
-                f"PyTorch checkpoints are for rmsjax.compat.torch's optimizers, not {factory!r}"
-            )
-        return name
-    top = list(state) if isinstance(state, tuple) and not hasattr(state, "_fields") else [state]
-    parts = _parts(state)
-    scaling = _of_type(parts, *_SCALINGS)
-    if scaling is None:
-        if _of_type(parts, T.ScaleByLearningRateState) is None:
-            raise ValueError(
-                "this state is not that of an rmsjax.compat.torch optimizer (no learning-rate step found)"
-            )
-        return "SGD"
-    if isinstance(scaling, (T.ScaleByRmsState, T.ScaleByStddevState)):
-        return "RMSprop"
-    if isinstance(scaling, T.ScaleByRssState):
-        return "Adagrad"
-    if isinstance(scaling, T.ScaleByAdaDeltaState):
-        return "Adadelta"
-    # Adam: [maximize, L2, scaling, lr]; AdamW: [maximize, scaling, decay, lr] (stable layout).
-    position = next(i for i, x in enumerate(top) if any(p is scaling for p in _parts(x)))
-    rate = next(i for i, x in enumerate(top) if _of_type(_parts(x), T.ScaleByLearningRateState) is not None)
-    return "AdamW" if rate - position == 2 else "Adam"
+def _count(part: Any) -> Any:
+    """A part's step count, ``None`` where it keeps none."""
+    return getattr(part, "count", None)
 
 
-def _expected_keys(kind: str, parts: list) -> set[str]:
+def _expected_keys(parts: list) -> set[str]:
     keys = set()
     scaling = _of_type(parts, *_SCALINGS)
     if scaling is not None:
@@ -149,34 +115,77 @@ def _expected_keys(kind: str, parts: list) -> set[str]:
     return keys
 
 
-def _factory(kind: str):
-    from rmsjax.compat import torch as pt
-
-    return getattr(pt, kind)
-
-
 # --------------------------------------------------------------------------- groups and order
 
 
-class _Group:
-    """One PyTorch parameter group: its tx state, leaf indices and hyperparameters (if known)."""
+class _Group(NamedTuple):
+    """One PyTorch parameter group: its state, leaf indices, optimizer and hyperparameters."""
 
-    def __init__(self, state, leaves, hyper, position):
-        self.state, self.leaves, self.hyper, self.position = state, leaves, hyper, position
+    state: Any
+    leaves: list
+    kind: str
+    hyper: dict
+    label: str | None  # its key in a ParamGroupsState; None for a plain transformation
 
 
-def _groups_of(tx, opt_state, params) -> tuple[list[_Group], Callable | None]:
+_NOT_DECLARED = (
+    "tx is not an rmsjax.compat.torch optimizer nor param_groups of one: it declares no PyTorch "
+    "optimizer (got {what}). Wrappers such as rmsjax.quantized, optax.inject_hyperparams or "
+    "optax.chain return transformations of their own, and their states are not PyTorch's "
+    "(quantized moments are stored in 8 or 4 bits); pass the compat.torch optimizer itself "
+    "and its own state"
+)
+
+
+def _torch_kind(tx: Any, where: str) -> tuple[str, dict]:
+    """``(optimizer, hyperparameters)`` declared by a compat.torch transformation."""
+    declaration = common.declaration_of(tx)
+    if declaration is None:
+        raise ValueError(_NOT_DECLARED.format(what=f"{type(tx).__name__} {where}".strip()))
+    if declaration.framework != "torch" or declaration.optimizer not in _GROUP_KEYS:
+        raise ValueError(
+            f"PyTorch checkpoints are for rmsjax.compat.torch's optimizers, not "
+            f"rmsjax.compat.{declaration.framework}.{declaration.optimizer}"
+        )
+    return declaration.optimizer, dict(declaration.hyperparameters)
+
+
+def _check_new_groups_state(opt_state: Any) -> None:
+    inner = getattr(opt_state, "inner_states", None)
+    if isinstance(inner, (tuple, list)):
+        raise ValueError(
+            "opt_state is a param_groups state made by rmsjax 0.2 (group states over lists of "
+            "leaves); 0.3 keeps them over the parameter tree. Convert it with "
+            "tx.upgrade_state(opt_state, params)"
+        )
+
+
+def _groups_of(tx, opt_state, params, hyperparams: Mapping[str, Any] | None = None) -> list[_Group]:
     if isinstance(tx, _groups.ParamGroups):
-        assigned = tx.assign(params)
-        states = opt_state.inner_states
-        if len(states) != len(assigned):
-            raise ValueError(f"opt_state has {len(states)} groups, tx gives {len(assigned)} for params")
-        pairs = enumerate(zip(assigned, states, strict=True))
-        return [_Group(s, idx, hyper, i) for i, ((hyper, idx), s) in pairs], tx.factory  # pyright: ignore[reportAttributeAccessIssue]  # noqa: E501
+        _check_new_groups_state(opt_state)
+        if not isinstance(opt_state, _groups.ParamGroupsState):
+            raise TypeError(f"tx is a param_groups transformation, opt_state is a {type(opt_state).__name__}")
+        out = []
+        for group, leaves in _groups._assign(tx, params):
+            kind, _ = _torch_kind(group.tx, f"(param group {group.index} of {tx.factory!r})")
+            label = str(group.index)
+            if label not in opt_state.inner_states:
+                raise ValueError(
+                    f"opt_state holds groups {sorted(opt_state.inner_states)}, tx gives group {label} "
+                    "for params"
+                )
+            out.append(_Group(opt_state.inner_states[label].inner_state, leaves, kind,
+                              dict(group.hyperparameters), label))
+        return out
     if isinstance(opt_state, _groups.ParamGroupsState):
         raise TypeError("opt_state is a param_groups state: pass the param_groups transformation as tx")
-    n = len(jax.tree.leaves(params))
-    return [_Group(opt_state, list(range(n)), None, 0)], None
+    kind, hyper = _torch_kind(tx, "")
+    if hyperparams is not None:
+        for key in hyperparams:
+            if key not in hyper:
+                raise ValueError(f"hyperparams: {kind} takes no argument {key!r}")
+        hyper.update(hyperparams)
+    return [_Group(opt_state, list(range(len(jax.tree.leaves(params)))), kind, hyper, None)]
 
 
 def _torch_order(groups: list[_Group], names: list[str], order) -> dict[int, int]:
@@ -194,7 +203,8 @@ def _torch_order(groups: list[_Group], names: list[str], order) -> dict[int, int
             else:
                 flat.append(int(item))
     if sorted(flat) != list(range(n)):
-        raise ValueError(f"order must list each of the {n} parameters exactly once, got {list(order)}")  # pyright: ignore[reportArgumentType]  # noqa: E501
+        given = list(order) if order is not None else flat
+        raise ValueError(f"order must list each of the {n} parameters exactly once, got {given}")
     return {j: i for i, j in enumerate(flat)}
 
 
@@ -316,31 +326,14 @@ def state_dict(
       (``scheduler.state_dict()``); this dict holds only the current rate.
     """
     kind_of_arrays = _array_kind(arrays)
-    groups, factory = _groups_of(tx, opt_state, params)
+    groups = _groups_of(tx, opt_state, params, hyperparams)
     names = [n for n, _ in _groups._named_leaves(params)]
     leaves = jax.tree.leaves(params)
     index = _torch_order(groups, names, order)
     out_state: dict[int, dict] = {}
     out_groups = []
     for g in groups:
-        kind = _kind(g.state, factory)
-        hyper = g.hyper
-        if hyper is None and hyperparams is None:
-            recorded = common.arguments_of(tx)
-            if recorded is not None and recorded[0] == kind:
-                hyper = {**_groups._full_kwargs(_factory(kind), {}), **recorded[1]}
-        if hyper is None:
-            if hyperparams is None:
-                raise ValueError(
-                    f"state_dict needs the hyperparameters PyTorch's param_groups hold: build tx with "
-                    f"rmsjax.compat.torch.param_groups({kind}, lr=..., ...) or pass "
-                    f"hyperparams={{'lr': ..., ...}} (the arguments given to {kind})"
-                )
-            accepted = _groups._full_kwargs(_factory(kind), {})
-            for key in hyperparams:
-                if key not in accepted:
-                    raise ValueError(f"hyperparams: {kind} takes no argument {key!r}")
-            hyper = {**accepted, **hyperparams}
+        kind, hyper = g.kind, g.hyper
         parts = _parts(g.state)
         scaling = _of_type(parts, *_SCALINGS)
         buffer = _of_type(parts, T.MomentumState)
@@ -381,7 +374,7 @@ def _step_of(*parts: Any) -> int:
     A chain keeps none only with a constant learning rate and no dampening (``SGD``), where
     the step changes nothing PyTorch saves.
     """
-    counts = [p.count for p in parts if p is not None and p.count is not None]
+    counts = [_count(p) for p in parts if _count(p) is not None]
     return int(np.asarray(counts[0])) if counts else 0
 
 
@@ -392,8 +385,8 @@ def _buffer_started(buffer: T.MomentumState, step: int) -> bool:
     nonzero or the chain's step is past 0: PyTorch's first step ``b = g`` and an all-zero
     buffer's ``b = mu * 0 + g`` are then the same step.
     """
-    if buffer.count is not None:
-        return int(np.asarray(buffer.count)) > 0
+    if _count(buffer) is not None:
+        return int(np.asarray(_count(buffer))) > 0
     return step > 0 or any(bool(np.any(np.asarray(b) != 0)) for b in jax.tree.leaves(buffer.mu))
 
 
@@ -467,21 +460,23 @@ def load_state_dict(
     """
     if not isinstance(state_dict, Mapping) or "state" not in state_dict or "param_groups" not in state_dict:
         raise ValueError("state_dict must be a PyTorch optimizer state dict with 'state' and 'param_groups'")
+    if step is not None:
+        step = _saved_step(step, "step=")
     init = tx.init(params)
-    groups, factory = _groups_of(tx, init, params)
+    groups = _groups_of(tx, init, params)
     names = [n for n, _ in _groups._named_leaves(params)]
     leaves = jax.tree.leaves(params)
     index = _torch_order(groups, names, order)
-    saved_groups = list(state_dict["param_groups"])
-    saved_state = {int(k): v for k, v in state_dict["state"].items()}
+    saved_groups = _saved_groups(state_dict["param_groups"])
+    saved_state = _saved_entries(state_dict["state"])
     if len(saved_groups) != len(groups):
         raise ValueError(
             f"state_dict has {len(saved_groups)} parameter groups, tx has {len(groups)} for these params"
         )
-    new_states = []
-    for g, saved in zip(groups, saved_groups, strict=True):
-        kind = _kind(g.state, factory)
-        where = f"state_dict['param_groups'][{g.position}]"
+    new_states = {}
+    for position, (g, saved) in enumerate(zip(groups, saved_groups, strict=True)):
+        kind = g.kind
+        where = f"state_dict['param_groups'][{position}]"
         wanted = sorted(index[j] for j in g.leaves)
         if sorted(int(i) for i in saved.get("params", [])) != wanted:
             raise ValueError(
@@ -489,7 +484,7 @@ def load_state_dict(
             )
         _check_group(kind, saved, g.hyper, where)
         parts = _parts(g.state)
-        expected = _expected_keys(kind, parts)
+        expected = _expected_keys(parts)
         entries = {}
         for j in g.leaves:
             i = index[j]
@@ -507,9 +502,9 @@ def load_state_dict(
                     )
             entries[j] = entry
         steps = set()
-        for entry in entries.values():
+        for j, entry in entries.items():
             if "step" in entry:
-                steps.add(int(round(float(_to_numpy(entry["step"])))))
+                steps.add(_saved_step(entry["step"], f"state_dict['state'][{index[j]}]['step']"))
             elif entry or kind != "SGD":
                 steps.add(0)
         if kind == "SGD":
@@ -517,10 +512,11 @@ def load_state_dict(
             if len(has) > 1:
                 raise ValueError(f"{where}: some parameters have a momentum buffer and some do not")
             if step is not None:
-                steps = {int(step)}
-            elif g.hyper is not None and check.is_schedule(g.hyper["lr"]):
+                steps = {step}
+            elif check.is_schedule(g.hyper["lr"]):
                 raise ValueError(
-                    "SGD's state_dict has no step count: pass step= (optimizer.step() calls made)"
+                    f"{where}: SGD's state_dict has no step count and this tx's lr is a schedule: "
+                    "pass step= (the optimizer.step() calls made) so that the schedule resumes"
                 )
             else:
                 steps = {1 if True in has else 0}
@@ -531,22 +527,76 @@ def load_state_dict(
         count = steps.pop()
         if kind != "SGD" and count > 0 and any(not e for e in entries.values()):
             raise ValueError(f"{where}: some parameters have no saved state")
-        lr = g.hyper["lr"] if g.hyper is not None else saved.get("lr")
-        if kind == "Adagrad" and lr is not None:  # the rate rmsjax records is the decayed one
-            decay = g.hyper["lr_decay"] if g.hyper is not None else saved.get("lr_decay", 0.0)
-            lr = common.divided_by_decay(lr, decay)
-        new_states.append(_rebuild(g.state, lambda part: _fill(part, entries, g, count, lr, index, leaves,
-                                                               names, layout)))
+        lr = g.hyper["lr"]
+        if kind == "Adagrad":  # the rate rmsjax records is the decayed one
+            lr = common.divided_by_decay(lr, g.hyper["lr_decay"])
+        new_states[g.label] = _rebuild(
+            g.state, lambda part: _fill(part, entries, g, count, lr, index, leaves, names, layout)
+        )
     if isinstance(tx, _groups.ParamGroups):
-        return _groups.ParamGroupsState(tuple(new_states))
-    return new_states[0]
+        return _groups.ParamGroupsState({label: optax.MaskedState(s) for label, s in new_states.items()})
+    return new_states[None]
+
+
+def _saved_groups(groups: Any) -> list:
+    if isinstance(groups, Mapping) or not isinstance(groups, Sequence) or isinstance(groups, str):
+        raise ValueError(
+            f"state_dict['param_groups'] must be a list of group dicts (PyTorch's format), got "
+            f"{type(groups).__name__}"
+        )
+    for i, group in enumerate(groups):
+        if not isinstance(group, Mapping):
+            raise ValueError(f"state_dict['param_groups'][{i}] must be a dict, got {type(group).__name__}")
+    return list(groups)
+
+
+def _saved_entries(state: Any) -> dict[int, Mapping]:
+    if not isinstance(state, Mapping):
+        raise ValueError(
+            f"state_dict['state'] must be a dict of parameter states, got {type(state).__name__}"
+        )
+    out = {}
+    for key, entry in state.items():
+        try:
+            if isinstance(key, bool) or isinstance(key, float):
+                raise ValueError
+            index = int(key)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"state_dict['state'] has the key {key!r}, which is not a parameter index (an int or a "
+                f"numeric string)"
+            ) from None
+        if not isinstance(entry, Mapping):
+            raise ValueError(f"state_dict['state'][{key!r}] must be a dict, got {type(entry).__name__}")
+        out[index] = entry
+    return out
+
+
+_MAX_STEP = 2**31 - 1  # rmsjax's int32 step counts
+
+
+def _saved_step(value: Any, where: str) -> int:
+    """A saved ``step`` as an int: a scalar, finite, whole number in [0, 2**31 - 1]."""
+    array = _to_numpy(value)
+    numeric = np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)
+    if array.shape != () or not numeric:
+        raise ValueError(
+            f"{where} must be a scalar step count, got an array of shape {array.shape} and dtype "
+            f"{array.dtype}"
+        )
+    x = float(array)
+    if not math.isfinite(x) or x != math.floor(x) or not 0 <= x <= _MAX_STEP:
+        raise ValueError(
+            f"{where} must be a whole number of steps in [0, {_MAX_STEP}] (rmsjax counts in int32), got {x!r}"
+        )
+    return int(x)
 
 
 def _describe(kind: str, parts: list) -> str:
-    return f"this tx (torch.optim.{kind}, keys {sorted(_expected_keys(kind, parts))})"
+    return f"this tx (torch.optim.{kind}, keys {sorted(_expected_keys(parts))})"
 
 
-def _check_group(kind: str, saved: Mapping, hyper: Mapping | None, where: str) -> None:
+def _check_group(kind: str, saved: Mapping, hyper: Mapping, where: str) -> None:
     for key in _GROUP_KEYS[kind]:
         if key not in _SWITCHES and key != "decoupled_weight_decay" and key not in saved:
             raise ValueError(
@@ -555,8 +605,6 @@ def _check_group(kind: str, saved: Mapping, hyper: Mapping | None, where: str) -
     if "decoupled_weight_decay" in saved and bool(saved["decoupled_weight_decay"]) != (kind == "AdamW"):
         other = "AdamW" if saved["decoupled_weight_decay"] else "Adam"
         raise ValueError(f"{where} is a torch.optim.{other} state dict, tx is {kind}")
-    if hyper is None:
-        return
     for key in _GROUP_KEYS[kind]:
         if key in _SWITCHES or key == "decoupled_weight_decay" or key not in saved:
             continue
@@ -574,9 +622,12 @@ def _fill(part, entries, g, count, lr, index, leaves, names, layout):
     fields = part._asdict()
     if fields.get("count") is not None:
         fields["count"] = jnp.full_like(part.count, count)
-    if isinstance(part, T.ScaleByLearningRateState) and lr is not None:
+    if isinstance(part, T.ScaleByLearningRateState):
+        # Its other field is the read-out of the next update's rate.
         rate = _rate(lr, count)
-        fields["learning_rate"] = jnp.full_like(part.learning_rate, rate)
+        for field, value in fields.items():
+            if field != "count" and value is not None:
+                fields[field] = jnp.full_like(value, rate)
     mapping = dict(_FIELDS.get(type(part), {}))
     if isinstance(part, T.MomentumState):
         mapping = {"momentum_buffer": "mu"}
@@ -598,6 +649,12 @@ def _import_leaf(value, like, param, name, i, key, layout) -> jax.Array:
         raise ValueError(
             f"state_dict['state'][{i}][{key!r}] has shape {array.shape}, but parameter {i} "
             f"({name!r}) has shape {tuple(param.shape)}; pass layout= to convert"
+        )
+    if np.iscomplexobj(array) != jnp.iscomplexobj(param):
+        raise ValueError(
+            f"state_dict['state'][{i}][{key!r}] is {array.dtype}, but parameter {i} ({name!r}) is "
+            f"{param.dtype}: PyTorch keeps complex state for a complex parameter and real state for "
+            "a real one (a checkpoint of other parameters?)"
         )
     if np.iscomplexobj(array) and not jnp.iscomplexobj(like):
         array = np.stack([array.real, array.imag], axis=-1)  # pyright: ignore[reportAttributeAccessIssue]

@@ -58,6 +58,7 @@ import numpy as np
 import optax
 
 from rmsjax import _validation as check
+from rmsjax.compat import _common as common
 
 __all__ = [
     "ConstantLR",
@@ -87,16 +88,10 @@ _MAX_TABLE = 1 << 22
 
 def _float_dtype():
     """float64 when x64 is on, else float32 (read at trace time)."""
-    return jax.dtypes.canonicalize_dtype(jnp.float64)
+    return common.widest_float(jnp.float64)
 
 
-def _integer(name: str, value: Any, *, low: int) -> int:
-    """``value`` as a Python int ``>= low`` (bools and non-integral numbers fail)."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer >= {low}, got {value!r} of type {type(value).__name__}")
-    if value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    return int(value)
+_integer = common.check_integer
 
 
 def _real(name: str, value: Any, *, low: float = 0.0, high: float | None = None,
@@ -122,6 +117,11 @@ def _choice(name: str, value: Any, allowed: Sequence[str]) -> str:
 
 def _epoch(count: Any, steps_per_epoch: int) -> jax.Array:
     """``count // steps_per_epoch`` in int32, floored at 0."""
+    if isinstance(count, numbers.Integral) and not 0 <= int(count) <= common.MAX_COUNT:
+        raise ValueError(
+            f"the update count must be in [0, {common.MAX_COUNT}] (rmsjax counts updates in int32), "
+            f"got {count!r}"
+        )
     count = jnp.asarray(count)
     if not jnp.issubdtype(count.dtype, jnp.integer):
         raise TypeError(f"the update count must be an integer, got dtype {count.dtype}")
