@@ -138,9 +138,17 @@ def _complement(value: Scalar) -> Scalar:
     return jnp.ones_like(value) - value
 
 
+_FLOAT32_TINY = float(np.finfo(np.float32).tiny)
+
+
 def _is_positive(value: Scalar) -> bool:
-    """Whether ``value`` is a concrete number known to be > 0 (an array never is)."""
-    return check.is_concrete(value) and float(value) > 0
+    """Whether ``value`` is a static number known to stay > 0 in every compute dtype.
+
+    That is: at least float32's smallest normal number (1.2e-38). A smaller positive
+    ``eps`` (1e-45, 1e-50) is 0 or denormal in float32, and XLA:CPU flushes denormals to
+    zero, so the 0/0 guard must stay. An array is never known to be positive.
+    """
+    return check.is_concrete(value) and float(value) >= _FLOAT32_TINY
 
 
 class _PerDtype:
@@ -375,12 +383,12 @@ def update_momentum_buffer(
     """The heavy-ball buffer ``b <- decay*b + (1-dampening)*x``; ``b = x`` on the first step.
 
     ``count`` is the number of updates made *before* this one; when it is zero the buffer
-    takes ``x`` undampened (PyTorch's convention). With a concrete ``dampening`` of 0 that
-    is what ``decay*0 + x`` gives anyway, so the buffer is the plain ``decay*b + x`` and
-    ``count`` is not read (it may be ``None``).
+    takes ``x`` undampened (PyTorch's convention). With no ``dampening`` (``None``) or a
+    static 0 that is what ``decay*0 + x`` gives anyway, so the buffer is the plain
+    ``decay*b + x`` and ``count`` is not read (it may be ``None``).
     """
     decay_as = _scalar(decay)
-    if check.is_concrete_zero(dampening):
+    if dampening is None or check.is_concrete_zero(dampening):
 
         def plain(b, g):
             dtype = common_compute_dtype(b.dtype, g.dtype)

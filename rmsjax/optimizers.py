@@ -1,11 +1,19 @@
 """Layer 3: optimizers, each an ``optax.chain`` of layer-2 transformations.
 
 No optimizer does arithmetic of its own: each one lists, in order, the transformations of
-:mod:`rmsjax.transforms` that make it up, ending with the learning-rate step. A
-transformation that would do nothing for the given (concrete) hyperparameters, such as
-momentum 0 or weight decay 0, stays in the chain as ``optax.identity()``, so the layout of
-the state does not depend on hyperparameter values. ``learning_rate`` may be a number,
-a jax array, or a schedule ``f(step)`` with ``step`` counting updates from 0.
+:mod:`rmsjax.transforms` that make it up, ending with the learning-rate step.
+
+State layout rule: the layout is decided by the *signature*, never by a value. An optional
+part (``momentum``, ``weight_decay``) is absent when its argument is ``None`` (the
+default, as in optax) and present when any value is given, 0 included; an absent part
+keeps its slot in the chain as ``optax.identity()`` (an empty state), so ``nu`` is at the
+same path with and without momentum or weight decay. Flags (``centered``, ``nesterov``,
+``bias_correction``, ...), ``state_dtype`` and whether ``learning_rate`` is a schedule
+also decide the layout. So ``optax.inject_hyperparams(f)(**kwargs)``, which turns every
+given number into an array, has the inner state of ``f(**kwargs)``.
+
+``learning_rate`` may be a number, a jax array, or a schedule ``f(step)`` with ``step``
+counting updates from 0.
 """
 
 from __future__ import annotations
@@ -22,16 +30,26 @@ from rmsjax.transforms import MaskOrFn, Scalar, ScalarOrSchedule
 __all__ = ["adadelta", "adagrad", "adam", "adamw", "rmsprop", "sgd"]
 
 
-def _unless_zero(
+def _if_given(
     value: Any, make: Callable[[], optax.GradientTransformation]
 ) -> optax.GradientTransformation:
-    """``make()``, or ``optax.identity()`` when ``value`` is a concrete zero (an array never is).
+    """``make()``, or ``optax.identity()`` when ``value`` is ``None`` (the part is absent).
 
-    The identity keeps the part's slot in the chain with an empty state, so the state tree
-    of an optimizer has the same layout whatever its hyperparameters' values: ``nu`` is at
-    the same path with and without weight decay or momentum.
+    Any given value, 0 included, makes the part present: the layout follows the signature,
+    not the value. The identity keeps the part's slot in the chain with an empty state.
     """
-    return optax.identity() if check.is_concrete_zero(value) else make()
+    return optax.identity() if value is None else make()
+
+
+def _optional(name: str, value: Any, **bounds: Any) -> Any:
+    """``None`` (the part is absent), or the value normalised by ``check.hyperparameter``."""
+    return None if value is None else check.hyperparameter(name, value, **bounds)
+
+
+def _check_nesterov(nesterov: bool, momentum: Any) -> None:
+    check.check_flag("nesterov", nesterov)
+    if nesterov and momentum is None:
+        raise ValueError("nesterov=True needs a momentum: give momentum in [0, 1), got momentum=None")
 
 
 def rmsprop(
@@ -40,9 +58,9 @@ def rmsprop(
     eps: Scalar = 1e-8,
     *,
     centered: bool = False,
-    momentum: Scalar = 0.0,
+    momentum: Scalar | None = None,
     nesterov: bool = False,
-    weight_decay: Scalar = 0.0,
+    weight_decay: Scalar | None = None,
     bias_correction: bool = False,
     eps_in_sqrt: bool = False,
     initial_scale: Scalar = 0.0,
@@ -68,10 +86,13 @@ def rmsprop(
       decay: :math:`\gamma`, in [0, 1).
       eps: :math:`\epsilon`, >= 0, outside the root unless ``eps_in_sqrt``.
       centered: divide by a leaky standard deviation instead of the RMS.
-      momentum: :math:`\mu`, in [0, 1); the buffer accumulates the scaled gradient and
-        the learning rate multiplies it from outside (PyTorch's form).
-      nesterov: Nesterov's look-ahead on the momentum buffer (needs ``momentum > 0``).
-      weight_decay: :math:`\lambda`, >= 0: L2 penalty added to the gradient before scaling.
+      momentum: :math:`\mu`, in [0, 1), or ``None`` (the default: no momentum buffer);
+        the buffer accumulates the scaled gradient and the learning rate multiplies it
+        from outside (PyTorch's form). Any value given, 0 included, keeps a buffer.
+      nesterov: Nesterov's look-ahead on the momentum buffer (needs a ``momentum``).
+      weight_decay: :math:`\lambda`, >= 0, or ``None`` (the default: none, and ``update``
+        needs no ``params``): L2 penalty added to the gradient before scaling. Any value
+        given, 0 included, needs ``params`` in ``update``.
       bias_correction: debias the averages as Adam does.
       eps_in_sqrt: ``eps`` inside the root (Keras, TF1, d2l).
       initial_scale: :math:`\nu_0` (1 in TF1).
@@ -99,14 +120,12 @@ def rmsprop(
       Tieleman and Hinton, *Lecture 6.5 - RMSProp*, 2012; Graves, arXiv:1308.0850, 2013.
     """
     check.check_flag("centered", centered)
-    check.check_unit_interval("momentum", momentum)
-    check.check_flag("nesterov", nesterov)
-    check.check_non_negative("weight_decay", weight_decay)
-    if nesterov and check.is_concrete_zero(momentum):
-        raise ValueError(f"nesterov=True needs momentum in (0, 1), got momentum={momentum!r}")
+    momentum = _optional("momentum", momentum, high=1.0)
+    weight_decay = _optional("weight_decay", weight_decay)
+    _check_nesterov(nesterov, momentum)
     scaling = transforms.scale_by_stddev if centered else transforms.scale_by_rms
     return optax.chain(
-        _unless_zero(weight_decay, lambda: transforms.add_decayed_weights(weight_decay)),
+        _if_given(weight_decay, lambda: transforms.add_decayed_weights(weight_decay)),
         scaling(
             decay,
             eps,
@@ -115,7 +134,7 @@ def rmsprop(
             bias_correction=bias_correction,
             state_dtype=state_dtype,
         ),
-        _unless_zero(momentum, lambda: transforms.momentum(momentum, nesterov=nesterov)),
+        _if_given(momentum, lambda: transforms.momentum(momentum, nesterov=nesterov)),
         transforms.scale_by_learning_rate(learning_rate),
     )
 
@@ -249,7 +268,7 @@ def adamw(
     """
     return optax.chain(
         transforms.scale_by_adam(b1, b2, eps),
-        _unless_zero(weight_decay, lambda: transforms.add_decayed_weights(weight_decay, mask)),
+        _if_given(weight_decay, lambda: transforms.add_decayed_weights(weight_decay, mask)),
         transforms.scale_by_learning_rate(learning_rate),
     )
 
@@ -258,7 +277,7 @@ def adadelta(
     learning_rate: ScalarOrSchedule = 1.0,
     rho: Scalar = 0.9,
     eps: Scalar = 1e-6,
-    weight_decay: Scalar = 0.0,
+    weight_decay: Scalar | None = None,
 ) -> optax.GradientTransformation:
     r"""AdaDelta: steps in the units of the parameters, from two leaky averages.
 
@@ -274,7 +293,8 @@ def adadelta(
       learning_rate: :math:`\eta` (1.0 in the paper): number, jax array or schedule.
       rho: :math:`\rho`, in [0, 1).
       eps: :math:`\epsilon`, >= 0.
-      weight_decay: :math:`\lambda`, >= 0, L2 added to the gradient.
+      weight_decay: :math:`\lambda`, >= 0, L2 added to the gradient, or ``None`` (the
+        default: none, and ``update`` needs no ``params``).
 
     Example:
       >>> import jax.numpy as jnp, rmsjax
@@ -290,7 +310,7 @@ def adadelta(
       Zeiler, arXiv:1212.5701, 2012.
     """
     return optax.chain(
-        _unless_zero(weight_decay, lambda: transforms.add_decayed_weights(weight_decay)),
+        _if_given(weight_decay, lambda: transforms.add_decayed_weights(weight_decay)),
         transforms.scale_by_adadelta(rho, eps),
         transforms.scale_by_learning_rate(learning_rate),
     )
@@ -298,7 +318,7 @@ def adadelta(
 
 def sgd(
     learning_rate: ScalarOrSchedule,
-    momentum: Scalar = 0.0,
+    momentum: Scalar | None = None,
     *,
     nesterov: bool = False,
 ) -> optax.GradientTransformation:
@@ -313,8 +333,9 @@ def sgd(
 
     Args:
       learning_rate: :math:`\eta`: number, jax array or schedule.
-      momentum: :math:`\mu`, in [0, 1).
-      nesterov: Nesterov's look-ahead (needs ``momentum > 0``).
+      momentum: :math:`\mu`, in [0, 1), or ``None`` (the default, as in ``optax.sgd``: no
+        buffer). Any value given, 0 included, keeps a buffer.
+      nesterov: Nesterov's look-ahead (needs a ``momentum``).
 
     Example:
       >>> import jax.numpy as jnp, rmsjax
@@ -326,11 +347,9 @@ def sgd(
     Reference:
       Robbins and Monro, 1951; Polyak, 1964; Sutskever et al., ICML 2013.
     """
-    check.check_unit_interval("momentum", momentum)
-    check.check_flag("nesterov", nesterov)
-    if nesterov and check.is_concrete_zero(momentum):
-        raise ValueError(f"nesterov=True needs momentum in (0, 1), got momentum={momentum!r}")
+    momentum = _optional("momentum", momentum, high=1.0)
+    _check_nesterov(nesterov, momentum)
     return optax.chain(
-        _unless_zero(momentum, lambda: transforms.momentum(momentum, nesterov=nesterov)),
+        _if_given(momentum, lambda: transforms.momentum(momentum, nesterov=nesterov)),
         transforms.scale_by_learning_rate(learning_rate),
     )
