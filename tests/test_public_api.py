@@ -10,7 +10,8 @@ import pytest
 
 import rmsjax
 
-# DESIGN.md, layers 2 and 3, verbatim.
+# DESIGN.md, layers 2 and 3, verbatim, except the 0.3 change of issue 19: an optional part
+# (momentum, weight decay, dampening) defaults to None (absent), as in optax.
 CONTRACT = """
 rmsjax.scale_by_rms(decay=0.9, eps=1e-8, *, eps_in_sqrt=False, initial_scale=0.0,
                     bias_correction=False, state_dtype=None)
@@ -21,15 +22,15 @@ rmsjax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8, *, eps_root=0.0, nesterov=False
                      state_dtype=None)
 rmsjax.scale_by_adadelta(rho=0.9, eps=1e-6)
 rmsjax.leaky_average(decay, *, debias=False, state_dtype=None)
-rmsjax.momentum(decay, *, nesterov=False, dampening=0.0)
-rmsjax.rmsprop(learning_rate, decay=0.9, eps=1e-8, *, centered=False, momentum=0.0,
-               nesterov=False, weight_decay=0.0, bias_correction=False,
+rmsjax.momentum(decay, *, nesterov=False, dampening=None)
+rmsjax.rmsprop(learning_rate, decay=0.9, eps=1e-8, *, centered=False, momentum=None,
+               nesterov=False, weight_decay=None, bias_correction=False,
                eps_in_sqrt=False, initial_scale=0.0, state_dtype=None)
 rmsjax.adagrad(learning_rate, initial_accumulator_value=0.0, eps=1e-10)
 rmsjax.adam(learning_rate, b1=0.9, b2=0.999, eps=1e-8, *, eps_root=0.0, nesterov=False)
 rmsjax.adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-2, *, mask=None)
-rmsjax.adadelta(learning_rate=1.0, rho=0.9, eps=1e-6, weight_decay=0.0)
-rmsjax.sgd(learning_rate, momentum=0.0, *, nesterov=False)
+rmsjax.adadelta(learning_rate=1.0, rho=0.9, eps=1e-6, weight_decay=None)
+rmsjax.sgd(learning_rate, momentum=None, *, nesterov=False)
 """
 
 
@@ -126,7 +127,7 @@ BAD = [
     (lambda: rmsjax.adamw(0.1, weight_decay=-0.1), ValueError, "weight_decay"),
     (lambda: rmsjax.adadelta(rho=1.0), ValueError, "rho"),
     (lambda: rmsjax.sgd(0.1, nesterov=True), ValueError, "momentum"),
-    (lambda: rmsjax.sgd(0.1, momentum=None), TypeError, "momentum"),
+    (lambda: rmsjax.sgd(0.1, momentum="0.9"), TypeError, "momentum"),
     (lambda: rmsjax.momentum(0.9, dampening=2.0), ValueError, "dampening"),
     (lambda: rmsjax.leaky_average(-0.5), ValueError, "decay"),
 ]

@@ -47,9 +47,9 @@ NOT_FACTORIES = {
     **{
         f"rmsjax.transforms.{name}": "a state class"
         for name in [
-            "LeakyAverageState", "MomentumState", "ScaleByAdaDeltaState", "ScaleByAdamState",
-            "ScaleByAmsgradState", "ScaleByLearningRateState", "ScaleByRmsState", "ScaleByStddevState",
-            "ScaleByRssState",
+            "DampenedMomentumState", "LeakyAverageState", "MomentumState", "ScaleByAdaDeltaState",
+            "ScaleByAdamState", "ScaleByAmsgradState", "ScaleByLearningRateState", "ScaleByRmsState",
+            "ScaleByRssState", "ScaleByScheduleState", "ScaleByStddevState",
         ]
     },
 }
