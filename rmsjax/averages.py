@@ -235,7 +235,8 @@ def full_like(tree: PyTree, value: Scalar = 0.0, dtype: Any = None, *, real: boo
 
     """
 
-    def fill(leaf):
+    def fill(path, leaf):
+        _check_leaf(path, leaf)
         leaf_dtype = dtype
         if leaf_dtype is None:
             leaf_dtype = real_dtype(leaf.dtype) if real else leaf.dtype
@@ -244,7 +245,23 @@ def full_like(tree: PyTree, value: Scalar = 0.0, dtype: Any = None, *, real: boo
             out = _tie_sharding(leaf, out)
         return out
 
-    return jax.tree.map(fill, tree)
+    return jax.tree_util.tree_map_with_path(fill, tree)
+
+
+def _check_leaf(path: Any, leaf: Any) -> None:
+    """A parameter leaf must be a floating or complex array; the error names its path."""
+    key = jax.tree_util.keystr(path)
+    dtype = getattr(leaf, "dtype", None)
+    if dtype is None or not hasattr(leaf, "shape"):
+        raise TypeError(
+            f"params{key} is {leaf!r} of type {type(leaf).__name__}; rmsjax needs an array at "
+            "every leaf of the parameters (wrap numbers in jnp.asarray, with a floating dtype)"
+        )
+    if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.complexfloating)):
+        raise TypeError(
+            f"params{key} has dtype {dtype}; rmsjax works on floating or complex leaves (mask "
+            "other leaves out, e.g. with optax.masked or nnx.Optimizer(..., wrt=nnx.Param))"
+        )
 
 
 def _tie_sharding(source: jax.Array, out: jax.Array) -> jax.Array:
