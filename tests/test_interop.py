@@ -108,7 +108,9 @@ def test_inject_hyperparams_keeps_the_plain_structure_and_updates(name):
             )
 
 
-@pytest.mark.parametrize("factory", [rmsjax.rmsprop, rmsjax.sgd, rmsjax.adadelta, rmsjax.adam, rmsjax.adagrad])
+@pytest.mark.parametrize(
+    "factory", [rmsjax.rmsprop, rmsjax.sgd, rmsjax.adadelta, rmsjax.adam, rmsjax.adagrad], ids=lambda f: f.__name__
+)
 def test_injected_defaults_add_no_buffers_and_need_no_params(factory):
     """Issue 19, reproduction 1: injecting only the learning rate changes nothing else."""
     plain, injected = factory(1e-3), optax.inject_hyperparams(factory)(learning_rate=1e-3)
@@ -174,7 +176,8 @@ def test_map_params_with_a_params_shaped_tree(name):
     tx = CASES[name].make()
     state = tx.init(PARAMS)
     specs = jax.tree.map(lambda p: p.ndim, PARAMS)
-    mapped = optax.tree.map_params(tx, lambda value, spec: jnp.full(value.shape, spec, value.dtype), state, specs)
+    fill = lambda value, spec: jnp.full(value.shape, spec, value.dtype)
+    mapped = optax.tree.map_params(tx, fill, state, specs)
     assert jax.tree.structure(mapped) == jax.tree.structure(state)
     identity = optax.tree.map_params(tx, lambda value: value, state)
     jax.tree.map(np.testing.assert_array_equal, identity, state)
