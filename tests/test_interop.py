@@ -109,7 +109,8 @@ def test_inject_hyperparams_keeps_the_plain_structure_and_updates(name):
 
 
 @pytest.mark.parametrize(
-    "factory", [rmsjax.rmsprop, rmsjax.sgd, rmsjax.adadelta, rmsjax.adam, rmsjax.adagrad], ids=lambda f: f.__name__
+    "factory", [rmsjax.rmsprop, rmsjax.sgd, rmsjax.adadelta, rmsjax.adam, rmsjax.adagrad],
+    ids=lambda f: f.__name__,
 )
 def test_injected_defaults_add_no_buffers_and_need_no_params(factory):
     """Issue 19, reproduction 1: injecting only the learning rate changes nothing else."""
