@@ -77,7 +77,7 @@ def compute_dtype(dtype: Any) -> jnp.dtype:
     >>> compute_dtype(jnp.bfloat16)
     dtype('float32')
     """
-    dtype = jnp.dtype(dtype)
+    dtype = _canonical(dtype)
     if jnp.issubdtype(dtype, jnp.complexfloating):
         return dtype
     if jnp.issubdtype(dtype, jnp.floating):
@@ -107,8 +107,18 @@ def real_dtype(dtype: Any) -> jnp.dtype:
     return dtype
 
 
+def _canonical(dtype: Any) -> jnp.dtype:
+    """``dtype`` as jax has it: float64 is float32 (and complex128 complex64) without x64.
+
+    So that NumPy float64 parameters with ``jax_enable_x64`` off get float32 state and
+    updates, as ``optax`` gives them, with no warning about a truncated dtype.
+    """
+    return jnp.dtype(jax.dtypes.canonicalize_dtype(dtype))
+
+
 def _cast(x: jax.Array, dtype: Any) -> jax.Array:
     """``x`` in ``dtype``; ``x`` itself when it already is (no work at trace time)."""
+    dtype = _canonical(dtype)
     return x if x.dtype == dtype else x.astype(dtype)
 
 
@@ -240,6 +250,7 @@ def full_like(tree: PyTree, value: Scalar = 0.0, dtype: Any = None, *, real: boo
         leaf_dtype = dtype
         if leaf_dtype is None:
             leaf_dtype = real_dtype(leaf.dtype) if real else leaf.dtype
+        leaf_dtype = _canonical(leaf_dtype)
         out = jnp.full_like(leaf, _as(value, leaf_dtype), dtype=leaf_dtype)
         if isinstance(leaf, jax.core.Tracer):
             out = _tie_sharding(leaf, out)
