@@ -380,7 +380,7 @@ def update_leaky_average(average: PyTree, x: PyTree, decay: Scalar, *, order: in
     def leaf(s, g):
         value = _moment(g, order)
         dtype = common_compute_dtype(s.dtype, real_dtype(value.dtype))
-        new = keep_as(dtype) * _cast(s, dtype) + take_as(dtype) * _cast(value, dtype)
+        new = take_as(dtype) * _cast(value, dtype) + keep_as(dtype) * _cast(s, dtype)
         out = _saturate(new, s.dtype) if order == 2 else _cast(new, s.dtype)
         return _observe("leaky", s, g, out, order=order, keep=keep, take=take)
 

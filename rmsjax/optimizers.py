@@ -98,6 +98,13 @@ def rmsprop(
       initial_scale: :math:`\nu_0` (1 in TF1).
       state_dtype: dtype of the averages; ``None`` keeps the parameters' dtype.
 
+    Defaults, and where they differ from ``optax.rmsprop``:
+      ``decay=0.9, eps=1e-8`` as optax, but ``eps`` *outside* the root (PyTorch's place;
+      optax's default is ``eps_in_sqrt=True``); with ``momentum`` the learning rate
+      multiplies the buffer from outside (optax, Keras and TF1 put it inside, which differs
+      under a schedule); ``momentum=None`` and ``weight_decay=None`` (no such parts) as
+      optax, which has no ``weight_decay``; flags are keyword-only.
+
     Example:
       >>> import jax.numpy as jnp, optax, rmsjax
       >>> tx = rmsjax.rmsprop(0.4, decay=0.9, eps=1e-6, eps_in_sqrt=True)  # d2l's setting
@@ -157,6 +164,11 @@ def adagrad(
       initial_accumulator_value: :math:`G_0`, >= 0.
       eps: :math:`\epsilon`, >= 0, outside the root (PyTorch's placement).
 
+    Defaults, and where they differ from ``optax.adagrad``:
+      ``initial_accumulator_value=0.0, eps=1e-10`` with ``eps`` outside the root, as
+      PyTorch; optax's are ``0.1`` and ``1e-7`` with ``eps`` inside the root (and a 0
+      step where the sum is 0).
+
     Example:
       >>> import jax.numpy as jnp, rmsjax
       >>> tx = rmsjax.adagrad(0.5, eps=0.0)
@@ -202,6 +214,11 @@ def adam(
       eps: :math:`\epsilon`, >= 0.
       eps_root: :math:`\epsilon_{root}`, >= 0.
       nesterov: NAdam's look-ahead.
+
+    Defaults, and where they differ from ``optax.adam``:
+      ``b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0`` as optax; ``eps_root`` is keyword-only
+      here (optax's fifth positional argument) and there is no ``mu_dtype``. The float32
+      updates equal ``optax.adam``'s bit for bit, eagerly and under ``jax.jit`` on XLA:CPU.
 
     Example:
       >>> import jax.numpy as jnp, rmsjax
@@ -251,6 +268,13 @@ def adamw(
       mask: tree of bools (or a function of the params returning one): decay only where
         true, e.g. not on biases and norms.
 
+    Defaults, and where they differ from ``optax.adamw``:
+      ``weight_decay=1e-2`` (PyTorch's; optax's is ``1e-4``), and it is the *fifth*
+      positional argument here, where optax's fifth is ``eps_root`` (pass ``weight_decay``
+      by keyword when porting); no ``eps_root``, ``mu_dtype`` or ``nesterov``.
+      ``weight_decay=None`` leaves the decay out (plain Adam); any value, 0 included,
+      keeps it and needs ``params`` in ``update``.
+
     Example:
       >>> import jax.numpy as jnp, rmsjax
       >>> tx = rmsjax.adamw(0.1, weight_decay=0.5)
@@ -296,6 +320,11 @@ def adadelta(
       weight_decay: :math:`\lambda`, >= 0, L2 added to the gradient, or ``None`` (the
         default: none, and ``update`` needs no ``params``).
 
+    Defaults, and where they differ from ``optax.adadelta``:
+      ``learning_rate=1.0`` (the paper's; optax's default ``None`` applies no learning-rate
+      step, the same numbers), ``rho=0.9, eps=1e-6`` as optax; ``weight_decay=None`` (none,
+      and ``update`` needs no ``params``) where optax has ``0.0``; no ``weight_decay_mask``.
+
     Example:
       >>> import jax.numpy as jnp, rmsjax
       >>> tx = rmsjax.adadelta(eps=1e-6)
@@ -336,6 +365,10 @@ def sgd(
       momentum: :math:`\mu`, in [0, 1), or ``None`` (the default, as in ``optax.sgd``: no
         buffer). Any value given, 0 included, keeps a buffer.
       nesterov: Nesterov's look-ahead (needs a ``momentum``).
+
+    Defaults, and where they differ from ``optax.sgd``:
+      ``momentum=None`` (no buffer) as optax; ``nesterov`` is keyword-only here (optax's
+      third positional argument); no ``accumulator_dtype``.
 
     Example:
       >>> import jax.numpy as jnp, rmsjax

@@ -214,3 +214,35 @@ def test_learning_rate_reflects_an_edit_of_the_injected_hyperparameter():
         updates, state = tx.update(g, state, p)
     np.testing.assert_array_equal(updates, -0.5 * np.ones(2, np.float32))
     assert float(rmsjax.learning_rate(state)) == 0.5
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="measured bit for bit on XLA:CPU; "
+                    "other backends: benchmarks/adam_bits_vs_optax.py")
+def test_float32_adam_follows_optax_bit_for_bit_under_jit_on_cpu():
+    """The leaky averages are written as optax writes them, ``(1 - d) * x + d * s``.
+
+    Eagerly the order of a sum does not matter; inside one fused XLA kernel it does, since
+    the compiler contracts a multiply and an add into one fused multiply-add, and which
+    product is fused follows the operand order (with ``d * s + (1 - d) * x``, 36-66 % of the
+    elements differed by an ulp or more from step 2 on).
+    """
+    p = jax.random.normal(jax.random.PRNGKey(0), (4096,), jnp.float32)
+    grads = [jax.random.normal(jax.random.PRNGKey(i + 1), (4096,), jnp.float32) for i in range(5)]
+
+    def trajectory(tx):
+        state, q, out = tx.init(p), p, []
+
+        @jax.jit
+        def step(q, state, g):
+            u, state = tx.update(g, state, q)
+            return optax.apply_updates(q, u), state, u
+
+        for g in grads:
+            q, state, u = step(q, state, g)
+            out.append(np.asarray(u))
+        return out
+
+    with jax.numpy_dtype_promotion("standard"):
+        theirs = trajectory(optax.adam(1e-3))
+    for a, b in zip(trajectory(rmsjax.adam(1e-3)), theirs, strict=True):
+        np.testing.assert_array_equal(a, b)
