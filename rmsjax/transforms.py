@@ -43,6 +43,7 @@ __all__ = [
     "scale_by_rms",
     "scale_by_rss",
     "scale_by_stddev",
+    "upgrade_0_2_state_dict",
 ]
 
 PyTree = Any
@@ -768,3 +769,37 @@ def add_decayed_weights(weight_decay: Scalar, mask: MaskOrFn = None) -> optax.Gr
 
     tx = optax.GradientTransformation(init_fn, update_fn)
     return tx if mask is None else optax.masked(tx, mask)
+
+
+def upgrade_0_2_state_dict(state_dict: Any) -> Any:
+    """A state dict of an rmsjax 0.2 optimizer state, in the 0.3 layout.
+
+    0.3 has no ``None`` placeholder fields and renamed the learning-rate step's field:
+
+    * ``MomentumState(count=None, mu)`` (0.2, no dampening) is ``MomentumState(mu)``;
+    * ``ScaleByLearningRateState(count=None, learning_rate)`` (0.2, a constant rate) is
+      ``ScaleByLearningRateState(rate)``, and with a schedule's count it is
+      ``ScaleByScheduleState(count, rate)``.
+
+    ``state_dict`` is what ``flax.serialization.msgpack_restore`` (or ``to_state_dict``)
+    gives for a 0.2 state; restore with ``flax.serialization.from_state_dict(tx.init(params),
+    upgrade_0_2_state_dict(state_dict))``. Other nodes are returned unchanged. A 0.2
+    optimizer built with a momentum or weight decay of exactly 0 had no such part; build the
+    0.3 one with ``None`` there (the default) to load it.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> upgrade_0_2_state_dict({"0": {"count": None, "learning_rate": jnp.float32(0.1)}})
+      {'0': {'rate': Array(0.1, dtype=float32)}}
+    """
+    if isinstance(state_dict, dict):
+        keys = set(state_dict)
+        if keys == {"count", "learning_rate"}:
+            rate = state_dict["learning_rate"]
+            if state_dict["count"] is None:
+                return {"rate": rate}
+            return {"count": state_dict["count"], "rate": rate}
+        if keys == {"count", "mu"} and state_dict["count"] is None:
+            return {"mu": upgrade_0_2_state_dict(state_dict["mu"])}
+        return {key: upgrade_0_2_state_dict(value) for key, value in state_dict.items()}
+    return state_dict

@@ -246,3 +246,41 @@ def test_float32_adam_follows_optax_bit_for_bit_under_jit_on_cpu():
         theirs = trajectory(optax.adam(1e-3))
     for a, b in zip(trajectory(rmsjax.adam(1e-3)), theirs, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def _as_0_2(state):
+    """The state an rmsjax 0.2 optimizer kept, as a flax state dict (written from the 0.2 layout)."""
+    from flax import serialization
+
+    def old(node):
+        if isinstance(node, transforms.MomentumState):
+            return {"count": None, "mu": serialization.to_state_dict(node.mu)}
+        if isinstance(node, transforms.ScaleByLearningRateState):
+            return {"count": None, "learning_rate": node.rate}
+        if isinstance(node, transforms.ScaleByScheduleState):
+            return {"count": node.count, "learning_rate": node.rate}
+        return serialization.to_state_dict(node)
+
+    return {str(i): old(part) for i, part in enumerate(state)}
+
+
+@pytest.mark.parametrize("make", [
+    lambda: rmsjax.rmsprop(0.1, momentum=0.9, weight_decay=0.01),
+    lambda: rmsjax.sgd(optax.linear_schedule(0.1, 0.0, 10), momentum=0.9),
+    lambda: rmsjax.adam(0.1),
+], ids=["rmsprop_momentum_wd", "sgd_schedule_momentum", "adam"])
+def test_a_0_2_checkpoint_loads_through_the_upgrade_or_fails_naming_the_fields(make):
+    from flax import serialization
+
+    tx = make()
+    state = tx.init(PARAMS)
+    for g in GRADS[:2]:
+        _, state = tx.update(g, state, PARAMS)
+    old = serialization.msgpack_restore(serialization.to_bytes(_as_0_2(state)))
+    if any(isinstance(part, (transforms.MomentumState, transforms.ScaleByLearningRateState,
+                             transforms.ScaleByScheduleState)) for part in state):
+        with pytest.raises(ValueError, match="field names"):
+            serialization.from_state_dict(tx.init(PARAMS), old)
+    restored = serialization.from_state_dict(tx.init(PARAMS), transforms.upgrade_0_2_state_dict(old))
+    assert jax.tree.structure(restored) == jax.tree.structure(state)
+    jax.tree.map(np.testing.assert_array_equal, restored, state)
