@@ -31,14 +31,14 @@ __all__ = ["adadelta", "adagrad", "adam", "adamw", "rmsprop", "sgd"]
 
 
 def _if_given(
-    value: Any, make: Callable[[], optax.GradientTransformation]
+    value: Any, make: Callable[[Any], optax.GradientTransformation]
 ) -> optax.GradientTransformation:
-    """``make()``, or ``optax.identity()`` when ``value`` is ``None`` (the part is absent).
+    """``make(value)``, or ``optax.identity()`` when ``value`` is ``None`` (the part is absent).
 
     Any given value, 0 included, makes the part present: the layout follows the signature,
     not the value. The identity keeps the part's slot in the chain with an empty state.
     """
-    return optax.identity() if value is None else make()
+    return optax.identity() if value is None else make(value)
 
 
 def _optional(name: str, value: Any, **bounds: Any) -> Any:
@@ -132,7 +132,7 @@ def rmsprop(
     _check_nesterov(nesterov, momentum)
     scaling = transforms.scale_by_stddev if centered else transforms.scale_by_rms
     return optax.chain(
-        _if_given(weight_decay, lambda: transforms.add_decayed_weights(weight_decay)),
+        _if_given(weight_decay, transforms.add_decayed_weights),
         scaling(
             decay,
             eps,
@@ -141,7 +141,7 @@ def rmsprop(
             bias_correction=bias_correction,
             state_dtype=state_dtype,
         ),
-        _if_given(momentum, lambda: transforms.momentum(momentum, nesterov=nesterov)),
+        _if_given(momentum, lambda m: transforms.momentum(m, nesterov=nesterov)),
         transforms.scale_by_learning_rate(learning_rate),
     )
 
@@ -292,7 +292,7 @@ def adamw(
     """
     return optax.chain(
         transforms.scale_by_adam(b1, b2, eps),
-        _if_given(weight_decay, lambda: transforms.add_decayed_weights(weight_decay, mask)),
+        _if_given(weight_decay, lambda w: transforms.add_decayed_weights(w, mask)),
         transforms.scale_by_learning_rate(learning_rate),
     )
 
@@ -339,7 +339,7 @@ def adadelta(
       Zeiler, arXiv:1212.5701, 2012.
     """
     return optax.chain(
-        _if_given(weight_decay, lambda: transforms.add_decayed_weights(weight_decay)),
+        _if_given(weight_decay, transforms.add_decayed_weights),
         transforms.scale_by_adadelta(rho, eps),
         transforms.scale_by_learning_rate(learning_rate),
     )
@@ -383,6 +383,6 @@ def sgd(
     momentum = _optional("momentum", momentum, high=1.0)
     _check_nesterov(nesterov, momentum)
     return optax.chain(
-        _if_given(momentum, lambda: transforms.momentum(momentum, nesterov=nesterov)),
+        _if_given(momentum, lambda m: transforms.momentum(m, nesterov=nesterov)),
         transforms.scale_by_learning_rate(learning_rate),
     )

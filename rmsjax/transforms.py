@@ -71,20 +71,23 @@ def _state_dtype(state_dtype: Any) -> Any:
 
 def _check_inputs(
     updates: PyTree, state: Any, params: PyTree, *, expected: type | tuple[type, ...], who: str,
-    moment: str, first_moment: PyTree = None,
+    moment: str, first_moment: str | None = None,
 ) -> None:
     """The checks every update makes at trace time (no operations are emitted).
 
     ``state`` must be of the ``expected`` type; ``updates`` must match the state's
     ``moment`` tree; a complex update for a real parameter fails, judged against the
-    parameters when given, else against a first moment kept in the parameters' dtype.
+    parameters when given, else against the state's ``first_moment`` field (a moment kept
+    in the parameters' dtype).
     """
     check.check_state_type(state, expected, who)
     check.check_trees_match(updates, getattr(state, moment), what=moment, who=who)
     if params is not None:
         check.check_real_for_real(updates, params, what="params", who=who)
     elif first_moment is not None:
-        check.check_real_for_real(updates, first_moment, what="the parameters (as seen in mu)", who=who)
+        check.check_real_for_real(
+            updates, getattr(state, first_moment), what=f"{first_moment} (in the parameters' dtype)", who=who
+        )
 
 
 class ScaleByRmsState(NamedTuple):
@@ -231,7 +234,7 @@ def scale_by_stddev(
     def update_fn(updates, state, params=None):
         _check_inputs(
             updates, state, params, expected=ScaleByStddevState, who="scale_by_stddev", moment="nu",
-            first_moment=state.mu if moment_dtype is None and isinstance(state, ScaleByStddevState) else None,
+            first_moment="mu" if moment_dtype is None else None,
         )
         count = averages.increment_count(state.count)
         mu = averages.update_leaky_average(state.mu, updates, decay, order=1)
@@ -411,7 +414,7 @@ def scale_by_adam(
         expected = ScaleByAmsgradState if amsgrad else ScaleByAdamState
         _check_inputs(
             updates, state, params, expected=expected, who="scale_by_adam", moment="nu",
-            first_moment=state.mu if moment_dtype is None and isinstance(state, expected) else None,
+            first_moment="mu" if moment_dtype is None else None,
         )
         count = averages.increment_count(state.count)
         mu = averages.update_leaky_average(state.mu, updates, b1, order=1)
@@ -545,7 +548,7 @@ def leaky_average(
     def update_fn(updates, state, params=None):
         _check_inputs(
             updates, state, params, expected=LeakyAverageState, who="leaky_average", moment="mu",
-            first_moment=state.mu if mu_dtype is None and isinstance(state, LeakyAverageState) else None,
+            first_moment="mu" if mu_dtype is None else None,
         )
         count = averages.increment_count(state.count)
         mu = averages.update_leaky_average(state.mu, updates, decay, order=1)
@@ -629,14 +632,13 @@ def momentum(
 
     def update_fn(updates, state, params=None):
         _check_inputs(
-            updates, state, params, expected=expected, who="momentum", moment="mu",
-            first_moment=state.mu if isinstance(state, expected) else None,
+            updates, state, params, expected=expected, who="momentum", moment="mu", first_moment="mu"
         )
-        count = state.count if counts else None
+        count = state[0] if counts else None  # DampenedMomentumState.count
         mu = averages.update_momentum_buffer(state.mu, updates, decay, dampening, count)
         out = averages.add_scaled(updates, mu, decay) if nesterov else averages.cast_like(mu, updates)
-        if counts:
-            return out, DampenedMomentumState(count=averages.increment_count(state.count), mu=mu)
+        if count is not None:
+            return out, DampenedMomentumState(count=averages.increment_count(count), mu=mu)
         return out, MomentumState(mu=mu)
 
     return optax.GradientTransformation(init_fn, update_fn)
@@ -677,10 +679,10 @@ def rate_at(learning_rate: ScalarOrSchedule, count: Any) -> Any:
                 f"the learning_rate schedule returned {rate!r} of type {type(rate).__name__} at "
                 "a step count; a schedule must return a real number or a 0-d array"
             )
-        if getattr(rate, "shape", ()) != ():
+        if np.shape(rate) != ():
             raise ValueError(
-                f"the learning_rate schedule returned an array of shape {rate.shape}; a schedule "
-                "must return a scalar"
+                f"the learning_rate schedule returned an array of shape {np.shape(rate)}; a "
+                "schedule must return a scalar"
             )
         return rate
     return learning_rate
@@ -722,9 +724,11 @@ def scale_by_learning_rate(
     expected = ScaleByScheduleState if scheduled else ScaleByLearningRateState
 
     def init_fn(params):
-        count = zero_count(params) if scheduled else None
-        rate = averages.replicated_like(_readable_rate(rate_at(learning_rate, count)), params)
-        return ScaleByScheduleState(count, rate) if scheduled else ScaleByLearningRateState(rate)
+        if scheduled:
+            count = zero_count(params)
+            rate = averages.replicated_like(_readable_rate(rate_at(learning_rate, count)), params)
+            return ScaleByScheduleState(count, rate)
+        return ScaleByLearningRateState(averages.replicated_like(_readable_rate(learning_rate), params))
 
     def update_fn(updates, state, params=None):
         check.check_state_type(state, expected, "scale_by_learning_rate")

@@ -35,7 +35,8 @@ from rmsjax import optimizers, transforms
 INTEROP_FACTORIES = {
     getattr(optimizers, name) for name in optimizers.__all__
 } | {
-    getattr(transforms, name) for name in transforms.__all__ if not name[0].isupper()
+    getattr(transforms, name) for name in transforms.__all__
+    if not name[0].isupper() and name != "upgrade_0_2_state_dict"  # a checkpoint migration
 }
 
 # case name -> why a battery is skipped for it (none for rmsjax's own factories).
