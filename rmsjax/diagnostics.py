@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from rmsjax import averages, transforms
 
@@ -135,6 +136,8 @@ def _available(tree: Any) -> str:
 # optax's factories, and rmsjax.compat.torch's (PyTorch's own name).
 _RATE_NAMES = ("learning_rate", "lr")
 _RATE_STATES = (transforms.ScaleByLearningRateState, transforms.ScaleByScheduleState)
+# optax.inject_hyperparams' states, found by name through optax.tree_utils.
+_INJECT_STATES = ("InjectStatefulHyperparamsState", "InjectHyperparamsState")
 
 
 def _injected_rates(tree: Any, schedule: Any) -> list[jax.Array]:
@@ -145,8 +148,13 @@ def _injected_rates(tree: Any, schedule: Any) -> list[jax.Array]:
     step count is), so its next value needs the schedule itself: ``schedule``.
     """
     rates = []
-    for node in _namedtuples(tree):
-        if "hyperparams" not in node._fields or not isinstance(node.hyperparams, dict):
+    nodes = [
+        node
+        for name in _INJECT_STATES
+        for _, node in optax.tree_utils.tree_get_all_with_path(tree, name)
+    ]
+    for node in nodes:
+        if not isinstance(getattr(node, "hyperparams", None), dict):
             continue
         found = [name for name in _RATE_NAMES if name in node.hyperparams]
         if not found:
