@@ -6,6 +6,13 @@ symbols: ``count`` (int32 number of updates made, saturating), ``mu`` (first mom
 momentum buffer), ``nu`` (second moment). The arithmetic itself lives in
 :mod:`rmsjax.averages`; the functions here only wire it together.
 
+State layout: decided by a factory's flags and by which optional arguments are given
+(``None`` is absent), never by a hyperparameter's value; no state field is ever ``None``
+(a part that reads no step count has no ``count`` field: :class:`MomentumState`,
+:class:`ScaleByLearningRateState`). Each ``update`` checks, at trace time, that it got its
+own state type, that the gradient tree matches the state's, and that no complex gradient
+meets a real parameter.
+
 Gradients ``g`` below are the incoming updates; ``t`` is the step number counted from 1.
 """
 
