@@ -9,7 +9,6 @@ construction and reading it would force a device sync.
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable
 from typing import Any, TypeGuard
 
@@ -25,32 +24,108 @@ __all__ = [
     "check_state_dtype",
     "check_trees_match",
     "check_unit_interval",
+    "hyperparameter",
     "is_concrete",
     "is_concrete_zero",
+    "is_schedule",
     "require_params",
+    "static_number",
 ]
 
 
-def _concrete(name: str, value: Any, allowed: str = "") -> float | None:
-    """The value as a Python float, ``None`` if it is a jax array or tracer.
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
-    Raises TypeError for anything that is not a real number (strings, None, bools,
-    complex numbers, arrays of more than one element); ``allowed`` (e.g. ``"in [0, 1)"``)
-    is repeated in the message.
+
+def static_number(name: str, value: Any, allowed: str = "") -> float | None:
+    """The one test of a static hyperparameter: the value as a Python float, or ``None``.
+
+    Static (known when the update is traced, and free to decide a formula): Python ints
+    and floats, NumPy scalars and 0-d NumPy arrays; they come back as a Python float.
+    Traced (``None``): jax arrays and tracers, whatever their value (reading one would
+    force a device sync). Anything else raises a TypeError naming ``name``: strings,
+    ``None``, bools, complex numbers, ``Fraction`` and other objects, arrays (NumPy or
+    jax) of a shape other than ``()``. An integer too large for a float raises a ValueError.
+    ``allowed`` (e.g. ``"in [0, 1)"``) is repeated in the message.
+
+    >>> import numpy as np
+    >>> static_number("decay", np.float32(0.5)), static_number("decay", np.array(0.25))
+    (0.5, 0.25)
     """
-    if isinstance(value, jax.Array):
-        return None
     wanted = f"a real number {allowed}".rstrip()
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Real, np.ndarray)):
-        raise TypeError(f"{name} must be {wanted}, got {value!r} of type {type(value).__name__}")
-    if isinstance(value, np.ndarray):
-        if value.ndim != 0 or not np.issubdtype(value.dtype, np.number):
+    if isinstance(value, jax.Array):
+        if value.shape != ():
             raise TypeError(
-                f"{name} must be {wanted}, got an array of shape {value.shape} and dtype {value.dtype}"
+                f"{name} must be a scalar ({wanted}), got an array of shape {value.shape}"
             )
-        if np.iscomplexobj(value):
-            raise TypeError(f"{name} must be {wanted}, got the complex value {value!r}")
-    return float(value)
+        if not (jnp.issubdtype(value.dtype, jnp.number)):
+            raise TypeError(f"{name} must be {wanted}, got an array of dtype {value.dtype}")
+        return None
+    if isinstance(value, np.ndarray):
+        if value.ndim != 0:
+            raise TypeError(
+                f"{name} must be a scalar ({wanted}), got an array of shape {value.shape}"
+            )
+        value = value[()]
+    if isinstance(value, (bool, np.bool_)) or not isinstance(
+        value, (int, float, np.integer, np.floating)
+    ):
+        raise TypeError(f"{name} must be {wanted}, got {value!r} of type {type(value).__name__}")
+    try:
+        return float(value)
+    except OverflowError:
+        raise ValueError(
+            f"{name} must be {wanted} that is finite in float32, got an integer of "
+            f"{len(str(abs(int(value))))} digits"
+        ) from None
+
+
+def is_concrete(value: Any) -> bool:
+    """True if ``value`` is a static number (see :func:`static_number`); never raises.
+
+    The one predicate rmsjax uses to decide, when the update is traced, whether a formula
+    may depend on a hyperparameter's value.
+    """
+    if isinstance(value, np.ndarray):
+        return value.ndim == 0 and np.issubdtype(value.dtype, np.number) and not np.iscomplexobj(value)
+    number = isinstance(value, (int, float, np.integer, np.floating))
+    return number and not isinstance(value, (bool, np.bool_))
+
+
+def is_concrete_zero(value: Any) -> bool:
+    """True if ``value`` is a static number equal to zero (see :func:`is_concrete`)."""
+    return is_concrete(value) and float(value) == 0.0
+
+
+def hyperparameter(
+    name: str, value: Any, *, low: float = 0.0, high: float | None = None, high_open: bool = True
+) -> Any:
+    """Normalises a hyperparameter once, at the factory boundary.
+
+    Returns a Python float for a static value (checked: finite, finite in float32, in the
+    allowed range) or the 0-d jax array itself for a traced one (its value unknown, so not
+    checked). Everything downstream then tells the two apart with :func:`is_concrete`.
+
+    >>> hyperparameter("momentum", 0.5, high=1.0)
+    0.5
+    >>> hyperparameter("learning_rate", 1e39)
+    Traceback (most recent call last):
+    ...
+    ValueError: learning_rate must be a finite number >= 0, got 1e+39 (not finite in float32)
+    """
+    allowed = _interval(low, high, high_open)
+    x = static_number(name, value, allowed)
+    if x is None:
+        return value
+    ok = math.isfinite(x) and x >= low
+    if high is not None:
+        ok = ok and (x < high if high_open else x <= high)
+    if not ok:
+        raise ValueError(f"{name} must be a finite number {allowed}, got {value!r}")
+    if abs(x) > _FLOAT32_MAX:
+        raise ValueError(
+            f"{name} must be a finite number {allowed}, got {value!r} (not finite in float32)"
+        )
+    return x
 
 
 def _interval(low: float, high: float | None, high_open: bool) -> str:
@@ -73,15 +148,7 @@ def check_range(
     ...
     ValueError: momentum must be a finite number in [0, 1), got 1.0
     """
-    allowed = _interval(low, high, high_open)
-    x = _concrete(name, value, allowed)
-    if x is None:
-        return
-    ok = math.isfinite(x) and x >= low
-    if high is not None:
-        ok = ok and (x < high if high_open else x <= high)
-    if not ok:
-        raise ValueError(f"{name} must be a finite number {allowed}, got {value!r}")
+    hyperparameter(name, value, low=low, high=high, high_open=high_open)
 
 
 def check_non_negative(name: str, value: Any) -> None:
@@ -132,20 +199,6 @@ def check_flag(name: str, value: Any) -> None:
     """Boolean flags decide the structure of the computation, so they must be Python bools."""
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be a Python bool, got {value!r} of type {type(value).__name__}")
-
-
-def is_concrete(value: Any) -> bool:
-    """True if ``value`` is a plain number (Python or NumPy scalar), known at trace time.
-
-    Arrays (jax or NumPy), tracers and bools are not: only a plain number lets a formula
-    be chosen, or a part left out, when the update is traced.
-    """
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-
-
-def is_concrete_zero(value: Any) -> bool:
-    """True if ``value`` is a plain number equal to zero (see :func:`is_concrete`)."""
-    return is_concrete(value) and float(value) == 0.0
 
 
 def require_params(params: Any, who: str) -> None:
@@ -247,4 +300,46 @@ def check_trees_match(
                 f"{who}: the updates do not match the {what} tree at {key}: "
                 f"updates{key} is {_describe(mine)}, {what}{key} is {_describe(theirs)} "
                 f"(dtypes must {'be of the same kind' if dtypes == 'kind' else 'be equal'})"
+            )
+
+
+def check_state_type(state: Any, expected: type | tuple[type, ...], who: str) -> None:
+    """Fails with a TypeError when ``update`` is handed another transformation's state.
+
+    Each transformation declares its state type; a state of another type (another
+    optimizer's, a wrapper's, ``optax.EmptyState``) would otherwise be read by field name
+    and fail with a bare AttributeError, or worse, run.
+    """
+    types = expected if isinstance(expected, tuple) else (expected,)
+    if not isinstance(state, types):
+        names = " or ".join(t.__name__ for t in types)
+        raise TypeError(
+            f"{who}: expected a {names} (the state its init returns), got "
+            f"{type(state).__name__}: is this the state of another optimizer, or of a wrapper "
+            f"around this one?"
+        )
+
+
+def check_real_for_real(updates: Any, reference: Any, *, what: str, who: str) -> None:
+    """A complex update for a real leaf of ``reference`` fails (its imaginary part would be lost).
+
+    Only dtypes are read, at trace time. Leaves without a dtype are skipped (the shape
+    check names those).
+    """
+    update_leaves = jax.tree_util.tree_leaves_with_path(updates)
+    reference_leaves = jax.tree_util.tree_leaves(reference)
+    if len(update_leaves) != len(reference_leaves):
+        return
+    for (path, mine), theirs in zip(update_leaves, reference_leaves):
+        mine_dtype, theirs_dtype = getattr(mine, "dtype", None), getattr(theirs, "dtype", None)
+        if mine_dtype is None or theirs_dtype is None:
+            continue
+        if jnp.issubdtype(mine_dtype, jnp.complexfloating) and not jnp.issubdtype(
+            theirs_dtype, jnp.complexfloating
+        ):
+            key = jax.tree_util.keystr(path)
+            raise TypeError(
+                f"{who}: updates{key} is complex ({mine_dtype}) but {what}{key} is real "
+                f"({theirs_dtype}); a complex gradient for a real parameter would lose its "
+                "imaginary part"
             )

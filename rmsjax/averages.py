@@ -77,7 +77,7 @@ def compute_dtype(dtype: Any) -> jnp.dtype:
     >>> compute_dtype(jnp.bfloat16)
     dtype('float32')
     """
-    dtype = jnp.dtype(dtype)
+    dtype = _canonical(dtype)
     if jnp.issubdtype(dtype, jnp.complexfloating):
         return dtype
     if jnp.issubdtype(dtype, jnp.floating):
@@ -107,8 +107,18 @@ def real_dtype(dtype: Any) -> jnp.dtype:
     return dtype
 
 
+def _canonical(dtype: Any) -> jnp.dtype:
+    """``dtype`` as jax has it: float64 is float32 (and complex128 complex64) without x64.
+
+    So that NumPy float64 parameters with ``jax_enable_x64`` off get float32 state and
+    updates, as ``optax`` gives them, with no warning about a truncated dtype.
+    """
+    return jnp.dtype(jax.dtypes.canonicalize_dtype(dtype))
+
+
 def _cast(x: jax.Array, dtype: Any) -> jax.Array:
     """``x`` in ``dtype``; ``x`` itself when it already is (no work at trace time)."""
+    dtype = _canonical(dtype)
     return x if x.dtype == dtype else x.astype(dtype)
 
 
@@ -138,9 +148,17 @@ def _complement(value: Scalar) -> Scalar:
     return jnp.ones_like(value) - value
 
 
+_FLOAT32_TINY = float(np.finfo(np.float32).tiny)
+
+
 def _is_positive(value: Scalar) -> bool:
-    """Whether ``value`` is a concrete number known to be > 0 (an array never is)."""
-    return check.is_concrete(value) and float(value) > 0
+    """Whether ``value`` is a static number known to stay > 0 in every compute dtype.
+
+    That is: at least float32's smallest normal number (1.2e-38). A smaller positive
+    ``eps`` (1e-45, 1e-50) is 0 or denormal in float32, and XLA:CPU flushes denormals to
+    zero, so the 0/0 guard must stay. An array is never known to be positive.
+    """
+    return check.is_concrete(value) and float(value) >= _FLOAT32_TINY
 
 
 class _PerDtype:
@@ -227,16 +245,34 @@ def full_like(tree: PyTree, value: Scalar = 0.0, dtype: Any = None, *, real: boo
 
     """
 
-    def fill(leaf):
+    def fill(path, leaf):
+        _check_leaf(path, leaf)
         leaf_dtype = dtype
         if leaf_dtype is None:
             leaf_dtype = real_dtype(leaf.dtype) if real else leaf.dtype
+        leaf_dtype = _canonical(leaf_dtype)
         out = jnp.full_like(leaf, _as(value, leaf_dtype), dtype=leaf_dtype)
         if isinstance(leaf, jax.core.Tracer):
             out = _tie_sharding(leaf, out)
         return out
 
-    return jax.tree.map(fill, tree)
+    return jax.tree_util.tree_map_with_path(fill, tree)
+
+
+def _check_leaf(path: Any, leaf: Any) -> None:
+    """A parameter leaf must be a floating or complex array; the error names its path."""
+    key = jax.tree_util.keystr(path)
+    dtype = getattr(leaf, "dtype", None)
+    if dtype is None or not hasattr(leaf, "shape"):
+        raise TypeError(
+            f"params{key} is {leaf!r} of type {type(leaf).__name__}; rmsjax needs an array at "
+            "every leaf of the parameters (wrap numbers in jnp.asarray, with a floating dtype)"
+        )
+    if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.complexfloating)):
+        raise TypeError(
+            f"params{key} has dtype {dtype}; rmsjax works on floating or complex leaves (mask "
+            "other leaves out, e.g. with optax.masked or nnx.Optimizer(..., wrt=nnx.Param))"
+        )
 
 
 def _tie_sharding(source: jax.Array, out: jax.Array) -> jax.Array:
@@ -344,7 +380,7 @@ def update_leaky_average(average: PyTree, x: PyTree, decay: Scalar, *, order: in
     def leaf(s, g):
         value = _moment(g, order)
         dtype = common_compute_dtype(s.dtype, real_dtype(value.dtype))
-        new = keep_as(dtype) * _cast(s, dtype) + take_as(dtype) * _cast(value, dtype)
+        new = take_as(dtype) * _cast(value, dtype) + keep_as(dtype) * _cast(s, dtype)
         out = _saturate(new, s.dtype) if order == 2 else _cast(new, s.dtype)
         return _observe("leaky", s, g, out, order=order, keep=keep, take=take)
 
@@ -375,12 +411,12 @@ def update_momentum_buffer(
     """The heavy-ball buffer ``b <- decay*b + (1-dampening)*x``; ``b = x`` on the first step.
 
     ``count`` is the number of updates made *before* this one; when it is zero the buffer
-    takes ``x`` undampened (PyTorch's convention). With a concrete ``dampening`` of 0 that
-    is what ``decay*0 + x`` gives anyway, so the buffer is the plain ``decay*b + x`` and
-    ``count`` is not read (it may be ``None``).
+    takes ``x`` undampened (PyTorch's convention). With no ``dampening`` (``None``) or a
+    static 0 that is what ``decay*0 + x`` gives anyway, so the buffer is the plain
+    ``decay*b + x`` and ``count`` is not read (it may be ``None``).
     """
     decay_as = _scalar(decay)
-    if check.is_concrete_zero(dampening):
+    if dampening is None or check.is_concrete_zero(dampening):
 
         def plain(b, g):
             dtype = common_compute_dtype(b.dtype, g.dtype)

@@ -10,8 +10,9 @@ the numbers are computed with the formulas of :mod:`rmsjax.averages` the transfo
 * ``nu``: the second-moment state (leaky average of squared gradients in ``scale_by_rms``,
   ``scale_by_stddev`` and ``scale_by_adam``; the running sum of squares in ``scale_by_rss``);
 * ``mu``: the first moment (the mean gradient of the centered form);
-* ``learning_rate``: the rate the next update will apply (the learning-rate step of every
-  rmsjax optimizer; the ``hyperparams`` of ``optax.inject_hyperparams`` are read as a fallback);
+* ``rate``: the rate the next update will apply (the learning-rate step of every rmsjax
+  optimizer); under ``optax.inject_hyperparams`` the ``learning_rate`` (or ``lr``) entry of
+  its ``hyperparams`` wins, since that is what the next update will use;
 * ``count``: the number of updates applied.
 
 All three functions are pure and can be called inside ``jax.jit``.
@@ -25,6 +26,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from rmsjax import averages, transforms
 
@@ -63,6 +65,14 @@ def _to_pure(opt_state: Any) -> Any:
     """Accept an ``nnx.Optimizer`` or its state, and strip Flax ``Variable`` boxes."""
     if _is_optimizer(opt_state):
         opt_state = opt_state.opt_state
+    return _unwrap_variables(opt_state)
+
+
+def _unwrap_variables(opt_state: Any) -> Any:
+    """The one ``nnx.Variable`` unwrapper: ``opt_state`` with every Flax box replaced by its value.
+
+    A no-op when Flax is not imported (nothing can hold a Variable then).
+    """
     nnx = sys.modules.get("flax.nnx")
     if nnx is not None:
         # nnx.as_pure is flax >= 0.12.7; flax 0.12.0-0.12.6 call it nnx.pure.
@@ -122,26 +132,91 @@ def _available(tree: Any) -> str:
     return ", ".join(names) if names else "no NamedTuple states at all"
 
 
-def _learning_rates(tree: Any) -> list[jax.Array]:
-    # rmsjax's learning-rate step by its type; another library's state by its field name.
-    states = _by_type(_find(tree, "learning_rate"), (transforms.ScaleByLearningRateState,))
-    if states:
-        return [_scalar(state.learning_rate) for state in states]
-    # Fallback: optax.inject_hyperparams keeps its hyperparameters in a dict.
+# The names a learning rate goes by in optax.inject_hyperparams' hyperparams: rmsjax's and
+# optax's factories, and rmsjax.compat.torch's (PyTorch's own name).
+_RATE_NAMES = ("learning_rate", "lr")
+_RATE_STATES = (transforms.ScaleByLearningRateState, transforms.ScaleByScheduleState)
+# optax.inject_hyperparams' states, found by name through optax.tree_utils.
+_INJECT_STATES = ("InjectStatefulHyperparamsState", "InjectHyperparamsState")
+
+
+def _injected_rates(tree: Any, schedule: Any) -> list[jax.Array]:
+    """The next rate of each ``optax.inject_hyperparams`` state in ``tree`` that injects one.
+
+    An injected number (or array) is what the next update uses, edits to
+    ``state.hyperparams`` included. An injected schedule is not in the state (only its
+    step count is), so its next value needs the schedule itself: ``schedule``.
+    """
     rates = []
-    for state in _find(tree, "hyperparams"):
-        if isinstance(state.hyperparams, dict) and "learning_rate" in state.hyperparams:
-            rates.append(_scalar(state.hyperparams["learning_rate"]))
+    nodes = [
+        node
+        for name in _INJECT_STATES
+        for _, node in optax.tree_utils.tree_get_all_with_path(tree, name)
+    ]
+    for node in nodes:
+        if not isinstance(getattr(node, "hyperparams", None), dict):
+            continue
+        found = [name for name in _RATE_NAMES if name in node.hyperparams]
+        if not found:
+            continue
+        name = found[0]
+        states = dict(getattr(node, "hyperparams_states", None) or {})
+        if name in states:
+            if schedule is None:
+                raise ValueError(
+                    f"the {name!r} injected by optax.inject_hyperparams is a schedule, and its "
+                    f"state holds only the step count (hyperparams[{name!r}] is the rate the "
+                    "last update used): pass the schedule, learning_rate(state, schedule=...), "
+                    "to get the rate the next update will use"
+                )
+            count = getattr(states[name], "count", None)
+            if count is None:
+                raise ValueError(
+                    f"the {name!r} injected by optax.inject_hyperparams is a stateful schedule "
+                    "with no step count; read its state yourself"
+                )
+            rates.append(_readable(schedule(count)))
+        else:
+            rates.append(_readable(node.hyperparams[name]))
     return rates
 
 
-def learning_rate(opt_state: Any) -> jax.Array:
+def _readable(rate: Any) -> jax.Array:
+    rate = jnp.asarray(rate)
+    return (jnp.real(rate) if jnp.iscomplexobj(rate) else rate).astype(jnp.float32)
+
+
+def _learning_rates(tree: Any, schedule: Any = None) -> list[jax.Array]:
+    # optax.inject_hyperparams first: its hyperparameter is what the next update uses.
+    injected = _injected_rates(tree, schedule)
+    if injected:
+        return injected
+    # rmsjax's learning-rate step by its type; another library's state by its field name.
+    own = [state for state in _namedtuples(tree) if isinstance(state, _RATE_STATES)]
+    if own:
+        return [_scalar(state.rate) for state in own]
+    return [_scalar(state.learning_rate) for state in _find(tree, "learning_rate")]
+
+
+def learning_rate(opt_state: Any, *, schedule: Any = None) -> jax.Array:
     """Return the learning rate that the next update of an optimizer will apply.
 
-    Finds the learning-rate step's state (a NamedTuple with a ``learning_rate`` field) anywhere
-    in ``opt_state``; with a schedule, this is the schedule's value at the current step count.
-    If there is none, the ``learning_rate`` hyperparameter of an ``optax.inject_hyperparams``
-    state is returned instead.
+    Reads, in this order: the ``learning_rate`` (or ``lr``) hyperparameter of an
+    ``optax.inject_hyperparams`` state (what its next update uses, so an edit of
+    ``state.hyperparams["learning_rate"]`` shows at once); else the ``rate`` of rmsjax's
+    learning-rate step (with a schedule, the schedule's value at the current step count);
+    else the ``learning_rate`` field of another library's NamedTuple.
+
+    An injected *schedule* (``inject_hyperparams(f)(learning_rate=schedule)``) is not held
+    in the state, only its step count: pass it as ``schedule=`` and its value at the next
+    step is returned (without it a ValueError says so, rather than the last update's rate).
+
+    Args:
+      opt_state: the state of an rmsjax optimizer, as returned by ``init``/``update``, possibly
+        chained or wrapped (``optax.chain``, ``inject_hyperparams``, ``MultiSteps``,
+        ``apply_if_finite``, ``masked``), or a Flax ``nnx.Optimizer`` (or its ``opt_state``).
+      schedule: the schedule given to ``optax.inject_hyperparams`` as the learning rate, if
+        one was.
 
     Args:
       opt_state: the state of an rmsjax optimizer, as returned by ``init``/``update``, possibly
@@ -153,7 +228,8 @@ def learning_rate(opt_state: Any) -> jax.Array:
 
     Raises:
       ValueError: if the state holds no learning rate, or several different ones (for
-        example two optimizers under ``optax.multi_transform``).
+        example two optimizers under ``optax.multi_transform``), or an injected schedule
+        and no ``schedule=``.
 
     Example:
       >>> import jax.numpy as jnp
@@ -167,12 +243,12 @@ def learning_rate(opt_state: Any) -> jax.Array:
       0.09
     """
     tree = _to_pure(opt_state)
-    rates = _learning_rates(tree)
+    rates = _learning_rates(tree, schedule)
     if not rates:
         raise ValueError(
-            "opt_state holds no learning rate: found no NamedTuple with a 'learning_rate' field "
-            "and no inject_hyperparams 'hyperparams' entry 'learning_rate' (states present: "
-            f"{_available(tree)})."
+            "opt_state holds no learning rate: found no rmsjax learning-rate step, no "
+            "NamedTuple with a 'learning_rate' field and no inject_hyperparams 'hyperparams' "
+            f"entry 'learning_rate' (states present: {_available(tree)})."
         )
     return _single(rates, "learning rates")
 
@@ -197,7 +273,7 @@ def step_count(opt_state: Any) -> jax.Array:
     """Return the number of updates an optimizer has applied.
 
     Reads the ``count`` field of the learning-rate step's state, or, where that keeps none
-    (a constant rate), of the first state that holds one, or else an ``nnx.Optimizer``'s own
+    (a constant rate), of the outermost state that holds one, or else an ``nnx.Optimizer``'s own
     ``step``. Under ``optax.MultiSteps`` this counts the real (outer)
     updates, not the accumulated mini-steps.
 
@@ -224,7 +300,7 @@ def step_count(opt_state: Any) -> jax.Array:
       5
     """
     tree = _to_pure(opt_state)
-    states = [state for state in _find(tree, "count") if state.count is not None]
+    states = _find(tree, "count")
     if not states and _is_optimizer(opt_state) and hasattr(opt_state, "step"):
         # An nnx.Optimizer counts its updates itself.
         return _scalar(_to_pure(opt_state.step)).astype(jnp.int32)
@@ -235,7 +311,7 @@ def step_count(opt_state: Any) -> jax.Array:
             "dampening keeps none (rmsjax.sgd, as optax.sgd): give a schedule, or wrap the "
             "optimizer in optax.inject_hyperparams, whose state counts the steps."
         )
-    preferred = [state for state in states if "learning_rate" in state._fields]
+    preferred = [state for state in states if isinstance(state, transforms.ScaleByScheduleState)]
     return _scalar((preferred or states)[0].count)
 
 
@@ -264,9 +340,14 @@ def _second_moment(
                 f"decay= asks for bias correction, but {_describe(state)} has no 'count' field."
             )
         count = jnp.asarray(state.count)
-        nu = averages.bias_correction(nu, decay, count)
+        # Before the first update there is nothing to correct (1 - decay**0 = 0 would make
+        # 0/0): the state's initial value is used as it is.
+        started = count > 0
+        safe = jnp.maximum(count, jnp.ones_like(count))
+        keep = lambda old, new: jax.tree.map(lambda o, n: jnp.where(started, n, o), old, new)
+        nu = keep(nu, averages.bias_correction(nu, decay, safe))
         if mu is not None:
-            mu = averages.bias_correction(mu, decay, count)
+            mu = keep(mu, averages.bias_correction(mu, decay, safe))
     if mu is not None:
         nu = averages.centered_variance(nu, mu)
     return nu

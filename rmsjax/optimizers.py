@@ -1,11 +1,19 @@
 """Layer 3: optimizers, each an ``optax.chain`` of layer-2 transformations.
 
 No optimizer does arithmetic of its own: each one lists, in order, the transformations of
-:mod:`rmsjax.transforms` that make it up, ending with the learning-rate step. A
-transformation that would do nothing for the given (concrete) hyperparameters, such as
-momentum 0 or weight decay 0, stays in the chain as ``optax.identity()``, so the layout of
-the state does not depend on hyperparameter values. ``learning_rate`` may be a number,
-a jax array, or a schedule ``f(step)`` with ``step`` counting updates from 0.
+:mod:`rmsjax.transforms` that make it up, ending with the learning-rate step.
+
+State layout rule: the layout is decided by the *signature*, never by a value. An optional
+part (``momentum``, ``weight_decay``) is absent when its argument is ``None`` (the
+default, as in optax) and present when any value is given, 0 included; an absent part
+keeps its slot in the chain as ``optax.identity()`` (an empty state), so ``nu`` is at the
+same path with and without momentum or weight decay. Flags (``centered``, ``nesterov``,
+``bias_correction``, ...), ``state_dtype`` and whether ``learning_rate`` is a schedule
+also decide the layout. So ``optax.inject_hyperparams(f)(**kwargs)``, which turns every
+given number into an array, has the inner state of ``f(**kwargs)``.
+
+``learning_rate`` may be a number, a jax array, or a schedule ``f(step)`` with ``step``
+counting updates from 0.
 """
 
 from __future__ import annotations
@@ -22,16 +30,26 @@ from rmsjax.transforms import MaskOrFn, Scalar, ScalarOrSchedule
 __all__ = ["adadelta", "adagrad", "adam", "adamw", "rmsprop", "sgd"]
 
 
-def _unless_zero(
-    value: Any, make: Callable[[], optax.GradientTransformation]
+def _if_given(
+    value: Any, make: Callable[[Any], optax.GradientTransformation]
 ) -> optax.GradientTransformation:
-    """``make()``, or ``optax.identity()`` when ``value`` is a concrete zero (an array never is).
+    """``make(value)``, or ``optax.identity()`` when ``value`` is ``None`` (the part is absent).
 
-    The identity keeps the part's slot in the chain with an empty state, so the state tree
-    of an optimizer has the same layout whatever its hyperparameters' values: ``nu`` is at
-    the same path with and without weight decay or momentum.
+    Any given value, 0 included, makes the part present: the layout follows the signature,
+    not the value. The identity keeps the part's slot in the chain with an empty state.
     """
-    return optax.identity() if check.is_concrete_zero(value) else make()
+    return optax.identity() if value is None else make(value)
+
+
+def _optional(name: str, value: Any, **bounds: Any) -> Any:
+    """``None`` (the part is absent), or the value normalised by ``check.hyperparameter``."""
+    return None if value is None else check.hyperparameter(name, value, **bounds)
+
+
+def _check_nesterov(nesterov: bool, momentum: Any) -> None:
+    check.check_flag("nesterov", nesterov)
+    if nesterov and momentum is None:
+        raise ValueError("nesterov=True needs a momentum: give momentum in [0, 1), got momentum=None")
 
 
 def rmsprop(
@@ -40,9 +58,9 @@ def rmsprop(
     eps: Scalar = 1e-8,
     *,
     centered: bool = False,
-    momentum: Scalar = 0.0,
+    momentum: Scalar | None = None,
     nesterov: bool = False,
-    weight_decay: Scalar = 0.0,
+    weight_decay: Scalar | None = None,
     bias_correction: bool = False,
     eps_in_sqrt: bool = False,
     initial_scale: Scalar = 0.0,
@@ -68,14 +86,24 @@ def rmsprop(
       decay: :math:`\gamma`, in [0, 1).
       eps: :math:`\epsilon`, >= 0, outside the root unless ``eps_in_sqrt``.
       centered: divide by a leaky standard deviation instead of the RMS.
-      momentum: :math:`\mu`, in [0, 1); the buffer accumulates the scaled gradient and
-        the learning rate multiplies it from outside (PyTorch's form).
-      nesterov: Nesterov's look-ahead on the momentum buffer (needs ``momentum > 0``).
-      weight_decay: :math:`\lambda`, >= 0: L2 penalty added to the gradient before scaling.
+      momentum: :math:`\mu`, in [0, 1), or ``None`` (the default: no momentum buffer);
+        the buffer accumulates the scaled gradient and the learning rate multiplies it
+        from outside (PyTorch's form). Any value given, 0 included, keeps a buffer.
+      nesterov: Nesterov's look-ahead on the momentum buffer (needs a ``momentum``).
+      weight_decay: :math:`\lambda`, >= 0, or ``None`` (the default: none, and ``update``
+        needs no ``params``): L2 penalty added to the gradient before scaling. Any value
+        given, 0 included, needs ``params`` in ``update``.
       bias_correction: debias the averages as Adam does.
       eps_in_sqrt: ``eps`` inside the root (Keras, TF1, d2l).
       initial_scale: :math:`\nu_0` (1 in TF1).
       state_dtype: dtype of the averages; ``None`` keeps the parameters' dtype.
+
+    Defaults, and where they differ from ``optax.rmsprop``:
+      ``decay=0.9, eps=1e-8`` as optax, but ``eps`` *outside* the root (PyTorch's place;
+      optax's default is ``eps_in_sqrt=True``); with ``momentum`` the learning rate
+      multiplies the buffer from outside (optax, Keras and TF1 put it inside, which differs
+      under a schedule); ``momentum=None`` and ``weight_decay=None`` (no such parts) as
+      optax, which has no ``weight_decay``; flags are keyword-only.
 
     Example:
       >>> import jax.numpy as jnp, optax, rmsjax
@@ -99,14 +127,12 @@ def rmsprop(
       Tieleman and Hinton, *Lecture 6.5 - RMSProp*, 2012; Graves, arXiv:1308.0850, 2013.
     """
     check.check_flag("centered", centered)
-    check.check_unit_interval("momentum", momentum)
-    check.check_flag("nesterov", nesterov)
-    check.check_non_negative("weight_decay", weight_decay)
-    if nesterov and check.is_concrete_zero(momentum):
-        raise ValueError(f"nesterov=True needs momentum in (0, 1), got momentum={momentum!r}")
+    momentum = _optional("momentum", momentum, high=1.0)
+    weight_decay = _optional("weight_decay", weight_decay)
+    _check_nesterov(nesterov, momentum)
     scaling = transforms.scale_by_stddev if centered else transforms.scale_by_rms
     return optax.chain(
-        _unless_zero(weight_decay, lambda: transforms.add_decayed_weights(weight_decay)),
+        _if_given(weight_decay, transforms.add_decayed_weights),
         scaling(
             decay,
             eps,
@@ -115,7 +141,7 @@ def rmsprop(
             bias_correction=bias_correction,
             state_dtype=state_dtype,
         ),
-        _unless_zero(momentum, lambda: transforms.momentum(momentum, nesterov=nesterov)),
+        _if_given(momentum, lambda m: transforms.momentum(m, nesterov=nesterov)),
         transforms.scale_by_learning_rate(learning_rate),
     )
 
@@ -137,6 +163,11 @@ def adagrad(
       learning_rate: :math:`\eta`: number, jax array or schedule.
       initial_accumulator_value: :math:`G_0`, >= 0.
       eps: :math:`\epsilon`, >= 0, outside the root (PyTorch's placement).
+
+    Defaults, and where they differ from ``optax.adagrad``:
+      ``initial_accumulator_value=0.0, eps=1e-10`` with ``eps`` outside the root, as
+      PyTorch; optax's are ``0.1`` and ``1e-7`` with ``eps`` inside the root (and a 0
+      step where the sum is 0).
 
     Example:
       >>> import jax.numpy as jnp, rmsjax
@@ -183,6 +214,11 @@ def adam(
       eps: :math:`\epsilon`, >= 0.
       eps_root: :math:`\epsilon_{root}`, >= 0.
       nesterov: NAdam's look-ahead.
+
+    Defaults, and where they differ from ``optax.adam``:
+      ``b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0`` as optax; ``eps_root`` is keyword-only
+      here (optax's fifth positional argument) and there is no ``mu_dtype``. The float32
+      updates equal ``optax.adam``'s bit for bit, eagerly and under ``jax.jit`` on XLA:CPU.
 
     Example:
       >>> import jax.numpy as jnp, rmsjax
@@ -232,6 +268,13 @@ def adamw(
       mask: tree of bools (or a function of the params returning one): decay only where
         true, e.g. not on biases and norms.
 
+    Defaults, and where they differ from ``optax.adamw``:
+      ``weight_decay=1e-2`` (PyTorch's; optax's is ``1e-4``), and it is the *fifth*
+      positional argument here, where optax's fifth is ``eps_root`` (pass ``weight_decay``
+      by keyword when porting); no ``eps_root``, ``mu_dtype`` or ``nesterov``.
+      ``weight_decay=None`` leaves the decay out (plain Adam); any value, 0 included,
+      keeps it and needs ``params`` in ``update``.
+
     Example:
       >>> import jax.numpy as jnp, rmsjax
       >>> tx = rmsjax.adamw(0.1, weight_decay=0.5)
@@ -249,7 +292,7 @@ def adamw(
     """
     return optax.chain(
         transforms.scale_by_adam(b1, b2, eps),
-        _unless_zero(weight_decay, lambda: transforms.add_decayed_weights(weight_decay, mask)),
+        _if_given(weight_decay, lambda w: transforms.add_decayed_weights(w, mask)),
         transforms.scale_by_learning_rate(learning_rate),
     )
 
@@ -258,7 +301,7 @@ def adadelta(
     learning_rate: ScalarOrSchedule = 1.0,
     rho: Scalar = 0.9,
     eps: Scalar = 1e-6,
-    weight_decay: Scalar = 0.0,
+    weight_decay: Scalar | None = None,
 ) -> optax.GradientTransformation:
     r"""AdaDelta: steps in the units of the parameters, from two leaky averages.
 
@@ -274,7 +317,13 @@ def adadelta(
       learning_rate: :math:`\eta` (1.0 in the paper): number, jax array or schedule.
       rho: :math:`\rho`, in [0, 1).
       eps: :math:`\epsilon`, >= 0.
-      weight_decay: :math:`\lambda`, >= 0, L2 added to the gradient.
+      weight_decay: :math:`\lambda`, >= 0, L2 added to the gradient, or ``None`` (the
+        default: none, and ``update`` needs no ``params``).
+
+    Defaults, and where they differ from ``optax.adadelta``:
+      ``learning_rate=1.0`` (the paper's; optax's default ``None`` applies no learning-rate
+      step, the same numbers), ``rho=0.9, eps=1e-6`` as optax; ``weight_decay=None`` (none,
+      and ``update`` needs no ``params``) where optax has ``0.0``; no ``weight_decay_mask``.
 
     Example:
       >>> import jax.numpy as jnp, rmsjax
@@ -290,7 +339,7 @@ def adadelta(
       Zeiler, arXiv:1212.5701, 2012.
     """
     return optax.chain(
-        _unless_zero(weight_decay, lambda: transforms.add_decayed_weights(weight_decay)),
+        _if_given(weight_decay, transforms.add_decayed_weights),
         transforms.scale_by_adadelta(rho, eps),
         transforms.scale_by_learning_rate(learning_rate),
     )
@@ -298,7 +347,7 @@ def adadelta(
 
 def sgd(
     learning_rate: ScalarOrSchedule,
-    momentum: Scalar = 0.0,
+    momentum: Scalar | None = None,
     *,
     nesterov: bool = False,
 ) -> optax.GradientTransformation:
@@ -313,8 +362,13 @@ def sgd(
 
     Args:
       learning_rate: :math:`\eta`: number, jax array or schedule.
-      momentum: :math:`\mu`, in [0, 1).
-      nesterov: Nesterov's look-ahead (needs ``momentum > 0``).
+      momentum: :math:`\mu`, in [0, 1), or ``None`` (the default, as in ``optax.sgd``: no
+        buffer). Any value given, 0 included, keeps a buffer.
+      nesterov: Nesterov's look-ahead (needs a ``momentum``).
+
+    Defaults, and where they differ from ``optax.sgd``:
+      ``momentum=None`` (no buffer) as optax; ``nesterov`` is keyword-only here (optax's
+      third positional argument); no ``accumulator_dtype``.
 
     Example:
       >>> import jax.numpy as jnp, rmsjax
@@ -326,11 +380,9 @@ def sgd(
     Reference:
       Robbins and Monro, 1951; Polyak, 1964; Sutskever et al., ICML 2013.
     """
-    check.check_unit_interval("momentum", momentum)
-    check.check_flag("nesterov", nesterov)
-    if nesterov and check.is_concrete_zero(momentum):
-        raise ValueError(f"nesterov=True needs momentum in (0, 1), got momentum={momentum!r}")
+    momentum = _optional("momentum", momentum, high=1.0)
+    _check_nesterov(nesterov, momentum)
     return optax.chain(
-        _unless_zero(momentum, lambda: transforms.momentum(momentum, nesterov=nesterov)),
+        _if_given(momentum, lambda m: transforms.momentum(m, nesterov=nesterov)),
         transforms.scale_by_learning_rate(learning_rate),
     )

@@ -6,6 +6,13 @@ symbols: ``count`` (int32 number of updates made, saturating), ``mu`` (first mom
 momentum buffer), ``nu`` (second moment). The arithmetic itself lives in
 :mod:`rmsjax.averages`; the functions here only wire it together.
 
+State layout: decided by a factory's flags and by which optional arguments are given
+(``None`` is absent), never by a hyperparameter's value; no state field is ever ``None``
+(a part that reads no step count has no ``count`` field: :class:`MomentumState`,
+:class:`ScaleByLearningRateState`). Each ``update`` checks, at trace time, that it got its
+own state type, that the gradient tree matches the state's, and that no complex gradient
+meets a real parameter.
+
 Gradients ``g`` below are the incoming updates; ``t`` is the step number counted from 1.
 """
 
@@ -16,12 +23,14 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from rmsjax import _validation as check
 from rmsjax import averages
 
 __all__ = [
+    "DampenedMomentumState",
     "LeakyAverageState",
     "MomentumState",
     "ScaleByAdaDeltaState",
@@ -30,6 +39,7 @@ __all__ = [
     "ScaleByLearningRateState",
     "ScaleByRmsState",
     "ScaleByRssState",
+    "ScaleByScheduleState",
     "ScaleByStddevState",
     "add_decayed_weights",
     "leaky_average",
@@ -40,15 +50,13 @@ __all__ = [
     "scale_by_rms",
     "scale_by_rss",
     "scale_by_stddev",
+    "upgrade_0_2_state_dict",
 ]
 
 PyTree = Any
 Scalar = float | jax.Array
 Schedule = Callable[[jax.Array], Any]
 ScalarOrSchedule = float | jax.Array | Schedule
-# An int32 step counter, or None in a part whose maths reads none (``jax.Array | None``,
-# typed loosely because optax's ``OptState`` has no ``None``).
-Count = Any
 MaskOrFn = PyTree | Callable[[PyTree], PyTree] | None
 
 
@@ -66,6 +74,27 @@ def _adaptive_step(updates: PyTree, nu: PyTree, eps: Scalar, eps_in_sqrt: bool) 
 
 def _state_dtype(state_dtype: Any) -> Any:
     return check.check_state_dtype("state_dtype", state_dtype)
+
+
+def _check_inputs(
+    updates: PyTree, state: Any, params: PyTree, *, expected: type | tuple[type, ...], who: str,
+    moment: str, first_moment: str | None = None,
+) -> None:
+    """The checks every update makes at trace time (no operations are emitted).
+
+    ``state`` must be of the ``expected`` type; ``updates`` must match the state's
+    ``moment`` tree; a complex update for a real parameter fails, judged against the
+    parameters when given, else against the state's ``first_moment`` field (a moment kept
+    in the parameters' dtype).
+    """
+    check.check_state_type(state, expected, who)
+    check.check_trees_match(updates, getattr(state, moment), what=moment, who=who)
+    if params is not None:
+        check.check_real_for_real(updates, params, what="params", who=who)
+    elif first_moment is not None:
+        check.check_real_for_real(
+            updates, getattr(state, first_moment), what=f"{first_moment} (in the parameters' dtype)", who=who
+        )
 
 
 class ScaleByRmsState(NamedTuple):
@@ -123,10 +152,10 @@ def scale_by_rms(
       Tieleman and Hinton, *Lecture 6.5 - RMSProp*, COURSERA: Neural Networks for
       Machine Learning, 2012.
     """
-    check.check_unit_interval("decay", decay)
-    check.check_non_negative("eps", eps)
+    decay = check.hyperparameter("decay", decay, high=1.0)
+    eps = check.hyperparameter("eps", eps)
     check.check_flag("eps_in_sqrt", eps_in_sqrt)
-    check.check_non_negative("initial_scale", initial_scale)
+    initial_scale = check.hyperparameter("initial_scale", initial_scale)
     check.check_flag("bias_correction", bias_correction)
     nu_dtype = _state_dtype(state_dtype)
 
@@ -135,8 +164,7 @@ def scale_by_rms(
         return ScaleByRmsState(count=zero_count(params), nu=nu)
 
     def update_fn(updates, state, params=None):
-        del params
-        check.check_trees_match(updates, state.nu, what="nu", who="scale_by_rms")
+        _check_inputs(updates, state, params, expected=ScaleByRmsState, who="scale_by_rms", moment="nu")
         count = averages.increment_count(state.count)
         nu = averages.update_leaky_average(state.nu, updates, decay, order=2)
         nu_hat = averages.bias_correction(nu, decay, count) if bias_correction else nu
@@ -196,10 +224,10 @@ def scale_by_stddev(
     Reference:
       Graves, *Generating Sequences With Recurrent Neural Networks*, arXiv:1308.0850, 2013.
     """
-    check.check_unit_interval("decay", decay)
-    check.check_non_negative("eps", eps)
+    decay = check.hyperparameter("decay", decay, high=1.0)
+    eps = check.hyperparameter("eps", eps)
     check.check_flag("eps_in_sqrt", eps_in_sqrt)
-    check.check_non_negative("initial_scale", initial_scale)
+    initial_scale = check.hyperparameter("initial_scale", initial_scale)
     check.check_flag("bias_correction", bias_correction)
     moment_dtype = _state_dtype(state_dtype)
 
@@ -211,8 +239,10 @@ def scale_by_stddev(
         )
 
     def update_fn(updates, state, params=None):
-        del params
-        check.check_trees_match(updates, state.nu, what="nu", who="scale_by_stddev")
+        _check_inputs(
+            updates, state, params, expected=ScaleByStddevState, who="scale_by_stddev", moment="nu",
+            first_moment="mu" if moment_dtype is None else None,
+        )
         count = averages.increment_count(state.count)
         mu = averages.update_leaky_average(state.mu, updates, decay, order=1)
         nu = averages.update_leaky_average(state.nu, updates, decay, order=2)
@@ -270,8 +300,8 @@ def scale_by_rss(
       Duchi, Hazan and Singer, *Adaptive Subgradient Methods for Online Learning and
       Stochastic Optimization*, JMLR 12, 2011.
     """
-    check.check_non_negative("initial_accumulator_value", initial_accumulator_value)
-    check.check_non_negative("eps", eps)
+    initial_accumulator_value = check.hyperparameter("initial_accumulator_value", initial_accumulator_value)
+    eps = check.hyperparameter("eps", eps)
     check.check_flag("eps_in_sqrt", eps_in_sqrt)
 
     def init_fn(params):
@@ -279,8 +309,7 @@ def scale_by_rss(
         return ScaleByRssState(count=zero_count(params), nu=nu)
 
     def update_fn(updates, state, params=None):
-        del params
-        check.check_trees_match(updates, state.nu, what="nu", who="scale_by_rss")
+        _check_inputs(updates, state, params, expected=ScaleByRssState, who="scale_by_rss", moment="nu")
         nu = averages.update_running_sum(state.nu, updates, order=2)
         updates = _adaptive_step(updates, nu, eps, eps_in_sqrt)
         return updates, ScaleByRssState(count=averages.increment_count(state.count), nu=nu)
@@ -369,10 +398,10 @@ def scale_by_adam(
       Kingma and Ba, *Adam: A Method for Stochastic Optimization*, ICLR 2015; Dozat,
       *Incorporating Nesterov Momentum into Adam*, ICLR workshop 2016.
     """
-    check.check_unit_interval("b1", b1)
-    check.check_unit_interval("b2", b2)
-    check.check_non_negative("eps", eps)
-    check.check_non_negative("eps_root", eps_root)
+    b1 = check.hyperparameter("b1", b1, high=1.0)
+    b2 = check.hyperparameter("b2", b2, high=1.0)
+    eps = check.hyperparameter("eps", eps)
+    eps_root = check.hyperparameter("eps_root", eps_root)
     check.check_flag("nesterov", nesterov)
     check.check_flag("amsgrad", amsgrad)
     check.check_flag("eps_hat", eps_hat)
@@ -389,8 +418,11 @@ def scale_by_adam(
         return ScaleByAdamState(count=count, mu=mu, nu=nu)
 
     def update_fn(updates, state, params=None):
-        del params
-        check.check_trees_match(updates, state.nu, what="nu", who="scale_by_adam")
+        expected = ScaleByAmsgradState if amsgrad else ScaleByAdamState
+        _check_inputs(
+            updates, state, params, expected=expected, who="scale_by_adam", moment="nu",
+            first_moment="mu" if moment_dtype is None else None,
+        )
         count = averages.increment_count(state.count)
         mu = averages.update_leaky_average(state.mu, updates, b1, order=1)
         nu = averages.update_leaky_average(state.nu, updates, b2, order=2)
@@ -455,8 +487,8 @@ def scale_by_adadelta(rho: Scalar = 0.9, eps: Scalar = 1e-6) -> optax.GradientTr
     Reference:
       Zeiler, *ADADELTA: An Adaptive Learning Rate Method*, arXiv:1212.5701, 2012.
     """
-    check.check_unit_interval("rho", rho)
-    check.check_non_negative("eps", eps)
+    rho = check.hyperparameter("rho", rho, high=1.0)
+    eps = check.hyperparameter("eps", eps)
 
     def init_fn(params):
         return ScaleByAdaDeltaState(
@@ -466,8 +498,9 @@ def scale_by_adadelta(rho: Scalar = 0.9, eps: Scalar = 1e-6) -> optax.GradientTr
         )
 
     def update_fn(updates, state, params=None):
-        del params
-        check.check_trees_match(updates, state.nu, what="nu", who="scale_by_adadelta")
+        _check_inputs(
+            updates, state, params, expected=ScaleByAdaDeltaState, who="scale_by_adadelta", moment="nu"
+        )
         nu = averages.update_leaky_average(state.nu, updates, rho, order=2)
         updates = averages.multiply_by_root_ratio(updates, state.nu_delta, nu, eps=eps)
         nu_delta = averages.update_leaky_average(state.nu_delta, updates, rho, order=2)
@@ -512,7 +545,7 @@ def leaky_average(
     Reference:
       Zhang, Lipton, Li and Smola, *Dive into Deep Learning*, section 12.6 (leaky averages).
     """
-    check.check_unit_interval("decay", decay)
+    decay = check.hyperparameter("decay", decay, high=1.0)
     check.check_flag("debias", debias)
     mu_dtype = _state_dtype(state_dtype)
 
@@ -520,8 +553,10 @@ def leaky_average(
         return LeakyAverageState(count=zero_count(params), mu=averages.full_like(params, 0.0, mu_dtype))
 
     def update_fn(updates, state, params=None):
-        del params
-        check.check_trees_match(updates, state.mu, what="mu", who="leaky_average")
+        _check_inputs(
+            updates, state, params, expected=LeakyAverageState, who="leaky_average", moment="mu",
+            first_moment="mu" if mu_dtype is None else None,
+        )
         count = averages.increment_count(state.count)
         mu = averages.update_leaky_average(state.mu, updates, decay, order=1)
         out = averages.bias_correction(mu, decay, count) if debias else mu
@@ -531,20 +566,25 @@ def leaky_average(
 
 
 class MomentumState(NamedTuple):
-    """State of :func:`momentum`.
+    """State of :func:`momentum` without ``dampening``: the momentum buffer ``mu``."""
+
+    mu: PyTree
+
+
+class DampenedMomentumState(NamedTuple):
+    """State of :func:`momentum` with a ``dampening`` given (even 0).
 
     Attributes:
-      count: number of updates made, kept only where the first step's rule needs it (a
-        ``dampening`` that may be nonzero); ``None`` with a concrete ``dampening=0``.
+      count: number of updates made (the first step is never dampened, so it is read).
       mu: the momentum buffer.
     """
 
-    count: Count
+    count: jax.Array
     mu: PyTree
 
 
 def momentum(
-    decay: Scalar, *, nesterov: bool = False, dampening: Scalar = 0.0
+    decay: Scalar, *, nesterov: bool = False, dampening: Scalar | None = None
 ) -> optax.GradientTransformation:
     r"""Heavy-ball momentum (or Nesterov's look-ahead) on the updates.
 
@@ -553,13 +593,17 @@ def momentum(
        b_1 = g_1, \quad b_t = \mu b_{t-1} + (1-d)\, g_t, \qquad
        u_t = b_t \ \text{ or, with } \texttt{nesterov},\ g_t + \mu b_t
 
-    where :math:`\mu` is ``decay`` and :math:`d` is ``dampening``. With ``dampening=0``
-    this is the usual buffer started from zero.
+    where :math:`\mu` is ``decay`` and :math:`d` is ``dampening``. Without ``dampening``
+    this is the usual buffer started from zero (``optax.trace``).
 
     Args:
       decay: :math:`\mu`, the momentum coefficient, in [0, 1).
       nesterov: return Nesterov's look-ahead :math:`g_t + \mu b_t`.
-      dampening: :math:`d`, in [0, 1]; the first step is never dampened (PyTorch's rule).
+      dampening: :math:`d`, in [0, 1], or ``None`` (the default: no dampening and no step
+        counter). Any value given, even 0, keeps a step counter, because the first step is
+        never dampened (PyTorch's rule): the state is then a :class:`DampenedMomentumState`
+        instead of a :class:`MomentumState`, so that ``optax.inject_hyperparams`` (which
+        turns a given 0 into an array) gives the same state as the plain call.
 
     Example:
       >>> import jax.numpy as jnp, rmsjax
@@ -580,44 +624,74 @@ def momentum(
       Sutskever, Martens, Dahl and Hinton, *On the importance of initialization and
       momentum in deep learning*, ICML 2013.
     """
-    check.check_unit_interval("decay", decay)
+    decay = check.hyperparameter("decay", decay, high=1.0)
     check.check_flag("nesterov", nesterov)
-    check.check_unit_interval("dampening", dampening, include_one=True)
-    # With dampening 0 the first step is decay*0 + g = g by itself: no counter to keep.
-    counts = not check.is_concrete_zero(dampening)
+    if dampening is not None:
+        dampening = check.hyperparameter("dampening", dampening, high=1.0, high_open=False)
+    counts = dampening is not None
+    expected = DampenedMomentumState if counts else MomentumState
 
     def init_fn(params):
-        count = zero_count(params) if counts else None
-        return MomentumState(count=count, mu=averages.full_like(params, 0.0))
+        mu = averages.full_like(params, 0.0)
+        if counts:
+            return DampenedMomentumState(count=zero_count(params), mu=mu)
+        return MomentumState(mu=mu)
 
     def update_fn(updates, state, params=None):
-        del params
-        check.check_trees_match(updates, state.mu, what="mu", who="momentum")
-        mu = averages.update_momentum_buffer(state.mu, updates, decay, dampening, state.count)
+        _check_inputs(
+            updates, state, params, expected=expected, who="momentum", moment="mu", first_moment="mu"
+        )
+        count = state[0] if counts else None  # DampenedMomentumState.count
+        mu = averages.update_momentum_buffer(state.mu, updates, decay, dampening, count)
         out = averages.add_scaled(updates, mu, decay) if nesterov else averages.cast_like(mu, updates)
-        count = averages.increment_count(state.count) if counts else None
-        return out, MomentumState(count=count, mu=mu)
+        if count is not None:
+            return out, DampenedMomentumState(count=averages.increment_count(count), mu=mu)
+        return out, MomentumState(mu=mu)
 
     return optax.GradientTransformation(init_fn, update_fn)
 
 
 class ScaleByLearningRateState(NamedTuple):
-    """State of :func:`scale_by_learning_rate`.
+    """State of :func:`scale_by_learning_rate` for a constant rate (a number or an array).
 
     Attributes:
-      count: number of updates made, kept only for a schedule (the step it is evaluated
-        at); ``None`` for a number or an array, as ``optax.sgd`` keeps none.
-      learning_rate: the rate the *next* update will apply (float32), for reading.
+      rate: the rate the *next* update will apply (float32), for reading. Not named
+        ``learning_rate``, so that it never shadows the hyperparameter of that name that
+        ``optax.inject_hyperparams`` keeps (``optax.tree.get(state, "learning_rate")``).
     """
 
-    count: Count
-    learning_rate: jax.Array
+    rate: jax.Array
 
 
-def rate_at(learning_rate: ScalarOrSchedule, count: Count) -> Any:
+class ScaleByScheduleState(NamedTuple):
+    """State of :func:`scale_by_learning_rate` for a schedule.
+
+    Attributes:
+      count: number of updates made (the step the schedule is evaluated at).
+      rate: the rate the *next* update will apply, ``schedule(count)`` (float32).
+    """
+
+    count: jax.Array
+    rate: jax.Array
+
+
+def rate_at(learning_rate: ScalarOrSchedule, count: Any) -> Any:
     """The learning rate at ``count``: a schedule is called, a number or array returned as is."""
     if check.is_schedule(learning_rate):
-        return learning_rate(count)
+        rate = learning_rate(count)
+        if not isinstance(rate, (int, float, np.integer, np.floating, np.ndarray, jax.Array)) or isinstance(
+            rate, bool
+        ):
+            raise TypeError(
+                f"the learning_rate schedule returned {rate!r} of type {type(rate).__name__} at "
+                "a step count; a schedule must return a real number or a 0-d array"
+            )
+        if np.shape(rate) != ():
+            raise ValueError(
+                f"the learning_rate schedule returned an array of shape {np.shape(rate)}; a "
+                "schedule must return a scalar"
+            )
+        return rate
     return learning_rate
 
 
@@ -636,37 +710,46 @@ def scale_by_learning_rate(
         ``step`` counting updates from 0.
       flip_sign: negate, so that ``optax.apply_updates`` descends (the default).
 
-    The state records, for reading, the rate the next update will use, and for a schedule
-    the step count it is evaluated at (a constant rate keeps no counter: one compiled
-    kernel less, as in ``optax.sgd``).
+    The state records, for reading, the rate the next update will use: a
+    :class:`ScaleByLearningRateState` for a constant rate (no step counter: one compiled
+    kernel less, as in ``optax.sgd``), a :class:`ScaleByScheduleState` (with the step
+    count the schedule is evaluated at) for a schedule.
 
     Example:
       >>> import jax.numpy as jnp, optax
       >>> from rmsjax.transforms import scale_by_learning_rate
       >>> tx = scale_by_learning_rate(optax.exponential_decay(0.1, 1, decay_rate=0.5))
       >>> u, state = tx.update(jnp.array([1.0]), tx.init(jnp.zeros(1)))
-      >>> u, state.learning_rate
+      >>> u, state.rate
       (Array([-0.1], dtype=float32), Array(0.05, dtype=float32))
     """
-    check.check_learning_rate("learning_rate", learning_rate)
+    scheduled = check.is_schedule(learning_rate)
+    if not scheduled:
+        learning_rate = check.hyperparameter("learning_rate", learning_rate)
     check.check_flag("flip_sign", flip_sign)
     sign = -1.0 if flip_sign else 1.0
-    counts = check.is_schedule(learning_rate)
+    expected = ScaleByScheduleState if scheduled else ScaleByLearningRateState
 
     def init_fn(params):
-        count = zero_count(params) if counts else None
-        rate = averages.replicated_like(_readable_rate(rate_at(learning_rate, count)), params)
-        return ScaleByLearningRateState(count, rate)
+        if scheduled:
+            count = zero_count(params)
+            rate = averages.replicated_like(_readable_rate(rate_at(learning_rate, count)), params)
+            return ScaleByScheduleState(count, rate)
+        return ScaleByLearningRateState(averages.replicated_like(_readable_rate(learning_rate), params))
 
     def update_fn(updates, state, params=None):
-        del params
-        rate = rate_at(learning_rate, state.count)
+        check.check_state_type(state, expected, "scale_by_learning_rate")
+        if params is not None:
+            check.check_real_for_real(updates, params, what="params", who="scale_by_learning_rate")
+        count = state.count if scheduled else None
+        rate = rate_at(learning_rate, count)
         # A number is negated on the host (one constant per leaf); an array once per update.
         step = sign * rate if check.is_concrete(rate) else sign * jnp.asarray(rate)
         updates = averages.scale(updates, step)
-        count = averages.increment_count(state.count) if counts else None
-        next_rate = _readable_rate(rate_at(learning_rate, count))
-        return updates, ScaleByLearningRateState(count, next_rate)
+        if scheduled:
+            count = averages.increment_count(state.count)
+            return updates, ScaleByScheduleState(count, _readable_rate(rate_at(learning_rate, count)))
+        return updates, ScaleByLearningRateState(_readable_rate(rate))
 
     return optax.GradientTransformation(init_fn, update_fn)
 
@@ -683,16 +766,51 @@ def add_decayed_weights(weight_decay: Scalar, mask: MaskOrFn = None) -> optax.Gr
       mask: a tree of bools shaped like the parameters (or a function of the parameters
         returning one); decay applies only where it is true.
     """
-    check.check_non_negative("weight_decay", weight_decay)
+    weight_decay = check.hyperparameter("weight_decay", weight_decay)
 
     def init_fn(params):
         del params
         return optax.EmptyState()
 
     def update_fn(updates, state, params=None):
+        check.check_state_type(state, optax.EmptyState, "add_decayed_weights")
         check.require_params(params, "weight decay")
         check.check_trees_match(updates, params, what="params", who="add_decayed_weights", dtypes="kind")
         return averages.add_scaled(updates, params, weight_decay), state
 
     tx = optax.GradientTransformation(init_fn, update_fn)
     return tx if mask is None else optax.masked(tx, mask)
+
+
+def upgrade_0_2_state_dict(state_dict: Any) -> Any:
+    """A state dict of an rmsjax 0.2 optimizer state, in the 0.3 layout.
+
+    0.3 has no ``None`` placeholder fields and renamed the learning-rate step's field:
+
+    * ``MomentumState(count=None, mu)`` (0.2, no dampening) is ``MomentumState(mu)``;
+    * ``ScaleByLearningRateState(count=None, learning_rate)`` (0.2, a constant rate) is
+      ``ScaleByLearningRateState(rate)``, and with a schedule's count it is
+      ``ScaleByScheduleState(count, rate)``.
+
+    ``state_dict`` is what ``flax.serialization.msgpack_restore`` (or ``to_state_dict``)
+    gives for a 0.2 state; restore with ``flax.serialization.from_state_dict(tx.init(params),
+    upgrade_0_2_state_dict(state_dict))``. Other nodes are returned unchanged. A 0.2
+    optimizer built with a momentum or weight decay of exactly 0 had no such part; build the
+    0.3 one with ``None`` there (the default) to load it.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> upgrade_0_2_state_dict({"0": {"count": None, "learning_rate": jnp.float32(0.1)}})
+      {'0': {'rate': Array(0.1, dtype=float32)}}
+    """
+    if isinstance(state_dict, dict):
+        keys = set(state_dict)
+        if keys == {"count", "learning_rate"}:
+            rate = state_dict["learning_rate"]
+            if state_dict["count"] is None:
+                return {"rate": rate}
+            return {"count": state_dict["count"], "rate": rate}
+        if keys == {"count", "mu"} and state_dict["count"] is None:
+            return {"mu": upgrade_0_2_state_dict(state_dict["mu"])}
+        return {key: upgrade_0_2_state_dict(value) for key, value in state_dict.items()}
+    return state_dict

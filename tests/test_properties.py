@@ -306,8 +306,9 @@ def test_rmsprop_is_its_documented_chain(case, learning_rate, decay, eps, moment
     state_dtype = _state_dtype_for(dtype_name)
     settings = dict(eps_in_sqrt=eps_in_sqrt, initial_scale=initial_scale, bias_correction=bias_correction,
                     state_dtype=state_dtype)
-    ours = rmsjax.rmsprop(learning_rate, decay, eps, centered=centered, momentum=momentum, nesterov=nesterov,
-                          weight_decay=weight_decay, **settings)
+    # A drawn 0 stands for "off": None in the 0.3 signature (a given 0 keeps the part).
+    ours = rmsjax.rmsprop(learning_rate, decay, eps, centered=centered, momentum=momentum or None,
+                          nesterov=nesterov, weight_decay=weight_decay or None, **settings)
     parts = optax.chain(
         rmsjax.transforms.add_decayed_weights(weight_decay) if weight_decay else optax.identity(),
         (rmsjax.scale_by_stddev if centered else rmsjax.scale_by_rms)(decay, eps, **settings),

@@ -26,6 +26,7 @@ NOT_FACTORIES = {
     "rmsjax.effective_learning_rate": "a diagnostics reader of a state",
     "rmsjax.learning_rate": "a diagnostics reader of a state",
     "rmsjax.step_count": "a diagnostics reader of a state",
+    "rmsjax.transforms.upgrade_0_2_state_dict": "a checkpoint migration (tests/test_interop.py)",
     "rmsjax.compat.ParamGroupsState": "a state class",
     "rmsjax.compat.path_name": "a helper naming a tree path (for group selectors)",
     "rmsjax.compat.torch.load_state_dict": "a checkpoint reader (tests/test_torch_checkpoint.py)",
@@ -47,9 +48,9 @@ NOT_FACTORIES = {
     **{
         f"rmsjax.transforms.{name}": "a state class"
         for name in [
-            "LeakyAverageState", "MomentumState", "ScaleByAdaDeltaState", "ScaleByAdamState",
-            "ScaleByAmsgradState", "ScaleByLearningRateState", "ScaleByRmsState", "ScaleByStddevState",
-            "ScaleByRssState",
+            "DampenedMomentumState", "LeakyAverageState", "MomentumState", "ScaleByAdaDeltaState",
+            "ScaleByAdamState", "ScaleByAmsgradState", "ScaleByLearningRateState", "ScaleByRmsState",
+            "ScaleByRssState", "ScaleByScheduleState", "ScaleByStddevState",
         ]
     },
 }

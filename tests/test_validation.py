@@ -41,12 +41,13 @@ NON_NEGATIVE = [
     ("1e-8", TypeError), (None, TypeError),
 ]
 NON_NEGATIVE_OR_NONE = [row for row in NON_NEGATIVE if row[0] is not None]
+UNIT_OR_NONE = [row for row in UNIT if row[0] is not None]  # an optional part: None = absent
 FLAG = [(1, TypeError), ("yes", TypeError), (None, TypeError)]
 DTYPE = [(jnp.int32, ValueError), (jnp.bool_, ValueError), ("float33", TypeError)]
 
 KINDS = {
     "lr": LEARNING_RATE, "unit": UNIT, "closed": CLOSED_UNIT, "nonneg": NON_NEGATIVE,
-    "flag": FLAG, "dtype": DTYPE, "nonneg_or_none": NON_NEGATIVE_OR_NONE,
+    "flag": FLAG, "dtype": DTYPE, "nonneg_or_none": NON_NEGATIVE_OR_NONE, "unit_or_none": UNIT_OR_NONE,
 }
 
 # factory name -> (factory, required positional arguments, {argument: kind})
@@ -67,11 +68,12 @@ FACTORIES = {
     "leaky_average": (rmsjax.leaky_average, {"decay": 0.9}, {
         "decay": "unit", "debias": "flag", "state_dtype": "dtype"}),
     "momentum": (rmsjax.momentum, {"decay": 0.9}, {
-        "decay": "unit", "nesterov": "flag", "dampening": "closed"}),
+        "decay": "unit", "nesterov": "flag", "dampening": "closed"}),  # dampening=None: none
     # layer 3
     "rmsprop": (rmsjax.rmsprop, {"learning_rate": 0.1}, {
         "learning_rate": "lr", "decay": "unit", "eps": "nonneg", "centered": "flag",
-        "momentum": "unit", "nesterov": "flag", "weight_decay": "nonneg", "bias_correction": "flag",
+        "momentum": "unit_or_none", "nesterov": "flag", "weight_decay": "nonneg_or_none",
+        "bias_correction": "flag",
         "eps_in_sqrt": "flag", "initial_scale": "nonneg", "state_dtype": "dtype"}),
     "adagrad": (rmsjax.adagrad, {"learning_rate": 0.1}, {
         "learning_rate": "lr", "initial_accumulator_value": "nonneg", "eps": "nonneg"}),
@@ -79,11 +81,12 @@ FACTORIES = {
         "learning_rate": "lr", "b1": "unit", "b2": "unit", "eps": "nonneg", "eps_root": "nonneg",
         "nesterov": "flag"}),
     "adamw": (rmsjax.adamw, {"learning_rate": 0.1}, {
-        "learning_rate": "lr", "b1": "unit", "b2": "unit", "eps": "nonneg", "weight_decay": "nonneg"}),
+        "learning_rate": "lr", "b1": "unit", "b2": "unit", "eps": "nonneg",
+        "weight_decay": "nonneg_or_none"}),
     "adadelta": (rmsjax.adadelta, {}, {
-        "learning_rate": "lr", "rho": "unit", "eps": "nonneg", "weight_decay": "nonneg"}),
+        "learning_rate": "lr", "rho": "unit", "eps": "nonneg", "weight_decay": "nonneg_or_none"}),
     "sgd": (rmsjax.sgd, {"learning_rate": 0.1}, {
-        "learning_rate": "lr", "momentum": "unit", "nesterov": "flag"}),
+        "learning_rate": "lr", "momentum": "unit_or_none", "nesterov": "flag"}),
     # layer 4
     "torch.RMSprop": (pt.RMSprop, {}, {
         "lr": "lr", "alpha": "unit", "eps": "nonneg", "weight_decay": "nonneg", "momentum": "unit",
@@ -140,8 +143,6 @@ def _table():
          ValueError, "momentum", 0),
         ("sgd(nesterov, momentum=0)", rmsjax.sgd, {"learning_rate": 0.1, "nesterov": True},
          ValueError, "momentum", 0),
-        ("sgd(nesterov, momentum=0.0)", rmsjax.sgd, {"learning_rate": 0.1, "momentum": 0.0, "nesterov": True},
-         ValueError, "momentum", 0.0),
         ("torch.SGD(nesterov, momentum=0)", pt.SGD, {"nesterov": True}, ValueError, "momentum", 0.0),
         ("torch.SGD(nesterov, dampening=0.5)", pt.SGD, {"nesterov": True, "momentum": 0.9, "dampening": 0.5},
          ValueError, "dampening", 0.5),
