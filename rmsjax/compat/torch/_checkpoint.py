@@ -77,7 +77,9 @@ _FIELDS = {
 
 # --------------------------------------------------------------------------- chain parts
 
-_PARTS = (*_SCALINGS, T.MomentumState, T.ScaleByLearningRateState)
+_BUFFERS = (T.MomentumState, T.DampenedMomentumState)
+_RATES = (T.ScaleByLearningRateState, T.ScaleByScheduleState)
+_PARTS = (*_SCALINGS, *_BUFFERS, *_RATES)
 
 
 def _is_part(node: Any) -> bool:
@@ -101,8 +103,8 @@ def _of_type(parts: list, *types) -> Any:
 
 
 def _count(part: Any) -> Any:
-    """A part's step count, ``None`` where it keeps none."""
-    return getattr(part, "count", None)
+    """A part's step count, ``None`` where it keeps none (a field, never ``tuple.count``)."""
+    return part.count if "count" in getattr(part, "_fields", ()) else None
 
 
 def _expected_keys(parts: list) -> set[str]:
@@ -110,7 +112,7 @@ def _expected_keys(parts: list) -> set[str]:
     scaling = _of_type(parts, *_SCALINGS)
     if scaling is not None:
         keys |= {"step", *_FIELDS[type(scaling)]}
-    if _of_type(parts, T.MomentumState) is not None:
+    if _of_type(parts, *_BUFFERS) is not None:
         keys.add("momentum_buffer")
     return keys
 
@@ -336,8 +338,8 @@ def state_dict(
         kind, hyper = g.kind, g.hyper
         parts = _parts(g.state)
         scaling = _of_type(parts, *_SCALINGS)
-        buffer = _of_type(parts, T.MomentumState)
-        step = _step_of(scaling, buffer, _of_type(parts, T.ScaleByLearningRateState))
+        buffer = _of_type(parts, *_BUFFERS)
+        step = _step_of(scaling, buffer, _of_type(parts, *_RATES))
         has_buffers = buffer is not None and _buffer_started(buffer, step)
         for k, j in enumerate(g.leaves):
             param = leaves[j]
@@ -378,7 +380,7 @@ def _step_of(*parts: Any) -> int:
     return int(np.asarray(counts[0])) if counts else 0
 
 
-def _buffer_started(buffer: T.MomentumState, step: int) -> bool:
+def _buffer_started(buffer: T.MomentumState | T.DampenedMomentumState, step: int) -> bool:
     """Whether PyTorch would hold this group's momentum buffers (it makes them at step 1).
 
     Without a counter of its own (``dampening=0``) a buffer counts as made once it is
@@ -622,14 +624,14 @@ def _fill(part, entries, g, count, lr, index, leaves, names, layout):
     fields = part._asdict()
     if fields.get("count") is not None:
         fields["count"] = jnp.full_like(part.count, count)
-    if isinstance(part, T.ScaleByLearningRateState):
+    if isinstance(part, _RATES):
         # Its other field is the read-out of the next update's rate.
         rate = _rate(lr, count)
         for field, value in fields.items():
             if field != "count" and value is not None:
                 fields[field] = jnp.full_like(value, rate)
     mapping = dict(_FIELDS.get(type(part), {}))
-    if isinstance(part, T.MomentumState):
+    if isinstance(part, _BUFFERS):
         mapping = {"momentum_buffer": "mu"}
     for key, field in mapping.items():
         current, treedef = jax.tree.flatten(fields[field])
