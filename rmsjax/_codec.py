@@ -239,19 +239,20 @@ def _finish(fresh: jax.Array, old: jax.Array | None, utype: Any, mantissa: int, 
     """Keeps the old scale while the fresh one is within ``SCALE_SLACK`` below it, and stores
     the scale in ``dtype``, clamped to its largest finite value (a float16 block whose
     maximum is above 2**15 gets scale 65504, not an overflowing 2**16)."""
+    largest = float(jnp.finfo(dtype).max)
+    clamps = largest < 2.0 ** (jnp.finfo(ct).maxexp - 2)  # float16; never bfloat16
     if old is not None:
-        largest = float(jnp.finfo(dtype).max)
         old_c = old.astype(ct)
-        # A clamped old scale stands for the power of two above the dtype's maximum.
-        old_c = jnp.where(old_c == jnp.asarray(largest, ct), jnp.asarray(2 * largest, ct), old_c) \
-            if jnp.dtype(dtype).itemsize < jnp.dtype(ct).itemsize else old_c
+        if clamps:  # a clamped old scale stands for the power of two above the dtype's maximum
+            above = 2.0 ** int(np.ceil(np.log2(largest)))
+            old_c = jnp.where(old_c == jnp.asarray(largest, ct), jnp.asarray(above, ct), old_c)
         old_raw = lax.bitcast_convert_type(old_c, utype)
         slack = jnp.asarray(SCALE_SLACK.bit_length() - 1, utype) << jnp.asarray(mantissa, utype)
         keep = (fresh <= old_raw) & (fresh + slack > old_raw)
         fresh = jnp.where(keep, old_raw, fresh)
     scale = lax.bitcast_convert_type(fresh, ct)
-    if jnp.dtype(dtype).itemsize < jnp.dtype(ct).itemsize:
-        scale = jnp.minimum(scale, jnp.asarray(float(jnp.finfo(dtype).max), ct))
+    if clamps:
+        scale = jnp.minimum(scale, jnp.asarray(largest, ct))
     return scale.astype(dtype)
 
 

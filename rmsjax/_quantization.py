@@ -175,6 +175,9 @@ class _Layout(NamedTuple):
     def blocked(self) -> tuple[int, ...]:
         return (*self.lead, self.n_blocks, self.block)
 
+    def scale_shape(self) -> tuple[int, ...]:
+        return (*self.lead, self.n_blocks, *(1,) * (self.k - 1))
+
     def code_shape(self) -> tuple[int, ...]:
         if self.bits == 8:
             return self.shape
@@ -187,13 +190,17 @@ class _Layout(NamedTuple):
 
 def _layout_of(q: QuantizedArray | PackedQuantizedArray) -> _Layout:
     bits = 4 if isinstance(q, PackedQuantizedArray) else 8
-    lead = tuple(q.scale.shape[:-1])
-    trailing = tuple(q.codes.shape[len(lead) :])
-    shape = (*lead, *trailing)
-    if bits == 4:
-        shape = (*lead, 2 * trailing[0], *trailing[1:])
-    row = int(np.prod(shape[len(lead) :], dtype=np.int64))
-    return _Layout(shape, len(trailing), row // int(q.scale.shape[-1]), bits)
+    codes, scale = tuple(q.codes.shape), tuple(q.scale.shape)
+    rank = len(codes)
+    for k in range(1, rank + 1):
+        lead = rank - k
+        if scale[:lead] != codes[:lead] or any(n != 1 for n in scale[lead + 1 :]):
+            continue
+        shape = codes if bits == 8 else (*codes[:lead], 2 * codes[lead], *codes[lead + 1 :])
+        row = int(np.prod(shape[lead:], dtype=np.int64))
+        if row % scale[lead] == 0 and row // scale[lead] >= 2:
+            return _Layout(shape, k, row // scale[lead], bits)
+    raise ValueError(f"codes of shape {codes} do not fit scales of shape {scale}")
 
 
 def _largest_divisor(n: int, limit: int, *, even: bool) -> int:
@@ -211,8 +218,10 @@ def _plan(leaf: Any, bits: int, block_size: int, min_size: int) -> _Layout | Non
     if not jnp.issubdtype(dtype, jnp.floating) or leaf.ndim == 0 or leaf.size < max(min_size, 1):
         return None
     shape = tuple(int(n) for n in leaf.shape)
+    # The blocked row: the last axis, or the last axes when the last is too short for a block
+    # (a (n, 1) head, the (n, 2) real view of a complex moment).
     k = 1
-    while k < len(shape) and int(np.prod(shape[-k:])) < block_size:
+    while k < len(shape) and int(np.prod(shape[-k:])) < max(block_size // _MIN_BLOCK_FRACTION, 2):
         k += 1
     local = shape
     if not isinstance(leaf, jax.core.Tracer):
@@ -224,6 +233,8 @@ def _plan(leaf: Any, bits: int, block_size: int, min_size: int) -> _Layout | Non
                 local = tuple(sharding.shard_shape(shape))
             except Exception:  # noqa: BLE001 - an exotic sharding: assume unsharded
                 local = shape
+    if local[len(shape) - k + 1 :] != shape[len(shape) - k + 1 :]:
+        return None  # a merged trailing axis is split: a block would not be contiguous in a shard
     row_local = int(np.prod(local[len(shape) - k :], dtype=np.int64))
     block = _largest_divisor(row_local, block_size, even=bits == 4)
     if block == 0 or (block < row_local and block * _MIN_BLOCK_FRACTION < block_size):
@@ -262,7 +273,8 @@ def dequantize(q: QuantizedArray | PackedQuantizedArray) -> jax.Array:
     ct = _compute_dtype(dtype)
     codes = q.codes.reshape(layout.blocked_codes())
     level = _codec.levels_of(codes, layout.bits, _signed(q), ct)
-    value = _codec.decode(level, q.scale.astype(ct)[..., None], layout.bits, _signed(q))
+    scale = q.scale.astype(ct).reshape(layout.blocked()[:-1])[..., None]
+    value = _codec.decode(level, scale, layout.bits, _signed(q))
     return value.reshape(layout.shape).astype(dtype)
 
 
@@ -271,7 +283,7 @@ def _decoded_max(q: QuantizedArray | PackedQuantizedArray, layout: _Layout) -> j
     signed = _signed(q)
     top = _codec.largest_level(q.codes.reshape(layout.blocked_codes()), layout.bits, signed)
     ct = _compute_dtype(q.scale.dtype)
-    return _codec.decode(top.astype(ct), q.scale.astype(ct), layout.bits, signed)
+    return _codec.decode(top.astype(ct), q.scale.astype(ct).reshape(top.shape), layout.bits, signed)
 
 
 def _encode(x: jax.Array, layout: _Layout, signed: bool, count: jax.Array | None, leaf_id: int, *,
@@ -284,12 +296,14 @@ def _encode(x: jax.Array, layout: _Layout, signed: bool, count: jax.Array | None
     dtype = x.dtype
     ct = _compute_dtype(dtype)
     blocked = x.astype(ct).reshape(layout.blocked())
+    old = None if old_scale is None else old_scale.reshape(layout.blocked()[:-1])
     if bound is None:
-        scale = _codec.block_scale(blocked, old_scale, dtype)
+        scale = _codec.block_scale(blocked, old, dtype)
     else:
-        scale = _codec.bound_scale(bound.astype(ct), old_scale, dtype)
+        scale = _codec.bound_scale(bound.astype(ct), old, dtype)
     u = None if (nearest or count is None) else _codec.uniform(layout.blocked(), count, leaf_id)
     level = _codec.encode(blocked, scale.astype(ct)[..., None], u, layout.bits, signed)
+    scale = scale.reshape(layout.scale_shape())
     if layout.bits == 8:
         codes = level.astype(_codec.code_dtype(8, signed)).reshape(layout.code_shape())
         return QuantizedArray(codes=codes, scale=scale)
