@@ -194,17 +194,17 @@ def levels_of(codes: jax.Array, bits: int, signed: bool, ct: Any) -> jax.Array:
 
 
 def largest_level(codes: jax.Array, bits: int, signed: bool) -> jax.Array:
-    """The largest ``|level|`` of each block of blocked codes, reserved codes left out
-    (float32). The maps are monotone in ``|level|``, so this decodes to the block's largest
-    finite magnitude without decoding the elements."""
+    """An upper bound on the largest finite ``|level|`` of each block of blocked codes
+    (float32): exact unless the block holds a reserved (non-finite) code, then ``Q``. The
+    maps are monotone in ``|level|``, so this decodes to a bound on the block's largest
+    finite magnitude. At 8 bits it reduces the stored codes themselves (a max, and a min
+    for signed maps), so XLA reads them in place instead of writing a converted copy."""
     q = MAPS[(bits, signed)][0]
     if bits == 8:
-        c = codes.astype(jnp.int32)
-        if signed:
-            c = jnp.where(c == -128, 0, jnp.abs(c))
-        else:
-            c = jnp.where(c > q, 0, c)
-        return jnp.max(c, axis=-1).astype(jnp.float32)
+        top = jnp.max(codes, axis=-1).astype(jnp.float32)
+        if signed:  # -128 (NaN) reads as 128: clipped to Q below
+            top = jnp.maximum(top, -jnp.min(codes, axis=-1).astype(jnp.float32))
+        return jnp.minimum(top, jnp.float32(q))
     raw = lax.bitcast_convert_type(codes, jnp.uint8)
     low, high = raw & jnp.uint8(15), raw >> jnp.uint8(4)
 
@@ -280,9 +280,18 @@ def bound_scale(bound: jax.Array, old: jax.Array | None, dtype: Any) -> jax.Arra
 def finite_absmax(x: jax.Array, ct: Any, *, order: int) -> jax.Array:
     """The largest ``|x|**order`` of each block (last axis) over the elements where it is
     finite, in ``ct``: the input term of a moment's bound. An element whose ``x**2``
-    overflows gives a non-finite moment, stored in its own element, so it is left out."""
-    a = jnp.abs(x).astype(ct)
+    overflows gives a non-finite moment, stored in its own element, so it is left out.
+
+    One reduction straight over ``x`` (its own dtype) with a body that skips those elements:
+    XLA reads ``x`` in place, where a reduction over a computed ``|x|`` would write it out.
+    """
     limit = float(np.sqrt(float(jnp.finfo(ct).max))) if order == 2 else float(jnp.finfo(ct).max)
-    a = jnp.where(a <= jnp.asarray(limit, ct), a, jnp.zeros_like(a))
-    m = jnp.max(a, axis=-1)
+    dtype = x.dtype
+    cap = min(limit, float(jnp.finfo(dtype).max))  # a Python number: the body closes over no array
+
+    def body(acc: jax.Array, v: jax.Array) -> jax.Array:
+        a = jnp.abs(v)
+        return jnp.maximum(acc, jnp.where(a <= cap, a, jnp.zeros_like(a)))
+
+    m = lax.reduce(x, np.zeros((), dtype), body, (x.ndim - 1,)).astype(ct)
     return m * m if order == 2 else m

@@ -124,6 +124,23 @@ def _stop(x: Any) -> bool:
     return _is_quantized(x) or _is_variable(x)
 
 
+def _like(x: Any, value: Any) -> Any:
+    """``value`` in a Flax NNX Variable of ``x``'s type when ``x`` is one (state trees of
+    ``nnx.State``), else ``value`` itself."""
+    return x.replace(value=value) if _is_variable(x) else value
+
+
+def _plain(q: Any) -> Any:
+    """A quantized node with its codes and scale unwrapped from NNX Variables."""
+    return type(q)(codes=_value(q.codes), scale=_value(q.scale))
+
+
+def _wrapped(x: Any, q: Any) -> Any:
+    """The quantized node ``q`` of the moment leaf ``x``: its codes and scale each wrapped
+    like ``x`` (so that an ``nnx.State`` of Variables stays one)."""
+    return type(q)(codes=_like(x, q.codes), scale=_like(x, q.scale)) if _is_variable(x) else q
+
+
 # --------------------------------------------------------------------------- validation
 
 
@@ -353,7 +370,7 @@ def _decode_node(node: Any) -> Any:
     decl = _moments.declared(node) or {}
     fields = {}
     for name in decl:
-        fields[name] = jax.tree.map(lambda x: dequantize(x) if _is_quantized(x) else x,
+        fields[name] = jax.tree.map(lambda x: _like(x.codes, dequantize(_plain(x))) if _is_quantized(x) else x,
                                     getattr(node, name), is_leaf=_stop)
     for name, first in _centered_pairs(node).items():
         stored = getattr(node, name)
@@ -361,8 +378,9 @@ def _decode_node(node: Any) -> Any:
         def back(s: Any, v: Any, m: Any) -> Any:
             if not _is_quantized(s):
                 return v
-            ct = _compute_dtype(v.dtype)
-            return (v.astype(ct) + _sq(m)).astype(v.dtype)
+            a = _value(v)
+            ct = _compute_dtype(a.dtype)
+            return _like(v, (a.astype(ct) + _sq(m)).astype(a.dtype))
 
         fields[name] = jax.tree.map(back, stored, fields[name], fields[first], is_leaf=_stop)
     return node._replace(**fields)
@@ -489,7 +507,8 @@ def _wrap(inner: optax.GradientTransformation, bits: int, block: int, minimum: i
                     if centered:  # stored as the variance nu - |mu|**2
                         ct = _compute_dtype(value.dtype)
                         value = jnp.maximum(value.astype(ct) - _sq(m), jnp.zeros((), ct)).astype(value.dtype)
-                    return _encode(value, layout, moment.signed, jnp.int32(0), next(ids), nearest=nearest)
+                    return _wrapped(x, _encode(value, layout, moment.signed, jnp.int32(0), next(ids),
+                                               nearest=nearest))
 
                 if first is None:
                     fields[name] = jax.tree.map(leaf, getattr(n, name), is_leaf=_stop)
@@ -502,9 +521,15 @@ def _wrap(inner: optax.GradientTransformation, bits: int, block: int, minimum: i
 
     def update_fn(updates: Any, state: QuantizedState, params: Any = None, **extra_args: Any):
         stored = state.inner
+        updates_out, new_inner = inner.update(updates, dequantize_state(stored), params, **extra_args)
+        if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((updates, stored))):
+            # Traced again, from copies XLA may not merge with the first trace: the loop that
+            # writes the new parameters and the one that writes the new codes each compute
+            # the moments they need from the stored codes and the gradient, instead of
+            # sharing one full-size float32 copy of the new moments.
+            updates, stored, params = jax.lax.optimization_barrier((updates, stored, params))
+            _, new_inner = inner.update(updates, dequantize_state(stored), params, **extra_args)
         entry = _entry(stored)
-        decoded = dequantize_state(stored)
-        updates_out, new_inner = inner.update(updates, decoded, params, **extra_args)
         count = state.count + jnp.int32(1)
         ids = iter(range(1 << 30))
 
@@ -528,6 +553,7 @@ def _wrap(inner: optax.GradientTransformation, bits: int, block: int, minimum: i
             def leaf(q: Any, x: Any, g: Any = None, m: Any = None) -> Any:
                 if not _is_quantized(q):
                     return x
+                q = _plain(q)
                 layout = _layout_of(q)
                 value = jnp.asarray(_value(x)).astype(q.scale.dtype)
                 if m is not None:
@@ -538,8 +564,8 @@ def _wrap(inner: optax.GradientTransformation, bits: int, block: int, minimum: i
                 if g is not None and hasattr(g, "shape") and tuple(g.shape) == layout.shape \
                         and jnp.issubdtype(jnp.asarray(g).dtype, jnp.floating):
                     bound = _bound(q, layout, moment, jnp.asarray(g))
-                return _encode(value, layout, moment.signed, count, next(ids), old_scale=q.scale,
-                               bound=bound, nearest=nearest)
+                return _wrapped(x, _encode(value, layout, moment.signed, count, next(ids),
+                                           old_scale=q.scale, bound=bound, nearest=nearest))
 
             if grads is None and firsts is None:
                 return jax.tree.map(leaf, olds, news, is_leaf=_stop)

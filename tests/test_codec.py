@@ -152,17 +152,25 @@ def test_packing_puts_element_j_and_j_plus_half_in_byte_j(signed):
 
 
 @pytest.mark.parametrize("bits,signed", sorted(MAPS))
-def test_largest_level_skips_reserved_codes(bits, signed):
-    x = np.abs(np.random.default_rng(1).standard_normal((2, BLOCK[bits]))).astype(np.float32)
+def test_largest_level_bounds_the_finite_levels(bits, signed):
+    """Exact on blocks of finite codes; on a block holding a reserved (non-finite) code, Q at
+    8 bits (a bound read straight from the stored codes) and exact at 4 bits."""
+    x = np.abs(np.random.default_rng(1).standard_normal((3, BLOCK[bits]))).astype(np.float32) * 0.4
+    x[2, 0] = 1.0
     x[0, 5] = np.nan
     x[1, 7] = np.inf
     xb = jnp.asarray(x)
     scale = _codec.block_scale(xb, None, jnp.float32)
     level = _codec.encode(xb, scale[..., None], None, bits, signed)
     codes = (level.astype(_codec.code_dtype(8, signed)) if bits == 8 else _codec.pack(level, signed))
-    top = _codec.largest_level(codes, bits, signed)
-    finite = np.where(np.isfinite(np.asarray(level)) & np.isfinite(x), np.abs(np.asarray(level)), 0)
-    np.testing.assert_array_equal(np.asarray(top), finite.max(axis=-1))
+    top = np.asarray(_codec.largest_level(codes, bits, signed))
+    finite = np.where(np.isfinite(x), np.abs(np.asarray(level)), 0).max(axis=-1)
+    q = MAPS[(bits, signed)][0]
+    assert top[2] == finite[2] == q
+    if bits == 8:
+        np.testing.assert_array_equal(top[:2], [q, q])
+    else:
+        np.testing.assert_array_equal(top[:2], finite[:2])
 
 
 @pytest.mark.parametrize("bits", [8, 4])
