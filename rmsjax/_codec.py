@@ -256,14 +256,19 @@ def _finish(fresh: jax.Array, old: jax.Array | None, utype: Any, mantissa: int, 
     return scale.astype(dtype)
 
 
-def block_scale(x: jax.Array, old: jax.Array | None, dtype: Any) -> jax.Array:
+def block_scale(x: jax.Array, old: jax.Array | None, dtype: Any, *,
+                keep: jax.Array | None = None) -> jax.Array:
     """Each block's scale (last axis) from its values: the power of two just above its
     largest *finite* magnitude, in ``dtype``. Only the biased exponents are reduced (one byte
-    per element); non-finite elements (exponent all ones) are left out."""
+    per element); non-finite elements (exponent all ones), and those where ``keep`` is false,
+    are left out."""
     utype, mantissa, mask, etype = _EXPONENT[jnp.dtype(x.dtype)]
     raw = lax.bitcast_convert_type(x, utype)
     exponent = ((raw >> jnp.asarray(mantissa, utype)) & jnp.asarray(mask, utype)).astype(etype)
-    exponent = jnp.where(exponent == jnp.asarray(mask, etype), jnp.zeros_like(exponent), exponent)
+    drop = exponent == jnp.asarray(mask, etype)
+    if keep is not None:
+        drop = drop | ~keep
+    exponent = jnp.where(drop, jnp.zeros_like(exponent), exponent)
     fresh = _power_of_two_above(jnp.max(exponent, axis=-1), utype, mantissa, mask)
     return _finish(fresh, old, utype, mantissa, x.dtype, dtype)
 
@@ -277,15 +282,17 @@ def bound_scale(bound: jax.Array, old: jax.Array | None, dtype: Any) -> jax.Arra
                    bound.dtype, dtype)
 
 
-def finite_absmax(x: jax.Array, ct: Any, *, order: int) -> jax.Array:
+def finite_absmax(x: jax.Array, ct: Any, *, order: int, square_finite: bool = False) -> jax.Array:
     """The largest ``|x|**order`` of each block (last axis) over the elements where it is
     finite, in ``ct``: the input term of a moment's bound. An element whose ``x**2``
-    overflows gives a non-finite moment, stored in its own element, so it is left out.
+    overflows gives a non-finite moment, stored in its own element, so it is left out (with
+    ``square_finite`` also for ``order=1``).
 
     One reduction straight over ``x`` (its own dtype) with a body that skips those elements:
     XLA reads ``x`` in place, where a reduction over a computed ``|x|`` would write it out.
     """
-    limit = float(np.sqrt(float(jnp.finfo(ct).max))) if order == 2 else float(jnp.finfo(ct).max)
+    square = order == 2 or square_finite
+    limit = float(np.sqrt(float(jnp.finfo(ct).max))) if square else float(jnp.finfo(ct).max)
     dtype = x.dtype
     cap = min(limit, float(jnp.finfo(dtype).max))  # a Python number: the body closes over no array
 

@@ -26,6 +26,10 @@ A declaration says, for each moment field:
 * ``centered``: the name of the first-moment field when the moment is a centred second moment
   (``nu`` of centred RMSprop); it is then stored as the variance ``nu - |mu|**2``, whose
   relative precision does not collapse when ``nu`` and ``mu**2`` nearly cancel.
+* ``divided_by``: the second-moment field this moment is divided by in the step (``nu`` for
+  Adam's ``mu``). Where that one is not finite (a gradient whose square overflows) the step
+  does not depend on this moment's value, so the element is kept out of its block's scale
+  (it saturates) instead of taking the block's resolution with it.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ class Moment(NamedTuple):
     rule: str | None = None
     order: int = 1
     centered: str | None = None
+    divided_by: str | None = None
 
 
 _DECLARED: dict[type, dict[str, Moment]] = {}
@@ -58,7 +63,7 @@ def declare(cls: type, **fields: Moment) -> None:
     ...     nu: object
     >>> declare(S, nu=Moment(signed=False, rule="leaky", order=2))
     >>> declared(S(0, None))
-    {'nu': Moment(signed=False, rule='leaky', order=2, centered=None)}
+    {'nu': Moment(signed=False, rule='leaky', order=2, centered=None, divided_by=None)}
     """
     names = getattr(cls, "_fields", None)
     if names is None:
@@ -68,8 +73,9 @@ def declare(cls: type, **fields: Moment) -> None:
             raise ValueError(f"declare: {cls.__name__} has no field {name!r} (fields: {names})")
         if not isinstance(moment, Moment) or moment.rule not in RULES or moment.order not in (1, 2):
             raise ValueError(f"declare: {cls.__name__}.{name}: bad declaration {moment!r}")
-        if moment.centered is not None and moment.centered not in names:
-            raise ValueError(f"declare: {cls.__name__}.{name}: no field {moment.centered!r}")
+        for other in (moment.centered, moment.divided_by):
+            if other is not None and other not in names:
+                raise ValueError(f"declare: {cls.__name__}.{name}: no field {other!r}")
     _DECLARED[cls] = dict(fields)
 
 
@@ -80,6 +86,8 @@ def declared(node: Any) -> dict[str, Moment] | None:
 
 FIRST = Moment(signed=True, rule="leaky", order=1)
 """A leaky average of the input (a first moment)."""
+ADAM_FIRST = Moment(signed=True, rule="leaky", order=1, divided_by="nu")
+"""A leaky average of the input divided by the root of the second moment ``nu`` in the step."""
 SECOND = Moment(signed=False, rule="leaky", order=2)
 """A leaky average of the input's square (a second moment)."""
 
@@ -90,8 +98,9 @@ def _declare_optax() -> None:
     squares), so their blocks are reduced exactly."""
     import optax
 
-    declare(optax.ScaleByAdamState, mu=Moment(True), nu=Moment(False))
-    declare(optax.ScaleByAmsgradState, mu=Moment(True), nu=Moment(False), nu_max=Moment(False))
+    declare(optax.ScaleByAdamState, mu=Moment(True, divided_by="nu"), nu=Moment(False))
+    declare(optax.ScaleByAmsgradState, mu=Moment(True, divided_by="nu"), nu=Moment(False),
+            nu_max=Moment(False))
     declare(optax.ScaleByRmsState, nu=Moment(False))
     declare(optax.ScaleByRssState, sum_of_squares=Moment(False))
     declare(optax.TraceState, trace=Moment(True))

@@ -305,17 +305,19 @@ def _decoded_max(q: QuantizedArray | PackedQuantizedArray, layout: _Layout) -> j
 
 def _encode(x: jax.Array, layout: _Layout, signed: bool, count: jax.Array | None, leaf_id: int, *,
             old_scale: jax.Array | None = None, bound: jax.Array | None = None,
-            nearest: bool = False) -> QuantizedArray | PackedQuantizedArray:
+            keep: jax.Array | None = None, nearest: bool = False) -> QuantizedArray | PackedQuantizedArray:
     """Encode ``x`` (the moment's shape and dtype) with ``layout``; ``count=None`` or
     ``nearest``: round to nearest. ``old_scale``: the scales stored at the previous step
     (kept where they still fit). ``bound``: an upper bound on each block's largest finite
-    magnitude; the scales then come from it instead of from a reduction over ``x``."""
+    magnitude; the scales then come from it instead of from a reduction over ``x``. ``keep``:
+    where false, the element is left out of its block's exact scale (it saturates)."""
     dtype = x.dtype
     ct = _compute_dtype(dtype)
     blocked = x.astype(ct).reshape(layout.blocked())
     old = None if old_scale is None else old_scale.reshape(layout.blocked()[:-1])
     if bound is None:
-        scale = _codec.block_scale(blocked, old, dtype)
+        scale = _codec.block_scale(blocked, old, dtype,
+                                   keep=None if keep is None else keep.reshape(layout.blocked()))
     else:
         scale = _codec.bound_scale(bound.astype(ct), old, dtype)
     u = None if (nearest or count is None) else _codec.uniform(layout.blocked(), count, leaf_id)
@@ -333,7 +335,10 @@ def _bound(q: QuantizedArray | PackedQuantizedArray, layout: _Layout, moment: _m
     """The declared rule's bound on each block's largest finite magnitude of the new moment."""
     ct = _compute_dtype(q.scale.dtype)
     m_old = _decoded_max(q, layout)
-    m_x = _codec.finite_absmax(x.reshape(layout.blocked()), ct, order=moment.order)
+    # A moment divided by a second moment: elements whose gradient squared overflows take
+    # no finite step (that second moment is +inf), so they are left out of the bound too.
+    m_x = _codec.finite_absmax(x.reshape(layout.blocked()), ct, order=moment.order,
+                               square_finite=moment.divided_by is not None)
     if moment.rule in ("leaky", "peak"):
         return jnp.maximum(m_old, m_x)
     return m_old + m_x  # "sum", "momentum"
@@ -365,13 +370,16 @@ def _sq(m: Any) -> jax.Array:
     return jnp.square(m.astype(ct))
 
 
+def _decoded(x: Any) -> Any:
+    return _like(x.codes, dequantize(_plain(x))) if _is_quantized(x) else x
+
+
 def _decode_node(node: Any) -> Any:
     """A declared state node with its quantized moments decoded (centred ones back to ``nu``)."""
     decl = _moments.declared(node) or {}
     fields = {}
     for name in decl:
-        fields[name] = jax.tree.map(lambda x: _like(x.codes, dequantize(_plain(x))) if _is_quantized(x) else x,
-                                    getattr(node, name), is_leaf=_stop)
+        fields[name] = jax.tree.map(_decoded, getattr(node, name), is_leaf=_stop)
     for name, first in _centered_pairs(node).items():
         stored = getattr(node, name)
 
@@ -493,7 +501,7 @@ def _wrap(inner: optax.GradientTransformation, bits: int, block: int, minimum: i
         def node(n: Any) -> Any:
             decl = _moments.declared(n) or {}
             centered = _centered_pairs(n)
-            fields = {}
+            fields: dict[str, Any] = {}
             for name, moment in decl.items():
                 first = getattr(n, centered[name]) if name in centered else None
 
@@ -535,45 +543,51 @@ def _wrap(inner: optax.GradientTransformation, bits: int, block: int, minimum: i
 
         def node(old: Any, new: Any) -> Any:
             decl = _moments.declared(old) or {}
-            centered = _centered_pairs(old)
             fields = {}
             for name, moment in decl.items():
                 olds, news = getattr(old, name), getattr(new, name)
                 if not any(_is_quantized(x) for x in jax.tree.leaves(olds, is_leaf=_stop)):
                     continue
-                grads = None
+                aux = {}
                 if bits == 8 and old is entry and moment.rule is not None:
                     grads = _matching(olds, updates)
-                firsts = getattr(new, centered[name]) if name in centered else None
-                fields[name] = _encode_field(olds, news, grads, firsts, moment, count, ids)
+                    if grads is not None:
+                        aux["g"] = grads
+                if moment.centered is not None:
+                    aux["m"] = getattr(new, moment.centered)
+                if moment.divided_by is not None:
+                    aux["d"] = getattr(new, moment.divided_by)
+                fields[name] = _encode_field(olds, news, aux, moment, count, ids)
             return new._replace(**fields)
 
-        def _encode_field(olds: Any, news: Any, grads: Any, firsts: Any, moment: _moments.Moment,
+        def _encode_field(olds: Any, news: Any, aux: dict[str, Any], moment: _moments.Moment,
                           count: jax.Array, ids: Any) -> Any:
-            def leaf(q: Any, x: Any, g: Any = None, m: Any = None) -> Any:
+            names = list(aux)
+
+            def leaf(q: Any, x: Any, *rest: Any) -> Any:
                 if not _is_quantized(q):
                     return x
+                extra = {k: _value(v) for k, v in zip(names, rest, strict=True)}
                 q = _plain(q)
                 layout = _layout_of(q)
                 value = jnp.asarray(_value(x)).astype(q.scale.dtype)
+                m = extra.get("m")
                 if m is not None:
                     ct = _compute_dtype(value.dtype)
                     value = jnp.maximum(value.astype(ct) - _sq(m), jnp.zeros((), ct)).astype(value.dtype)
+                keep = None
+                d = extra.get("d")
+                if d is not None and tuple(jnp.shape(d)) == layout.shape:
+                    keep = jnp.isfinite(jnp.asarray(d))
                 bound = None
-                g = _value(g)
-                if g is not None and hasattr(g, "shape") and tuple(g.shape) == layout.shape \
+                g = extra.get("g")
+                if g is not None and tuple(jnp.shape(g)) == layout.shape \
                         and jnp.issubdtype(jnp.asarray(g).dtype, jnp.floating):
                     bound = _bound(q, layout, moment, jnp.asarray(g))
-                return _wrapped(x, _encode(value, layout, moment.signed, count, next(ids),
-                                           old_scale=q.scale, bound=bound, nearest=nearest))
+                return _wrapped(x, _encode(value, layout, moment.signed, count, next(ids), old_scale=q.scale,
+                                           bound=bound, keep=keep, nearest=nearest))
 
-            if grads is None and firsts is None:
-                return jax.tree.map(leaf, olds, news, is_leaf=_stop)
-            if firsts is None:
-                return jax.tree.map(leaf, olds, news, grads, is_leaf=_stop)
-            if grads is None:
-                return jax.tree.map(lambda q, x, m: leaf(q, x, None, m), olds, news, firsts, is_leaf=_stop)
-            return jax.tree.map(leaf, olds, news, grads, firsts, is_leaf=_stop)
+            return jax.tree.map(leaf, olds, news, *aux.values(), is_leaf=_stop)
 
         new_stored = jax.tree.map(lambda o, n: node(o, n) if _is_declared(o) else n, stored, new_inner,
                                   is_leaf=_is_declared)

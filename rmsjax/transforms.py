@@ -156,7 +156,7 @@ class ScaleByStddevState(NamedTuple):
     nu: PyTree
 
 
-_moments.declare(ScaleByStddevState, mu=_moments.FIRST,
+_moments.declare(ScaleByStddevState, mu=_moments.ADAM_FIRST,
                  nu=_moments.Moment(False, "leaky", 2, centered="mu"))
 
 def scale_by_stddev(
@@ -303,7 +303,7 @@ class ScaleByAdamState(NamedTuple):
     nu: PyTree
 
 
-_moments.declare(ScaleByAdamState, mu=_moments.FIRST, nu=_moments.SECOND)
+_moments.declare(ScaleByAdamState, mu=_moments.ADAM_FIRST, nu=_moments.SECOND)
 
 class ScaleByAmsgradState(NamedTuple):
     """State of :func:`scale_by_adam` with ``amsgrad=True``: adds ``nu_max``, the running max of ``nu``."""
@@ -314,7 +314,8 @@ class ScaleByAmsgradState(NamedTuple):
     nu_max: PyTree
 
 
-_moments.declare(ScaleByAmsgradState, mu=_moments.FIRST, nu=_moments.SECOND, nu_max=_moments.Moment(False))
+_moments.declare(ScaleByAmsgradState, mu=_moments.ADAM_FIRST, nu=_moments.SECOND,
+                 nu_max=_moments.Moment(False))
 
 def scale_by_adam(
     b1: Scalar = 0.9,

@@ -429,3 +429,286 @@ def test_benchmark_smoke(tmp_path):
     assert memory[("adam", 32)] == pytest.approx(8.0, rel=1e-3)
     assert memory[("adam", 8)] < 2.1
     assert all(row["ratio"] > 0 for row in result["speed"])
+
+
+# --------------------------------------------------------------------------- declared moments only
+
+import registry  # noqa: E402  (tests/ is on the path: conftest.py)
+
+from rmsjax import _moments  # noqa: E402
+
+_REG_PARAMS = {"a": jnp.linspace(-1.0, 1.0, 8 * 64).reshape(8, 64), "b": jnp.linspace(0.5, -0.5, 64)}
+
+
+def _declared_moment_leaves(state):
+    """(quantized nodes reached through declared moment fields, declared float leaves left wide)."""
+    found, wide = [], []
+    nodes = jax.tree.leaves(state, is_leaf=lambda x: _moments.declared(x) is not None)
+    for node in nodes:
+        for name, moment in (_moments.declared(node) or {}).items():
+            for leaf in jax.tree.leaves(getattr(node, name), is_leaf=qz._is_quantized):
+                if qz._is_quantized(leaf):
+                    found.append((leaf, moment))
+                elif jnp.issubdtype(leaf.dtype, jnp.floating):
+                    wide.append(leaf)
+    return found, wide
+
+
+@pytest.mark.parametrize("name", sorted(registry.CASES))
+def test_only_declared_moments_are_quantized(name):
+    case = registry.CASES[name]
+    if name.startswith("quantized("):
+        pytest.skip("already quantized")
+    tx = rmsjax.quantized(case.make(), min_size=1)
+    state = tx.init(_REG_PARAMS)
+    grads = jax.tree.map(lambda p: jnp.cos(3 * p) + 0.1, _REG_PARAMS)
+    updates, state = jax.jit(tx.update)(grads, state, _REG_PARAMS)
+    everything = [x for x in jax.tree.leaves(state, is_leaf=qz._is_quantized) if qz._is_quantized(x)]
+    found, wide = _declared_moment_leaves(state)
+    assert len(everything) == len(found)  # every quantized leaf is a declared moment...
+    assert not wide  # ...and every real declared moment of these shapes is quantized
+    for q, moment in found:
+        assert (q.codes.dtype == jnp.int8) == moment.signed
+    assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
+
+
+def test_keras_ema_is_not_quantized_and_overwrites_with_the_exact_average():
+    kc = rmsjax.compat.keras
+    params = {"w": jnp.linspace(-1.0, 1.0, 64 * 128).reshape(64, 128)}
+    grads = {"w": jnp.sin(jnp.arange(64 * 128, dtype=jnp.float32).reshape(64, 128))}
+    plain = kc.SGD(1e-3, use_ema=True, ema_overwrite_frequency=5)
+    low = rmsjax.quantized(kc.SGD(1e-3, use_ema=True, ema_overwrite_frequency=5), min_size=1)
+    s_p, s_q, p_p, p_q = plain.init(params), low.init(params), params, params
+    for _ in range(10):
+        u, s_p = plain.update(grads, s_p, p_p)
+        p_p = optax.apply_updates(p_p, u)
+        v, s_q = low.update(grads, s_q, p_q)
+        p_q = optax.apply_updates(p_q, v)
+    chex_equal(p_q, p_p)
+    ema_q, ema_p = kc.ema_params(s_q), kc.ema_params(s_p)
+    assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(ema_q))
+    chex_equal(ema_q, ema_p)
+    # Adam with EMA: the moments are quantized, the EMA is not (arrays, close to float32 state's)
+    adam = rmsjax.quantized(kc.Adam(1e-3, use_ema=True), min_size=1)
+    ref = kc.Adam(1e-3, use_ema=True)
+    s_a, s_r, p_a, p_r = adam.init(params), ref.init(params), params, params
+    for _ in range(5):
+        u, s_a = adam.update(grads, s_a, p_a)
+        p_a = optax.apply_updates(p_a, u)
+        v, s_r = ref.update(grads, s_r, p_r)
+        p_r = optax.apply_updates(p_r, v)
+    ema_a = kc.ema_params(s_a)
+    assert all(isinstance(x, jax.Array) and x.dtype == jnp.float32 for x in jax.tree.leaves(ema_a))
+    np.testing.assert_allclose(np.asarray(ema_a["w"]), np.asarray(kc.ema_params(s_r)["w"]), atol=2e-5)
+
+
+# --------------------------------------------------------------------------- non-finite and overflow
+
+
+def _run(tx, grads_seq, params):
+    state, out = tx.init(params), []
+    update = jax.jit(tx.update)
+    for g in grads_seq:
+        u, state = update(g, state, params)
+        out.append(np.asarray(u))
+    return out, state
+
+
+def test_float16_state_scale_saturates_instead_of_overflowing():
+    """Issue 22 item 1: float16 moments of 600**2 saturate at 65504, as plain rmsprop stores them."""
+    p16 = jnp.zeros(4096, jnp.float16)
+    g = [jnp.full(4096, 600.0, jnp.float16)] * 3
+    plain, _ = _run(rmsjax.rmsprop(1e-3), g, p16)
+    for bits in (8, 4):
+        low, state = _run(rmsjax.quantized(rmsjax.rmsprop(1e-3), bits=bits), g, p16)
+        assert np.all(np.isfinite(low[-1]))
+        np.testing.assert_allclose(low[-1].astype(np.float64), plain[-1].astype(np.float64), rtol=2e-3)
+        assert float(plain[-1][0]) == pytest.approx(-0.002344, rel=1e-3)
+
+
+def _bad_grads(bad_value, steps=6, shape=(4, 256)):
+    rng = np.random.default_rng(0)
+    out = []
+    for t in range(steps):
+        g = rng.uniform(0.2, 1.0, shape).astype(np.float32) * np.where(rng.random(shape) < 0.5, -1, 1)
+        if t == 1:
+            g[0, 0] = bad_value
+        out.append(jnp.asarray(g))
+    return out
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bad", ["1e20", "inf", "nan"])
+def test_a_non_finite_or_overflowing_element_stays_in_its_element(bits, bad):
+    """Issue 22 items 2 and 15: a gradient element of 1e20 (its square overflows), +inf or NaN
+    changes only its own element; the other 255 of its block follow float32 state."""
+    value = {"1e20": 1e20, "inf": np.inf, "nan": np.nan}[bad]
+    params = jnp.zeros((4, 256))
+    grads = _bad_grads(value)
+    ref, ref_state = _run(rmsjax.adam(1e-2), grads, params)
+    low, low_state = _run(rmsjax.quantized(rmsjax.adam(1e-2), bits=bits, min_size=1), grads, params)
+    for t in range(2, 6):
+        def error(row, start=0):
+            diff = np.abs(low[t][row, start:] - ref[t][row, start:])
+            return float(np.median(diff) / np.mean(np.abs(ref[t][row, start:])))
+
+        clean = max(error(1), error(2), error(3))  # rows without a bad element: quantization error
+        assert error(0, start=1) <= 1.5 * clean + 1e-3, (t, error(0, start=1), clean)
+        # the bad element itself does what float32 state does: a 0 step for 1e20, NaN for inf/NaN
+        if bad == "1e20":
+            assert ref[t][0, 0] == 0.0 and low[t][0, 0] == 0.0
+        else:
+            assert np.isnan(ref[t][0, 0]) and np.isnan(low[t][0, 0])
+    nu = qz.dequantize(low_state.inner[0].nu)
+    assert bool(jnp.all(jnp.isfinite(nu.reshape(-1)[1:])))  # no other element of the block
+    if bad == "nan" and bits == 8:
+        assert bool(jnp.isnan(nu[0, 0]))  # NaN stays NaN (8 bits; 4 bits store +inf)
+    else:
+        assert float(nu[0, 0]) == np.inf
+
+
+def test_effective_learning_rate_of_a_quantized_centred_state():
+    """Issue 22 item 4: centred RMSprop stores the variance; the diagnostic reads nu back."""
+    params, grad, x = _toy()
+    inner, ref = rmsjax.rmsprop(1e-2, centered=True), rmsjax.rmsprop(1e-2, centered=True)
+    s_q, s_r = rmsjax.quantized(inner).init(params), ref.init(params)
+    tx = rmsjax.quantized(inner)
+    for _ in range(5):
+        _, s_q = tx.update(grad(params, x), s_q, params)
+        _, s_r = ref.update(grad(params, x), s_r, params)
+    for centered in (True, False):
+        got = rmsjax.effective_learning_rate(s_q, eps=1e-8, centered=centered)
+        want = rmsjax.effective_learning_rate(s_r, eps=1e-8, centered=centered)
+        assert float(got.median) == pytest.approx(float(want.median), rel=0.05)
+
+
+# --------------------------------------------------------------------------- trees and layouts
+
+
+def test_nnx_state_tree():
+    from flax import nnx
+
+    model = nnx.Linear(128, 64, rngs=nnx.Rngs(0))
+    params = nnx.state(model, nnx.Param)
+    tx, ref = rmsjax.quantized(rmsjax.adam(1e-2)), rmsjax.adam(1e-2)
+    grads = jax.tree.map(lambda p: jnp.cos(p) * 0.1, params)
+    s, r = tx.init(params), ref.init(params)
+    for _ in range(3):
+        u, s = tx.update(grads, s, params)
+        v, r = ref.update(grads, r, params)
+    assert jax.tree.structure(u) == jax.tree.structure(v)
+    assert _median_rel(np.asarray(u["kernel"].get_value()), np.asarray(v["kernel"].get_value())) < 0.02
+
+
+def test_optax_tree_map_params_reaches_the_quantized_moments():
+    params = {"w": jnp.ones((64, 256)), "b": jnp.zeros(256)}
+    tx = rmsjax.quantized(rmsjax.adam(1e-3))
+    state = tx.init(params)
+    seen = []
+    out = optax.tree.map_params(tx, lambda x: seen.append(type(x).__name__) or x, state)
+    assert jax.tree.structure(out) == jax.tree.structure(state)
+    assert seen.count("QuantizedArray") == 2 and seen.count("ArrayImpl") == 2
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_no_leaf_takes_more_bytes_than_float32(bits):
+    """A (N, 1) head, a prime row and tiny leaves: each stored leaf is at most its float32 size."""
+    params = {"head": jnp.zeros((4096, 1)), "prime": jnp.zeros((8, 4099)), "col": jnp.zeros((8192, 3)),
+              "w": jnp.zeros((64, 256))}
+    tx = rmsjax.quantized(rmsjax.adam(1e-3), bits=bits, min_size=1)
+    state = tx.init(params)
+    for name, moment in (("mu", state.inner[0].mu), ("nu", state.inner[0].nu)):
+        for key, leaf in moment.items():
+            stored = state_bytes(leaf)
+            assert stored <= 4 * params[key].size, (name, key, stored)
+    assert qz._is_quantized(state.inner[0].mu["head"])  # blocks of 256 over the merged (4096, 1)
+    assert not qz._is_quantized(state.inner[0].mu["prime"])  # no divisor of 4099 makes a block
+    u, _ = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(u))
+
+
+# --------------------------------------------------------------------------- one pass: the bound is used
+
+
+def _reductions_over_new_moments(tx, params):
+    """Reductions in the traced update whose operand depends on both the stored codes and the
+    gradient: a pass over a new moment (a bound reads the codes or the gradient alone)."""
+    state = tx.init(params)
+    grads = jax.tree.map(jnp.ones_like, params)
+    closed = jax.make_jaxpr(tx.update)(grads, state, params)
+    n_grad = len(jax.tree.leaves(grads))
+    state_leaves = jax.tree.leaves(state, is_leaf=qz._is_quantized)
+    codes_ids = set()
+    flat_state = jax.tree.leaves(state)
+    for i, leaf in enumerate(flat_state):
+        if leaf.dtype in (jnp.int8, jnp.uint8):
+            codes_ids.add(i)
+    del state_leaves
+    marks = {}
+    invars = closed.jaxpr.invars
+    for i, v in enumerate(invars):
+        tags = set()
+        if i < n_grad:
+            tags.add("grad")
+        elif (i - n_grad) in codes_ids:
+            tags.add("codes")
+        marks[v] = tags
+    return _count(closed.jaxpr, marks)
+
+
+def _count(jaxpr, marks):
+    found = 0
+    for eqn in jaxpr.eqns:
+        tags = set()
+        for v in eqn.invars:
+            tags |= marks.get(v, set()) if not isinstance(v, jax.core.Literal) else set()
+        sub = eqn.params.get("jaxpr") or eqn.params.get("call_jaxpr")
+        if sub is not None and eqn.primitive.name not in ("reduce",):
+            inner = sub.jaxpr if hasattr(sub, "jaxpr") else sub
+            inner_marks = {iv: marks.get(v, set()) if not isinstance(v, jax.core.Literal) else set()
+                           for iv, v in zip(inner.invars, eqn.invars)}
+            found += _count(inner, inner_marks)
+        if eqn.primitive.name in ("reduce_max", "reduce_min", "argmax", "argmin", "reduce") \
+                and {"grad", "codes"} <= tags:
+            found += 1
+        for v in eqn.outvars:
+            marks[v] = tags
+    return found
+
+
+def test_the_bound_replaces_the_pass_over_new_moments():
+    params = {"w": jnp.zeros((64, 1024))}
+    bounded = (lambda: rmsjax.adam(1e-3), lambda: rmsjax.adagrad(1e-2),
+               lambda: rmsjax.adamw(1e-3, weight_decay=0.1))
+    for make in bounded:
+        assert _reductions_over_new_moments(rmsjax.quantized(make(), bits=8), params) == 0
+    # ...and the count does see such passes where no bound applies (4 bits; AdaDelta's nu_delta)
+    assert _reductions_over_new_moments(rmsjax.quantized(rmsjax.adam(1e-3), bits=4), params) >= 2
+    assert _reductions_over_new_moments(rmsjax.quantized(rmsjax.adadelta(), bits=8), params) >= 1
+
+
+# --------------------------------------------------------------------------- peak memory
+
+PEAK = {
+    "adam": lambda: rmsjax.adam(1e-3),
+    "rmsprop": lambda: rmsjax.rmsprop(1e-3),
+    "adagrad": lambda: rmsjax.adagrad(1e-2),
+    "adadelta": lambda: rmsjax.adadelta(),
+    "centered_momentum": lambda: rmsjax.rmsprop(1e-3, centered=True, momentum=0.9),
+}
+
+
+def peak_bytes_per_param(make, bits, n=2048):
+    """Compile-time memory of the train step (update + apply, params and state donated):
+    (arguments + temporaries, what the stored state allows) in bytes per parameter."""
+    p = {"w": jax.ShapeDtypeStruct((n, n), jnp.float32)}
+    tx = make() if bits == 32 else rmsjax.quantized(make(), bits=bits)
+    s = jax.eval_shape(tx.init, p)
+
+    def step(params, state, grads):
+        u, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, u), state
+
+    m = jax.jit(step, donate_argnums=(0, 1)).lower(p, s, p).compile().memory_analysis()
+    allowed = 8 + state_bytes(s) / n / n  # params + gradient + stored state
+    return (m.argument_size_in_bytes + m.temp_size_in_bytes) / n / n, allowed

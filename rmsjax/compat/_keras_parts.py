@@ -285,7 +285,7 @@ class ScaleByAdamaxState(NamedTuple):
     nu: PyTree
 
 
-_moments.declare(ScaleByAdamaxState, mu=_moments.FIRST, nu=_moments.Moment(False, "peak", 1))
+_moments.declare(ScaleByAdamaxState, mu=_moments.ADAM_FIRST, nu=_moments.Moment(False, "peak", 1))
 
 def scale_by_adamax(b1: float, b2: float, eps: float) -> optax.GradientTransformation:
     r"""Keras's Adamax scaling (Kingma and Ba, section 7.1), ``epsilon`` added to ``u``.
@@ -345,7 +345,7 @@ class ScaleByNadamState(NamedTuple):
     mu_product: jax.Array
 
 
-_moments.declare(ScaleByNadamState, mu=_moments.FIRST, nu=_moments.SECOND)
+_moments.declare(ScaleByNadamState, mu=_moments.ADAM_FIRST, nu=_moments.SECOND)
 
 def _momentum_schedule(b1: Any, t: jax.Array) -> jax.Array:
     r"""Dozat's :math:`\mu_t = \beta_1 (1 - \tfrac12 0.96^{t})`, in ``t``'s dtype."""
