@@ -2,7 +2,8 @@
 
 Run by ``tests/test_quantized_sharding_subprocess.py`` (see ``conftest.py`` here for the flag).
 
-Rule checked: blocks run along the parameter's last axis, so a leaf sharded along any other
+Rule checked: codes are shaped like the parameter and blocks run along its last axis, so a
+leaf sharded along any other
 axis keeps whole blocks on each device; when the last axis itself is sharded, the block
 divides the per-shard length (eager init picks it from the sharding; under jit the default
 block must divide it, as 256 divides 4096 / 8 = 512 here).
@@ -45,8 +46,11 @@ def _check_blocks_inside_shards(q, spec):
     assert q.scale.sharding.spec[: len(spec)] == tuple(spec), q.scale.sharding.spec
     codes_shard = q.codes.sharding.shard_shape(q.codes.shape)
     scale_shard = q.scale.sharding.shard_shape(q.scale.shape)
-    assert codes_shard[: q.scale.ndim] == scale_shard
-    assert np.prod(codes_shard) * (2 if isinstance(q, qz.PackedQuantizedArray) else 1) == np.prod(SHAPE) // 8
+    packed = isinstance(q, qz.PackedQuantizedArray)
+    # codes are shaped like the parameter (4 bits: its last axis halved); one scale per block
+    assert codes_shard[:-1] == scale_shard[:-1]
+    assert codes_shard[-1] * (2 if packed else 1) == scale_shard[-1] * qz._layout_of(q).block
+    assert np.prod(codes_shard) * (2 if packed else 1) == np.prod(SHAPE) // 8
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -90,5 +94,5 @@ def test_eager_init_picks_a_block_that_fits_the_shard():
     w = jax.device_put(jnp.ones((64, 1024)), NamedSharding(MESH, P(None, "x")))
     state = rmsjax.quantized(rmsjax.adam(1e-3)).init({"w": w})
     for q in _quantized_leaves(state):
-        assert q.codes.shape == (64, 8, 128)
+        assert q.codes.shape == (64, 1024) and q.scale.shape == (64, 8)  # blocks of 128
         assert q.scale.sharding.spec[:2] == (None, "x")
