@@ -290,6 +290,7 @@ def finite_absmax(x: jax.Array, ct: Any, *, order: int, square_finite: bool = Fa
 
     One reduction straight over ``x`` (its own dtype) with a body that skips those elements:
     XLA reads ``x`` in place, where a reduction over a computed ``|x|`` would write it out.
+    (Its partial results cannot be combined across devices: a block must lie in one shard.)
     """
     square = order == 2 or square_finite
     limit = float(np.sqrt(float(jnp.finfo(ct).max))) if square else float(jnp.finfo(ct).max)

@@ -110,6 +110,8 @@ def _is_variable(x: Any) -> bool:
 
 
 def _value(x: Any) -> Any:
+    if _is_partitioned(x):
+        return x.value
     if not _is_variable(x):
         return x
     # Flax >= 0.12.x has Variable.get_value(); older ones (0.12.0, the tested floor) only .value.
@@ -120,8 +122,14 @@ def _is_declared(x: Any) -> bool:
     return _moments.declared(x) is not None
 
 
+def _is_partitioned(x: Any) -> bool:
+    """A Flax Linen ``Partitioned`` box (``nn.with_partitioning`` / logical partitioning)."""
+    meta = sys.modules.get("flax.core.meta")
+    return meta is not None and isinstance(x, meta.Partitioned)
+
+
 def _stop(x: Any) -> bool:
-    return _is_quantized(x) or _is_variable(x)
+    return _is_quantized(x) or _is_variable(x) or _is_partitioned(x)
 
 
 def _like(x: Any, value: Any) -> Any:
@@ -137,8 +145,18 @@ def _plain(q: Any) -> Any:
 
 def _wrapped(x: Any, q: Any) -> Any:
     """The quantized node ``q`` of the moment leaf ``x``: its codes and scale each wrapped
-    like ``x`` (so that an ``nnx.State`` of Variables stays one)."""
-    return type(q)(codes=_like(x, q.codes), scale=_like(x, q.scale)) if _is_variable(x) else q
+    like ``x`` (so that an ``nnx.State`` of Variables stays one). In a Flax Linen
+    ``Partitioned`` box, the codes (shaped like the moment) keep its axis names; the scales
+    keep the names of the axes before the blocked row and are replicated along it (whether a
+    block fits in one shard of a sharded row is not known when the state is built
+    abstractly, as ``nn.get_partition_spec`` does)."""
+    if _is_variable(x):
+        return type(q)(codes=_like(x, q.codes), scale=_like(x, q.scale))
+    if _is_partitioned(x):
+        layout = _layout_of(q)
+        names = tuple(x.names)[: len(layout.lead)] + (None,) * layout.k
+        return type(q)(codes=x.replace(value=q.codes), scale=x.replace(value=q.scale, names=names))
+    return q
 
 
 # --------------------------------------------------------------------------- validation
