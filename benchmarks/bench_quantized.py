@@ -102,6 +102,7 @@ def peak_rows(optimizers, shape):
             tx = make(name, bits)
             s = jax.eval_shape(tx.init, p)
             m = train_step(tx).lower(p, s, p).compile().memory_analysis()
+            assert m is not None, "this backend reports no compile-time memory analysis"
             rows.append({
                 "optimizer": name, "bits": bits, "shape": list(shape),
                 "arguments": m.argument_size_in_bytes / n, "temporaries": m.temp_size_in_bytes / n,
@@ -145,14 +146,16 @@ def speed_rows(optimizers, shape, trials, steps):
 
 def device_description() -> str:
     device = jax.devices()[0]
-    return f"{device.platform}: {getattr(device, 'device_kind', device.platform)} ({len(jax.devices())} device(s))"
+    kind = getattr(device, "device_kind", device.platform)
+    return f"{device.platform}: {kind} ({len(jax.devices())} device(s))"
 
 
 def markdown(result) -> str:
     lines = [f"# rmsjax.quantized on {result['device']}", "",
              f"jax {result['jax']}, {result['machine']}; train step (update + apply, donated), "
              f"medians of {result['trials']} interleaved trials of {result['steps']} steps.", ""]
-    lines += ["## Step time", "", "| leaf | optimizer | float32 ms | 8-bit | 4-bit |", "|---|---|---:|---:|---:|"]
+    lines += ["## Step time", "", "| leaf | optimizer | float32 ms | 8-bit | 4-bit |",
+              "|---|---|---:|---:|---:|"]
     by = {(r["optimizer"], tuple(r["shape"]), r["bits"]): r for r in result["speed"]}
     for (name, shape, bits), row in by.items():
         if bits != 32:
@@ -161,7 +164,8 @@ def markdown(result) -> str:
         lines.append(f"| {leaf} | {name} | {row['ms']:.3f} | {by[(name, shape, 8)]['ratio']:.2f}x | "
                      f"{by[(name, shape, 4)]['ratio']:.2f}x |")
     lines += ["", "## Peak memory of the step (arguments + temporaries, bytes per parameter)", "",
-              "| leaf | optimizer | float32 | 8-bit (allowed) | 4-bit (allowed) |", "|---|---|---:|---:|---:|"]
+              "| leaf | optimizer | float32 | 8-bit (allowed) | 4-bit (allowed) |",
+              "|---|---|---:|---:|---:|"]
     peak = {(r["optimizer"], r["bits"]): r for r in result["peak"]}
     for name in dict.fromkeys(r["optimizer"] for r in result["peak"]):
         leaf = " x ".join(str(s) for s in peak[(name, 32)]["shape"])
@@ -179,7 +183,7 @@ def markdown(result) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a 1024 x 1024 leaf, 3 trials")
     parser.add_argument("--gpu", action="store_true", default=None,
                         help="GPU sizes (default when JAX's default backend is a GPU)")
