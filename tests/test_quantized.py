@@ -739,7 +739,12 @@ def test_peak_memory_of_the_donated_train_step(name, bits):
         assert peak < float32 - 1.0, (peak, float32)  # less than float32 state at every width
 
 
-@pytest.mark.xfail(strict=True, reason="XLA:CPU keeps ~1 B/param per moment (see PEAK_TEMPORARIES)")
-def test_peak_memory_meets_the_acceptance_target_on_cpu():
-    peak, allowed = peak_bytes_per_param(PEAK["adam"], 8)
-    assert peak <= allowed + 0.15
+@pytest.mark.xfail(jax.default_backend() == "cpu", strict=True,
+                   reason="XLA:CPU keeps ~1 B/param per moment (see PEAK_TEMPORARIES)")
+@pytest.mark.parametrize("name", ["adam", "rmsprop", "adagrad"])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_peak_memory_meets_the_acceptance_target(name, bits):
+    """Arguments + temporaries within 0.15 B/param of what the stored state allows: not met on
+    XLA:CPU (xfail there); asserted as it stands on other backends (the GPU)."""
+    peak, allowed = peak_bytes_per_param(PEAK[name], bits)
+    assert peak <= allowed + 0.15, (peak, allowed)
