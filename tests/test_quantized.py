@@ -433,6 +433,7 @@ def test_benchmark_smoke(tmp_path):
 
 # --------------------------------------------------------------------------- declared moments only
 
+import jax.extend.core as jex_core  # noqa: E402
 import registry  # noqa: E402  (tests/ is on the path: conftest.py)
 
 from rmsjax import _moments  # noqa: E402
@@ -655,27 +656,39 @@ def _reductions_over_new_moments(tx, params):
         elif (i - n_grad) in codes_ids:
             tags.add("codes")
         marks[v] = tags
-    return _count(closed.jaxpr, marks)
+    return _count(closed.jaxpr, marks)[0]
+
+
+def _tags(v, marks):
+    return set() if isinstance(v, jex_core.Literal) else marks.get(v, set())
 
 
 def _count(jaxpr, marks):
+    """(reductions over operands tagged both "grad" and "codes", tags of the outputs); tags
+    follow data flow, through sub-jaxprs and element by element through optimization barriers."""
     found = 0
     for eqn in jaxpr.eqns:
-        tags = set()
-        for v in eqn.invars:
-            tags |= marks.get(v, set()) if not isinstance(v, jax.core.Literal) else set()
+        tags = set().union(*[_tags(v, marks) for v in eqn.invars]) if eqn.invars else set()
         sub = eqn.params.get("jaxpr") or eqn.params.get("call_jaxpr")
-        if sub is not None and eqn.primitive.name not in ("reduce",):
+        if eqn.primitive.name == "optimization_barrier":
+            for out, v in zip(eqn.outvars, eqn.invars, strict=True):
+                marks[out] = _tags(v, marks)
+            continue
+        if sub is not None and eqn.primitive.name != "reduce":
             inner = sub.jaxpr if hasattr(sub, "jaxpr") else sub
-            inner_marks = {iv: marks.get(v, set()) if not isinstance(v, jax.core.Literal) else set()
-                           for iv, v in zip(inner.invars, eqn.invars)}
-            found += _count(inner, inner_marks)
+            inner_marks = {iv: _tags(v, marks) for iv, v in zip(inner.invars, eqn.invars)}
+            n, out_tags = _count(inner, inner_marks)
+            found += n
+            if len(out_tags) == len(eqn.outvars):
+                for out, t in zip(eqn.outvars, out_tags, strict=True):
+                    marks[out] = t
+                continue
         if eqn.primitive.name in ("reduce_max", "reduce_min", "argmax", "argmin", "reduce") \
                 and {"grad", "codes"} <= tags:
             found += 1
         for v in eqn.outvars:
             marks[v] = tags
-    return found
+    return found, [_tags(v, marks) for v in jaxpr.outvars]
 
 
 def test_the_bound_replaces_the_pass_over_new_moments():
