@@ -1,16 +1,24 @@
-"""Low-bit optimizer state (rmsjax.quantized): state bytes per parameter and step time.
+"""Low-bit optimizer state (rmsjax.quantized): memory and step time on the train-step recipe.
 
-Memory: state bytes per parameter on a large tree (from ``jax.eval_shape`` of ``init``, so
-nothing is allocated), float32 state against 8-bit and 4-bit.
+The step measured is what a user runs (docs/performance.md): ``tx.update`` and
+``optax.apply_updates`` in one ``jax.jit``, parameters and state donated, the gradient an
+argument. float32 state, 8-bit and 4-bit run side by side in one process, trials interleaved
+(each trial times a few steps of every variant in turn), medians reported, ratios against
+float32 state.
 
-Speed: one jitted update (state donated) of one large leaf, float32 state and quantized
-state side by side in one process, trials interleaved, medians of wall-clock and process CPU
-time reported; default XLA flags. The previous algorithm (exact block maxima of every new
-moment, ``bound_scales=False``) runs alongside as the before/after reference.
+* Memory: compile-time ``memory_analysis()`` of that step (arguments + temporaries, bytes per
+  parameter; deterministic) against what the stored state allows (parameters + gradient +
+  state), and state bytes per parameter on a transformer-block-like tree.
+* Speed: one leaf per run: 4096 x 4096 and a 20M-element 1-D leaf on CPU; 16384 x 16384 and
+  the 20M leaf with ``--gpu`` (the default when JAX's default backend is a GPU).
 
-    python benchmarks/bench_quantized.py [--size 2048] [--trials 15] [--out benchmarks/results]
+    python benchmarks/bench_quantized.py            # CPU: 4096 x 4096 and 20M, 9 trials
+    python benchmarks/bench_quantized.py --quick    # a 1024 x 1024 leaf, 3 trials
+    python benchmarks/bench_quantized.py --gpu      # 16384 x 16384 and 20M
+    python benchmarks/bench_quantized.py --shapes 2048x2048 --optimizers adam --trials 5
 
-Writes ``bench_quantized.json`` and ``bench_quantized.md`` to ``--out``.
+Writes ``bench_quantized.json`` and ``bench_quantized.md`` to ``--out``
+(default ``benchmarks/results``; ``--gpu`` adds a ``_gpu`` suffix).
 """
 
 from __future__ import annotations
@@ -18,21 +26,25 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 import rmsjax
-from rmsjax import _quantization
 
 OPTIMIZERS = {
     "adam": lambda: rmsjax.adam(1e-3),
     "rmsprop": lambda: rmsjax.rmsprop(1e-3),
     "adagrad": lambda: rmsjax.adagrad(1e-2),
+    "adadelta": lambda: rmsjax.adadelta(),
+    "rmsprop_centered_momentum": lambda: rmsjax.rmsprop(1e-3, centered=True, momentum=0.9),
 }
+BITS = (32, 8, 4)
 
 
 def large_tree():
@@ -48,114 +60,173 @@ def large_tree():
     }
 
 
-def state_bytes(tx, params) -> int:
-    state = jax.eval_shape(tx.init, params)
-    return sum(leaf.size * jnp.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(state))
+def make(name: str, bits: int) -> optax.GradientTransformation:
+    inner = OPTIMIZERS[name]()
+    return inner if bits == 32 else rmsjax.quantized(inner, bits=bits)
 
 
-def memory_rows():
+def nbytes(tree) -> int:
+    return sum(leaf.size * jnp.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(tree))
+
+
+def train_step(tx):
+    def step(params, state, grads):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    return tuple(int(float(part)) for part in text.lower().split("x"))
+
+
+def state_rows(optimizers):
     params = large_tree()
     n = sum(p.size for p in jax.tree.leaves(params))
     rows = []
-    for name, make in OPTIMIZERS.items():
-        for bits in (32, 8, 4):
-            tx = make() if bits == 32 else rmsjax.quantized(make(), bits=bits)
-            rows.append({"optimizer": name, "bits": bits, "parameters": n,
-                         "bytes_per_param": state_bytes(tx, params) / n})
+    for name in optimizers:
+        for bits in BITS:
+            state = jax.eval_shape(make(name, bits).init, params)
+            rows.append({"optimizer": name, "bits": bits, "bytes_per_param": nbytes(state) / n})
     return rows
 
 
-def _case(make, bits, exact):
-    if bits == 32:
-        return make()
-    if exact:  # the previous algorithm: every new moment reduced exactly for its scales
-        return _quantization._wrap(make(), bits, _quantization.DEFAULT_BLOCK_SIZE[bits], 4096,
-                                   nearest=False, bound_scales=False)
-    return rmsjax.quantized(make(), bits=bits)
-
-
-CASES = ((32, False), (8, False), (4, False), (8, True), (4, True))
-
-
-def speed_rows(size: int, trials: int, names=tuple(OPTIMIZERS)):
-    params = {"w": jnp.ones((size, size), jnp.float32)}
-    grads = {"w": jax.random.normal(jax.random.key(0), (size, size), jnp.float32)}
+def peak_rows(optimizers, shape):
+    """Compile-time memory of the donated train step, bytes per parameter."""
+    p = {"w": jax.ShapeDtypeStruct(shape, jnp.float32)}
+    n = int(np.prod(shape))
     rows = []
-    for name in names:
-        make = OPTIMIZERS[name]
-        steps, states = {}, {}
-        wall, cpu = {case: [] for case in CASES}, {case: [] for case in CASES}
-        for case in CASES:
-            tx = _case(make, *case)
-            steps[case] = jax.jit(lambda g, s, p, tx=tx: tx.update(g, s, p), donate_argnums=1)
-            states[case] = tx.init(params)
-            for _ in range(2):  # compile and warm up
-                out, states[case] = steps[case](grads, states[case], params)
-                jax.block_until_ready((out, states[case]))
-        for _ in range(trials):  # interleaved, so that load on the machine hits all alike
-            for case in CASES:
-                start, start_cpu = time.perf_counter(), time.process_time()
-                out, states[case] = steps[case](grads, states[case], params)
-                jax.block_until_ready((out, states[case]))
-                wall[case].append(time.perf_counter() - start)
-                cpu[case].append(time.process_time() - start_cpu)
-        base, base_cpu = float(np.median(wall[CASES[0]])), float(np.median(cpu[CASES[0]]))
-        for case in CASES:
-            median, median_cpu = float(np.median(wall[case])), float(np.median(cpu[case]))
-            rows.append({"optimizer": name, "bits": case[0], "exact_scales": case[1],
-                         "elements": size * size, "median_ms": 1e3 * median,
-                         "ratio": median / base, "cpu_median_ms": 1e3 * median_cpu,
-                         "cpu_ratio": median_cpu / base_cpu})
+    for name in optimizers:
+        for bits in BITS:
+            tx = make(name, bits)
+            s = jax.eval_shape(tx.init, p)
+            m = train_step(tx).lower(p, s, p).compile().memory_analysis()
+            assert m is not None, "this backend reports no compile-time memory analysis"
+            rows.append({
+                "optimizer": name, "bits": bits, "shape": list(shape),
+                "arguments": m.argument_size_in_bytes / n, "temporaries": m.temp_size_in_bytes / n,
+                "peak": (m.argument_size_in_bytes + m.temp_size_in_bytes) / n,
+                "allowed": (2 * 4 * n + nbytes(s)) / n,
+            })
     return rows
+
+
+def speed_rows(optimizers, shape, trials, steps):
+    rng = np.random.default_rng(0)
+    grads = {"w": jnp.asarray(rng.standard_normal(shape, np.float32))}
+    rows = []
+    for name in optimizers:
+        runs = {}
+        for bits in BITS:
+            tx = make(name, bits)
+            params = {"w": jnp.zeros(shape, jnp.float32)}
+            state = tx.init(params)
+            step = train_step(tx)
+            params, state = step(params, state, grads)  # compile
+            jax.block_until_ready((params, state))
+            runs[bits] = [step, params, state, []]
+        for _ in range(trials):
+            for bits in BITS:
+                run = runs[bits]
+                step, params, state = run[0], run[1], run[2]
+                start = time.perf_counter()
+                for _ in range(steps):
+                    params, state = step(params, state, grads)
+                jax.block_until_ready((params, state))
+                run[3].append((time.perf_counter() - start) / steps)
+                run[1], run[2] = params, state
+        base = statistics.median(runs[32][3])
+        for bits in BITS:
+            median = statistics.median(runs[bits][3])
+            rows.append({"optimizer": name, "bits": bits, "shape": list(shape), "ms": 1e3 * median,
+                         "ratio": median / base})
+    return rows
+
+
+def device_description() -> str:
+    device = jax.devices()[0]
+    kind = getattr(device, "device_kind", device.platform)
+    return f"{device.platform}: {kind} ({len(jax.devices())} device(s))"
 
 
 def markdown(result) -> str:
-    lines = ["# bench_quantized", "", f"Backend: {result['backend']} ({result['device']}), "
-             f"jax {result['jax']}, default XLA flags. No GPU was available for this run.", "",
-             "## State bytes per parameter", "",
-             f"Tree of {result['memory'][0]['parameters']:,} parameters (see `large_tree`).", "",
-             "| optimizer | float32 | 8-bit | 4-bit |", "|---|---|---|---|"]
-    for name in OPTIMIZERS:
-        row = {r["bits"]: r["bytes_per_param"] for r in result["memory"] if r["optimizer"] == name}
-        lines.append(f"| {name} | {row[32]:.3f} | {row[8]:.3f} | {row[4]:.3f} |")
-    lines += ["", f"## Step time, one leaf of {result['speed'][0]['elements']:,} elements", "",
-              f"Median of {result['trials']} interleaved trials; ratio to the float32-state step, "
-              "wall clock and process CPU time (the CPU time is less sensitive to other jobs on "
-              "the machine). *exact scales*: the previous algorithm, every new moment reduced "
-              "for its block maxima, measured in the same process.", "",
-              "| optimizer | float32 ms | 8-bit ms (ratio) | 4-bit ms (ratio) "
-              "| 8-bit CPU ratio | 4-bit CPU ratio | exact scales 8-bit (wall / CPU) "
-              "| exact scales 4-bit (wall / CPU) |",
-              "|---|---|---|---|---|---|---|---|"]
-    for name in dict.fromkeys(r["optimizer"] for r in result["speed"]):
-        row = {(r["bits"], r["exact_scales"]): r for r in result["speed"] if r["optimizer"] == name}
-        eight, four, e8, e4 = row[8, False], row[4, False], row[8, True], row[4, True]
-        lines.append(f"| {name} | {row[32, False]['median_ms']:.1f} "
-                     f"| {eight['median_ms']:.1f} ({eight['ratio']:.2f}x) "
-                     f"| {four['median_ms']:.1f} ({four['ratio']:.2f}x) "
-                     f"| {eight['cpu_ratio']:.2f}x | {four['cpu_ratio']:.2f}x "
-                     f"| {e8['ratio']:.2f}x / {e8['cpu_ratio']:.2f}x "
-                     f"| {e4['ratio']:.2f}x / {e4['cpu_ratio']:.2f}x |")
+    lines = [f"# rmsjax.quantized on {result['device']}", "",
+             f"jax {result['jax']}, {result['machine']}; train step (update + apply, donated), "
+             f"medians of {result['trials']} interleaved trials of {result['steps']} steps.", ""]
+    lines += ["## Step time", "", "| leaf | optimizer | float32 ms | 8-bit | 4-bit |",
+              "|---|---|---:|---:|---:|"]
+    by = {(r["optimizer"], tuple(r["shape"]), r["bits"]): r for r in result["speed"]}
+    for (name, shape, bits), row in by.items():
+        if bits != 32:
+            continue
+        leaf = " x ".join(str(s) for s in shape)
+        lines.append(f"| {leaf} | {name} | {row['ms']:.3f} | {by[(name, shape, 8)]['ratio']:.2f}x | "
+                     f"{by[(name, shape, 4)]['ratio']:.2f}x |")
+    lines += ["", "## Peak memory of the step (arguments + temporaries, bytes per parameter)", "",
+              "| leaf | optimizer | float32 | 8-bit (allowed) | 4-bit (allowed) |",
+              "|---|---|---:|---:|---:|"]
+    peak = {(r["optimizer"], r["bits"]): r for r in result["peak"]}
+    for name in dict.fromkeys(r["optimizer"] for r in result["peak"]):
+        leaf = " x ".join(str(s) for s in peak[(name, 32)]["shape"])
+        cells = [f"{peak[(name, 32)]['peak']:.2f}"]
+        for bits in (8, 4):
+            r = peak[(name, bits)]
+            cells.append(f"{r['peak']:.2f} ({r['allowed']:.2f}; temp {r['temporaries']:.2f})")
+        lines.append(f"| {leaf} | {name} | " + " | ".join(cells) + " |")
+    lines += ["", "## State bytes per parameter (transformer-block tree, ~25M parameters)", "",
+              "| optimizer | float32 | 8-bit | 4-bit |", "|---|---:|---:|---:|"]
+    mem = {(r["optimizer"], r["bits"]): r["bytes_per_param"] for r in result["memory"]}
+    for name in dict.fromkeys(r["optimizer"] for r in result["memory"]):
+        lines.append(f"| {name} | {mem[(name, 32)]:.2f} | {mem[(name, 8)]:.2f} | {mem[(name, 4)]:.2f} |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=2048, help="the leaf is size x size")
-    parser.add_argument("--trials", type=int, default=15)
-    parser.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=list(OPTIMIZERS),
-                        help="optimizers timed (the memory table always has all)")
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a 1024 x 1024 leaf, 3 trials")
+    parser.add_argument("--gpu", action="store_true", default=None,
+                        help="GPU sizes (default when JAX's default backend is a GPU)")
+    parser.add_argument("--shapes", default=None, help="comma-separated leaf shapes, e.g. 4096x4096,20e6")
+    parser.add_argument("--size", type=int, default=None, help="one size x size leaf (smoke tests)")
+    parser.add_argument("--optimizers", default="adam,rmsprop,adagrad")
+    parser.add_argument("--trials", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=None, help="steps per trial")
+    parser.add_argument("--peak-shape", default=None, help="leaf shape for the memory analysis")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = parser.parse_args(argv)
-    result = {"backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
-              "jax": jax.__version__, "machine": platform.machine(), "trials": args.trials,
-              "memory": memory_rows(), "speed": speed_rows(args.size, args.trials, args.optimizers)}
+    gpu = jax.default_backend() == "gpu" if args.gpu is None else args.gpu
+    if args.size is not None:
+        shapes = [(args.size, args.size)]
+    elif args.shapes is not None:
+        shapes = [parse_shape(s) for s in args.shapes.split(",")]
+    elif args.quick:
+        shapes = [(1024, 1024)]
+    elif gpu:
+        shapes = [(16384, 16384), (20_000_000,)]
+    else:
+        shapes = [(4096, 4096), (20_000_000,)]
+    trials = args.trials or (3 if args.quick else 9)
+    steps = args.steps or (2 if args.quick or args.size is not None else 5)
+    optimizers = [o for o in args.optimizers.split(",") if o]
+    for name in optimizers:
+        if name not in OPTIMIZERS:
+            parser.error(f"--optimizers: unknown optimizer {name!r} (known: {', '.join(OPTIMIZERS)})")
+    peak_shape = parse_shape(args.peak_shape) if args.peak_shape else shapes[0]
+    result = {
+        "device": device_description(), "backend": jax.default_backend(), "jax": jax.__version__,
+        "machine": platform.machine() + " " + platform.processor(), "trials": trials, "steps": steps,
+        "memory": state_rows(optimizers),
+        "peak": peak_rows(optimizers + [o for o in ("adadelta", "rmsprop_centered_momentum")
+                                        if o not in optimizers and args.size is None], peak_shape),
+        "speed": [row for shape in shapes for row in speed_rows(optimizers, shape, trials, steps)],
+    }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_quantized.json").write_text(json.dumps(result, indent=2) + "\n")
-    text = markdown(result)
-    (out / "bench_quantized.md").write_text(text)
-    print(text)
+    stem = "bench_quantized_gpu" if gpu and args.size is None else "bench_quantized"
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    (out / f"{stem}.md").write_text(markdown(result))
+    print(markdown(result))
     return result
 
 

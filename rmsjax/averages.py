@@ -30,9 +30,6 @@ Dtype rules, shared by every function in this module:
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -337,32 +334,6 @@ def _saturate(second_moment: jax.Array, dtype: Any) -> jax.Array:
     return _cast(jnp.minimum(second_moment, largest), dtype)
 
 
-# Observers of moment updates: ``rmsjax.quantized`` installs one while it runs the wrapped
-# update, to learn an upper bound on each new moment's block maxima from the old moment and
-# the input alone (see ``rmsjax._quantization``). A context variable, so that two threads
-# tracing at once never see each other's observer; empty otherwise, and then free.
-_MOMENT_OBSERVERS: contextvars.ContextVar[tuple[Any, ...]] = contextvars.ContextVar(
-    "rmsjax_moment_observers", default=()
-)
-
-
-@contextlib.contextmanager
-def _observing(observer: Any) -> Iterator[None]:
-    """Calls ``observer(kind, old, x, new, **coefficients)`` for each moment update inside."""
-    token = _MOMENT_OBSERVERS.set((*_MOMENT_OBSERVERS.get(), observer))
-    try:
-        yield
-    finally:
-        _MOMENT_OBSERVERS.reset(token)
-
-
-def _observe(kind: str, old: jax.Array, x: jax.Array, new: jax.Array, **coefficients: Any) -> jax.Array:
-    observers = _MOMENT_OBSERVERS.get()
-    if observers:
-        observers[-1](kind, old, x, new, **coefficients)
-    return new
-
-
 def update_leaky_average(average: PyTree, x: PyTree, decay: Scalar, *, order: int = 1) -> PyTree:
     """The leaky (exponential moving) average ``s <- decay*s + (1-decay)*x**order``.
 
@@ -381,8 +352,7 @@ def update_leaky_average(average: PyTree, x: PyTree, decay: Scalar, *, order: in
         value = _moment(g, order)
         dtype = common_compute_dtype(s.dtype, real_dtype(value.dtype))
         new = take_as(dtype) * _cast(value, dtype) + keep_as(dtype) * _cast(s, dtype)
-        out = _saturate(new, s.dtype) if order == 2 else _cast(new, s.dtype)
-        return _observe("leaky", s, g, out, order=order, keep=keep, take=take)
+        return _saturate(new, s.dtype) if order == 2 else _cast(new, s.dtype)
 
     return jax.tree.map(leaf, average, x)
 
@@ -399,8 +369,7 @@ def update_running_sum(total: PyTree, x: PyTree, *, order: int = 1) -> PyTree:
         value = _moment(g, order)
         dtype = common_compute_dtype(s.dtype, real_dtype(value.dtype))
         new = _cast(s, dtype) + _cast(value, dtype)
-        out = _saturate(new, s.dtype) if order == 2 else _cast(new, s.dtype)
-        return _observe("sum", s, g, out, order=order)
+        return _saturate(new, s.dtype) if order == 2 else _cast(new, s.dtype)
 
     return jax.tree.map(leaf, total, x)
 
@@ -421,8 +390,7 @@ def update_momentum_buffer(
         def plain(b, g):
             dtype = common_compute_dtype(b.dtype, g.dtype)
             g = _cast(g, dtype)
-            out = _cast(decay_as(dtype) * _cast(b, dtype) + g, b.dtype)
-            return _observe("leaky", b, g, out, order=1, keep=decay, take=1.0)
+            return _cast(decay_as(dtype) * _cast(b, dtype) + g, b.dtype)
 
         return jax.tree.map(plain, buffer, x)
     if count is None:
@@ -435,8 +403,7 @@ def update_momentum_buffer(
         dtype = common_compute_dtype(b.dtype, g.dtype)
         g = _cast(g, dtype)
         new = decay_as(dtype) * _cast(b, dtype) + keep_as(dtype) * g
-        out = _cast(jnp.where(first, g, new), b.dtype)
-        return _observe("momentum", b, g, out, order=1, keep=decay, take=keep)
+        return _cast(jnp.where(first, g, new), b.dtype)
 
     return jax.tree.map(dampened, buffer, x)
 

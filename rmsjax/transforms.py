@@ -26,8 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from rmsjax import _moments, averages
 from rmsjax import _validation as check
-from rmsjax import averages
 
 __all__ = [
     "DampenedMomentumState",
@@ -103,6 +103,8 @@ class ScaleByRmsState(NamedTuple):
     count: jax.Array
     nu: PyTree
 
+
+_moments.declare(ScaleByRmsState, nu=_moments.SECOND)
 
 def scale_by_rms(
     decay: Scalar = 0.9,
@@ -181,6 +183,9 @@ class ScaleByStddevState(NamedTuple):
     mu: PyTree
     nu: PyTree
 
+
+_moments.declare(ScaleByStddevState, mu=_moments.ADAM_FIRST,
+                 nu=_moments.Moment(False, "leaky", 2, centered="mu"))
 
 def scale_by_stddev(
     decay: Scalar = 0.9,
@@ -264,6 +269,8 @@ class ScaleByRssState(NamedTuple):
     nu: PyTree
 
 
+_moments.declare(ScaleByRssState, nu=_moments.Moment(False, "sum", 2))
+
 def scale_by_rss(
     initial_accumulator_value: Scalar = 0.0,
     eps: Scalar = 1e-10,
@@ -325,6 +332,8 @@ class ScaleByAdamState(NamedTuple):
     nu: PyTree
 
 
+_moments.declare(ScaleByAdamState, mu=_moments.ADAM_FIRST, nu=_moments.SECOND)
+
 class ScaleByAmsgradState(NamedTuple):
     """State of :func:`scale_by_adam` with ``amsgrad=True``: adds ``nu_max``, the running max of ``nu``."""
 
@@ -333,6 +342,9 @@ class ScaleByAmsgradState(NamedTuple):
     nu: PyTree
     nu_max: PyTree
 
+
+_moments.declare(ScaleByAmsgradState, mu=_moments.ADAM_FIRST, nu=_moments.SECOND,
+                 nu_max=_moments.Moment(False))
 
 def scale_by_adam(
     b1: Scalar = 0.9,
@@ -457,6 +469,9 @@ class ScaleByAdaDeltaState(NamedTuple):
     nu_delta: PyTree
 
 
+# nu_delta averages the squared *output*: declared without a rule (reduced exactly).
+_moments.declare(ScaleByAdaDeltaState, nu=_moments.SECOND, nu_delta=_moments.Moment(False))
+
 def scale_by_adadelta(rho: Scalar = 0.9, eps: Scalar = 1e-6) -> optax.GradientTransformation:
     r"""AdaDelta's unit-correcting scaling.
 
@@ -516,6 +531,8 @@ class LeakyAverageState(NamedTuple):
     count: jax.Array
     mu: PyTree
 
+
+_moments.declare(LeakyAverageState, mu=_moments.FIRST)
 
 def leaky_average(
     decay: Scalar, *, debias: bool = False, state_dtype: Any = None
@@ -582,6 +599,8 @@ class DampenedMomentumState(NamedTuple):
     count: jax.Array
     mu: PyTree
 
+
+_moments.declare(MomentumState, mu=_moments.Moment(True, "momentum", 1))
 
 def momentum(
     decay: Scalar, *, nesterov: bool = False, dampening: Scalar | None = None

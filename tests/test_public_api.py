@@ -114,7 +114,7 @@ BAD = [
     (lambda: rmsjax.adamw(0.1, weight_decay=-0.1), ValueError, "weight_decay"),
     (lambda: rmsjax.adadelta(rho=1.0), ValueError, "rho"),
     (lambda: rmsjax.sgd(0.1, nesterov=True), ValueError, "momentum"),
-    (lambda: rmsjax.sgd(0.1, momentum=None), TypeError, "momentum"),
+    (lambda: rmsjax.sgd(0.1, momentum="0.9"), TypeError, "momentum"),
     (lambda: rmsjax.momentum(0.9, dampening=2.0), ValueError, "dampening"),
     (lambda: rmsjax.leaky_average(-0.5), ValueError, "decay"),
 ]

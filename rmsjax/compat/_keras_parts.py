@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from rmsjax import _moments, averages, transforms
 from rmsjax import _validation as check
-from rmsjax import averages, transforms
 from rmsjax.compat import _common as common
 
 PyTree = Any
@@ -260,6 +260,8 @@ class ScaleByAdamaxState(NamedTuple):
     nu: PyTree
 
 
+_moments.declare(ScaleByAdamaxState, mu=_moments.ADAM_FIRST, nu=_moments.Moment(False, "peak", 1))
+
 def scale_by_adamax(b1: float, b2: float, eps: float) -> optax.GradientTransformation:
     r"""Keras's Adamax scaling (Kingma and Ba, section 7.1), ``epsilon`` added to ``u``.
 
@@ -317,6 +319,8 @@ class ScaleByNadamState(NamedTuple):
     nu: PyTree
     mu_product: jax.Array
 
+
+_moments.declare(ScaleByNadamState, mu=_moments.ADAM_FIRST, nu=_moments.SECOND)
 
 def _momentum_schedule(b1: Any, t: jax.Array) -> jax.Array:
     r"""Dozat's :math:`\mu_t = \beta_1 (1 - \tfrac12 0.96^{t})`, in ``t``'s dtype."""

@@ -2,7 +2,8 @@
 
 Run by ``tests/test_quantized_sharding_subprocess.py`` (see ``conftest.py`` here for the flag).
 
-Rule checked: blocks run along the parameter's last axis, so a leaf sharded along any other
+Rule checked: codes are shaped like the parameter and blocks run along its last axis, so a
+leaf sharded along any other
 axis keeps whole blocks on each device; when the last axis itself is sharded, the block
 divides the per-shard length (eager init picks it from the sharding; under jit the default
 block must divide it, as 256 divides 4096 / 8 = 512 here).
@@ -45,8 +46,11 @@ def _check_blocks_inside_shards(q, spec):
     assert q.scale.sharding.spec[: len(spec)] == tuple(spec), q.scale.sharding.spec
     codes_shard = q.codes.sharding.shard_shape(q.codes.shape)
     scale_shard = q.scale.sharding.shard_shape(q.scale.shape)
-    assert codes_shard[: q.scale.ndim] == scale_shard
-    assert np.prod(codes_shard) * (2 if isinstance(q, qz.PackedQuantizedArray) else 1) == np.prod(SHAPE) // 8
+    packed = isinstance(q, qz.PackedQuantizedArray)
+    # codes are shaped like the parameter (4 bits: its last axis halved); one scale per block
+    assert codes_shard[:-1] == scale_shard[:-1]
+    assert codes_shard[-1] * (2 if packed else 1) == scale_shard[-1] * qz._layout_of(q).block
+    assert np.prod(codes_shard) * (2 if packed else 1) == np.prod(SHAPE) // 8
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -90,5 +94,42 @@ def test_eager_init_picks_a_block_that_fits_the_shard():
     w = jax.device_put(jnp.ones((64, 1024)), NamedSharding(MESH, P(None, "x")))
     state = rmsjax.quantized(rmsjax.adam(1e-3)).init({"w": w})
     for q in _quantized_leaves(state):
-        assert q.codes.shape == (64, 8, 128)
+        assert q.codes.shape == (64, 1024) and q.scale.shape == (64, 8)  # blocks of 128
         assert q.scale.sharding.spec[:2] == (None, "x")
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_flax_linen_logical_partitioning_onto_an_fsdp_mesh(bits):
+    """flax examples/lm1b's setup: logical partition specs of ``jax.eval_shape(tx.init)`` onto a
+    mesh. The parameter's last axis is sharded with 128 elements per shard; the abstract init
+    cannot see that, so the blocks are set to fit (``block_size=128``). Codes take the
+    parameter's axis names; scales are replicated along the blocked axis."""
+    import flax.linen as nn
+
+    class Model(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(1024, kernel_init=nn.with_logical_partitioning(
+                nn.initializers.lecun_normal(), ("embed", "mlp")), use_bias=False)(x)
+
+    rules = (("embed", None), ("mlp", "x"))
+    mesh = jax.make_mesh((8,), ("x",), axis_types=(jax.sharding.AxisType.Auto,))  # as lm1b's
+    x = jnp.ones((4, 64))
+    boxed = Model().init(jax.random.PRNGKey(0), x)
+    tx = rmsjax.quantized(rmsjax.adam(1e-3), bits=bits, block_size=128)
+    abstract = jax.eval_shape(tx.init, boxed)
+    specs = nn.get_partition_spec(abstract)
+    shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
+    param_shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
+    params = jax.jit(lambda b: nn.meta.unbox(b), out_shardings=nn.meta.unbox(param_shardings))(boxed)
+    state = jax.jit(tx.init, out_shardings=shardings)(boxed)
+    state = nn.meta.unbox(state)
+    q = _quantized_leaves(state)[0]
+    assert q.codes.sharding.spec[:2] == (None, "x")
+    grads = jax.tree.map(lambda p: jnp.cos(p), params)
+    updates, state = jax.jit(tx.update)(grads, state, params)
+    ref_updates, _ = jax.jit(tx.update)(
+        *jax.tree.map(lambda a: jax.device_put(np.asarray(a), jax.devices()[0]),
+                      (grads, nn.meta.unbox(jax.jit(tx.init)(boxed)), params)))
+    np.testing.assert_allclose(np.asarray(updates["params"]["Dense_0"]["kernel"]),
+                               np.asarray(ref_updates["params"]["Dense_0"]["kernel"]), rtol=1e-6)

@@ -1,0 +1,305 @@
+r"""The block codec of :func:`rmsjax.quantized`: code maps, rounding, scales, 4-bit packing.
+
+Pure array functions on *blocked* arrays (the last axis, or the last two for packed 4-bit
+codes, is one block); nothing here knows about optimizer states. Every function is
+elementwise over the blocks except the two scale reductions, so that XLA can fuse a whole
+decode-update-encode into the loops that produce and consume it.
+
+A code ``c`` of a map with ``Q`` levels on each side of zero and exponent ``p`` decodes to
+
+.. math::
+
+   x = s\,\operatorname{sign}(c)\,\left(\frac{|c|}{Q}\right)^{p}
+
+with ``s`` the block's scale (the power of two just above the block's largest finite
+magnitude). Codes outside ``[-Q, Q]`` are reserved for non-finite elements, so that an
+``inf`` or ``NaN`` stays in its own element and never reaches its block's scale:
+
+=====================  ===  ===  =======================================================
+map                    Q    p    reserved codes
+=====================  ===  ===  =======================================================
+8-bit signed (int8)    127  4    -128: NaN (any non-finite signed moment)
+8-bit unsigned         253  4    254: +inf, 255: NaN
+4-bit signed           7    2    nibble 15 (level 8): NaN
+4-bit unsigned         14   4    15: +inf (a NaN non-negative moment is stored as +inf)
+=====================  ===  ===  =======================================================
+
+4-bit codes are packed two to a byte: in each block of ``B`` elements, element ``j`` and
+element ``j + B/2`` share byte ``j`` (low and high nibble). Splitting a block into halves
+(rather than interleaving neighbours) keeps packing and unpacking a pair of slices, which
+XLA fuses into the surrounding loop.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+__all__ = [
+    "MAPS",
+    "block_scale",
+    "bound_scale",
+    "decode",
+    "encode",
+    "finite_absmax",
+    "largest_level",
+    "levels_of",
+    "pack",
+    "uniform",
+]
+
+MAPS = {(8, True): (127, 4), (8, False): (253, 4), (4, True): (7, 2), (4, False): (14, 4)}
+"""(bits, signed) -> (levels on each side of zero Q, exponent p)."""
+
+_NAN = {(8, True): -128.0, (8, False): 255.0, (4, True): 8.0, (4, False): 15.0}
+"""The level stored for NaN (and, for signed maps, for any non-finite value)."""
+_INF = {(8, False): 254.0, (4, False): 15.0}
+"""The level stored for +inf in the unsigned maps."""
+
+SCALE_SLACK = 4
+"""A block's scale is a power of two; it stays put while the block's absmax is in (scale/4, scale]."""
+
+
+def code_dtype(bits: int, signed: bool) -> Any:
+    """int8 for signed maps, uint8 for unsigned ones (packed 4-bit bytes too)."""
+    del bits
+    return jnp.dtype(jnp.int8) if signed else jnp.dtype(jnp.uint8)
+
+
+# --------------------------------------------------------------------------- rounding noise
+
+
+def _u32(x: int) -> jax.Array:
+    return jnp.uint32(x & 0xFFFFFFFF)
+
+
+def _mix(x: jax.Array) -> jax.Array:
+    """A 32-bit integer finalizer (xor-shift-multiply), a bijection with good avalanche."""
+    x = x ^ (x >> _u32(16))
+    x = x * _u32(0x7FEB352D)
+    x = x ^ (x >> _u32(15))
+    x = x * _u32(0x846CA68B)
+    return x ^ (x >> _u32(16))
+
+
+def uniform(shape: tuple[int, ...], count: jax.Array, leaf_id: int) -> jax.Array:
+    """float32 numbers in [0, 1) for the rounding of one leaf at step ``count``.
+
+    Each element gets a fixed random phase, a hash of (leaf, row-major element index); at step
+    ``count`` its number is ``phase + count * (golden ratio)`` modulo 1 (a Weyl sequence in
+    32-bit fixed point): uniform over the elements at every step (unbiased rounding), and
+    evenly spread along the steps of one element, so consecutive rounding errors largely
+    cancel. A pure function of (leaf, element, step): bit-identical on resume and sharding.
+    """
+    index = lax.iota(jnp.uint32, int(np.prod(shape, dtype=np.int64))).reshape(shape)
+    step = jnp.asarray(count).astype(jnp.uint32)
+    bits = _mix((index * _u32(0xC2B2AE3D)) ^ _u32(leaf_id * 0x85EBCA77 + 0x27D4EB2F))
+    bits = bits + step * _u32(0x9E3779B9)
+    return (bits >> _u32(8)).astype(jnp.float32) * jnp.float32(2.0**-24)
+
+
+# --------------------------------------------------------------------------- the maps
+
+
+def _root(y: jax.Array, p: int) -> jax.Array:
+    return jnp.sqrt(y) if p == 2 else jnp.sqrt(jnp.sqrt(y))
+
+
+def _power(y: jax.Array, p: int) -> jax.Array:
+    y2 = y * y
+    return y2 if p == 2 else y2 * y2
+
+
+def encode(x: jax.Array, scale: jax.Array, u: jax.Array | None, bits: int, signed: bool) -> jax.Array:
+    """Integer-valued levels (in ``x.dtype``) of ``x`` against its block ``scale`` (broadcast).
+
+    ``u``: uniform numbers for unbiased rounding (``None``: round to nearest). A positive
+    value never rounds to level 0 of an unsigned map (a second moment never decodes to
+    zero); non-finite values get their reserved level.
+    """
+    levels, p = MAPS[(bits, signed)]
+    ct = x.dtype
+    q = jnp.asarray(levels, ct)
+    one = jnp.asarray(1, ct)
+    # The scale is a power of two (or the dtype's largest value), and 1/scale is taken per
+    # block: a product per element instead of a division.
+    inverse = one / jnp.where(scale > 0, scale, one)
+    y = jnp.minimum(jnp.abs(x) * inverse, one)
+    t = q * _root(y, p)
+    lo = jnp.clip(jnp.floor(t), jnp.asarray(0, ct), q - one)
+    inv_q = jnp.asarray(1 / levels, ct)
+    f_lo = _power(lo * inv_q, p)
+    f_hi = _power((lo + one) * inv_q, p)
+    if u is None:
+        up = y + y >= f_lo + f_hi
+    else:
+        up = u.astype(ct) * (f_hi - f_lo) < y - f_lo
+    level = lo + up.astype(ct)
+    finite = jnp.isfinite(x)
+    nan = jnp.asarray(_NAN[(bits, signed)], ct)
+    if signed:
+        level = jnp.where(x < 0, -level, level)
+        return jnp.where(finite, level, nan)
+    level = jnp.where(y > 0, jnp.maximum(level, one), jnp.zeros_like(level))
+    inf = jnp.asarray(_INF[(bits, signed)], ct)
+    return jnp.where(finite, level, jnp.where(jnp.isnan(x), nan, inf))
+
+
+def decode(level: jax.Array, scale: jax.Array, bits: int, signed: bool) -> jax.Array:
+    """Values of integer ``level``s (any real dtype) against their block ``scale``, in
+    ``scale.dtype``; reserved levels decode to NaN or +inf."""
+    levels, p = MAPS[(bits, signed)]
+    ct = scale.dtype
+    r = level.astype(ct) * jnp.asarray(1 / levels, ct)
+    r2 = r * r
+    value = r2 if p == 2 else r2 * r2
+    if signed:
+        value = jnp.where(r < 0, -value, value)
+    value = value * scale
+    nan = jnp.asarray(_NAN[(bits, signed)], ct)
+    special = level.astype(ct)
+    if signed:
+        return jnp.where(special == nan, jnp.asarray(jnp.nan, ct), value)
+    inf = jnp.asarray(_INF[(bits, signed)], ct)
+    value = jnp.where(special == inf, jnp.asarray(jnp.inf, ct), value)
+    if _NAN[(bits, signed)] != _INF[(bits, signed)]:
+        value = jnp.where(special == nan, jnp.asarray(jnp.nan, ct), value)
+    return value
+
+
+# --------------------------------------------------------------------------- 4-bit packing
+
+
+def pack(level: jax.Array, signed: bool) -> jax.Array:
+    """Levels of shape ``(..., B)`` to bytes ``(..., B/2)``: element ``j`` in the low nibble of
+    byte ``j``, element ``j + B/2`` in its high nibble."""
+    half = level.shape[-1] // 2
+    nib = (level + jnp.asarray(7, level.dtype) if signed else level).astype(jnp.uint8)
+    byte = nib[..., :half] | (nib[..., half:] << jnp.uint8(4))
+    return lax.bitcast_convert_type(byte, jnp.int8) if signed else byte
+
+
+def levels_of(codes: jax.Array, bits: int, signed: bool, ct: Any) -> jax.Array:
+    """Levels (in ``ct``) of blocked codes: ``(..., B)`` for 8 bits, bytes ``(..., B/2)`` for
+    4 bits (unpacked to ``(..., B)``)."""
+    if bits == 8:
+        return codes.astype(ct)
+    raw = lax.bitcast_convert_type(codes, jnp.uint8)
+    both = jnp.concatenate([raw & jnp.uint8(15), raw >> jnp.uint8(4)], axis=-1).astype(ct)
+    return both - jnp.asarray(7, ct) if signed else both
+
+
+def largest_level(codes: jax.Array, bits: int, signed: bool) -> jax.Array:
+    """An upper bound on the largest finite ``|level|`` of each block of blocked codes
+    (float32): exact unless the block holds a reserved (non-finite) code, then ``Q``. The
+    maps are monotone in ``|level|``, so this decodes to a bound on the block's largest
+    finite magnitude. At 8 bits it reduces the stored codes themselves (a max, and a min
+    for signed maps), so XLA reads them in place instead of writing a converted copy."""
+    q = MAPS[(bits, signed)][0]
+    if bits == 8:
+        top = jnp.max(codes, axis=-1).astype(jnp.float32)
+        if signed:  # -128 (NaN) reads as 128: clipped to Q below
+            top = jnp.maximum(top, -jnp.min(codes, axis=-1).astype(jnp.float32))
+        return jnp.minimum(top, jnp.float32(q))
+    raw = lax.bitcast_convert_type(codes, jnp.uint8)
+    low, high = raw & jnp.uint8(15), raw >> jnp.uint8(4)
+
+    def magnitude(n: jax.Array) -> jax.Array:
+        if signed:  # |n - 7|, with nibble 15 (NaN) as 0
+            n = jnp.where(n == jnp.uint8(15), jnp.uint8(7), n)
+            return jnp.maximum(n, jnp.uint8(7)) - jnp.minimum(n, jnp.uint8(7))
+        return jnp.where(n > jnp.uint8(q), jnp.uint8(0), n)
+
+    return jnp.max(jnp.maximum(magnitude(low), magnitude(high)), axis=-1).astype(jnp.float32)
+
+
+# --------------------------------------------------------------------------- scales
+
+
+_EXPONENT = {  # compute dtype -> (same-width unsigned int, mantissa bits, exponent mask, byte type)
+    jnp.dtype(jnp.float32): (jnp.uint32, 23, 0xFF, jnp.uint8),
+    jnp.dtype(jnp.float64): (jnp.uint64, 52, 0x7FF, jnp.uint16),
+}
+
+
+def _power_of_two_above(biased: jax.Array, utype: Any, mantissa: int, mask: int) -> jax.Array:
+    """Bits of ``2**(e - bias + 1)`` for biased exponents ``e`` (0 where ``e == 0``)."""
+    top = mask - 1  # largest finite biased exponent
+    biased = jnp.minimum(biased.astype(utype), jnp.asarray(top - 1, utype))
+    return jnp.where(biased > 0, (biased + jnp.asarray(1, utype)) << jnp.asarray(mantissa, utype),
+                     jnp.zeros_like(biased))
+
+
+def _finish(fresh: jax.Array, old: jax.Array | None, utype: Any, mantissa: int, ct: Any,
+            dtype: Any) -> jax.Array:
+    """Keeps the old scale while the fresh one is within ``SCALE_SLACK`` below it, and stores
+    the scale in ``dtype``, clamped to its largest finite value (a float16 block whose
+    maximum is above 2**15 gets scale 65504, not an overflowing 2**16)."""
+    largest = float(jnp.finfo(dtype).max)
+    clamps = largest < 2.0 ** (jnp.finfo(ct).maxexp - 2)  # float16; never bfloat16
+    if old is not None:
+        old_c = old.astype(ct)
+        if clamps:  # a clamped old scale stands for the power of two above the dtype's maximum
+            above = 2.0 ** int(np.ceil(np.log2(largest)))
+            old_c = jnp.where(old_c == jnp.asarray(largest, ct), jnp.asarray(above, ct), old_c)
+        old_raw = lax.bitcast_convert_type(old_c, utype)
+        slack = jnp.asarray(SCALE_SLACK.bit_length() - 1, utype) << jnp.asarray(mantissa, utype)
+        keep = (fresh <= old_raw) & (fresh + slack > old_raw)
+        fresh = jnp.where(keep, old_raw, fresh)
+    scale = lax.bitcast_convert_type(fresh, ct)
+    if clamps:
+        scale = jnp.minimum(scale, jnp.asarray(largest, ct))
+    return scale.astype(dtype)
+
+
+def block_scale(x: jax.Array, old: jax.Array | None, dtype: Any, *,
+                keep: jax.Array | None = None) -> jax.Array:
+    """Each block's scale (last axis) from its values: the power of two just above its
+    largest *finite* magnitude, in ``dtype``. Only the biased exponents are reduced (one byte
+    per element); non-finite elements (exponent all ones), and those where ``keep`` is false,
+    are left out."""
+    utype, mantissa, mask, etype = _EXPONENT[jnp.dtype(x.dtype)]
+    raw = lax.bitcast_convert_type(x, utype)
+    exponent = ((raw >> jnp.asarray(mantissa, utype)) & jnp.asarray(mask, utype)).astype(etype)
+    drop = exponent == jnp.asarray(mask, etype)
+    if keep is not None:
+        drop = drop | ~keep
+    exponent = jnp.where(drop, jnp.zeros_like(exponent), exponent)
+    fresh = _power_of_two_above(jnp.max(exponent, axis=-1), utype, mantissa, mask)
+    return _finish(fresh, old, utype, mantissa, x.dtype, dtype)
+
+
+def bound_scale(bound: jax.Array, old: jax.Array | None, dtype: Any) -> jax.Array:
+    """:func:`block_scale` from an upper bound on each block's largest finite magnitude."""
+    utype, mantissa, mask, _ = _EXPONENT[jnp.dtype(bound.dtype)]
+    raw = lax.bitcast_convert_type(jnp.abs(bound), utype)
+    biased = (raw >> jnp.asarray(mantissa, utype)) & jnp.asarray(mask, utype)
+    return _finish(_power_of_two_above(biased, utype, mantissa, mask), old, utype, mantissa,
+                   bound.dtype, dtype)
+
+
+def finite_absmax(x: jax.Array, ct: Any, *, order: int, square_finite: bool = False) -> jax.Array:
+    """The largest ``|x|**order`` of each block (last axis) over the elements where it is
+    finite, in ``ct``: the input term of a moment's bound. An element whose ``x**2``
+    overflows gives a non-finite moment, stored in its own element, so it is left out (with
+    ``square_finite`` also for ``order=1``).
+
+    One reduction straight over ``x`` (its own dtype) with a body that skips those elements:
+    XLA reads ``x`` in place, where a reduction over a computed ``|x|`` would write it out.
+    (Its partial results cannot be combined across devices: a block must lie in one shard.)
+    """
+    square = order == 2 or square_finite
+    limit = float(np.sqrt(float(jnp.finfo(ct).max))) if square else float(jnp.finfo(ct).max)
+    dtype = x.dtype
+    cap = min(limit, float(jnp.finfo(dtype).max))  # a Python number: the body closes over no array
+
+    def body(acc: jax.Array, v: jax.Array) -> jax.Array:
+        a = jnp.abs(v)
+        return jnp.maximum(acc, jnp.where(a <= cap, a, jnp.zeros_like(a)))
+
+    m = lax.reduce(x, np.zeros((), dtype), body, (x.ndim - 1,)).astype(ct)
+    return m * m if order == 2 else m

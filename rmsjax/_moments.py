@@ -1,0 +1,109 @@
+"""Moment declarations: which fields of a state type are moments, and how they move.
+
+A state type declares its moments once, next to its definition, with :func:`declare`.
+:func:`rmsjax.quantized` stores exactly the declared moments in low bits and nothing else
+(no guessing from shapes or field names): counters, copies of the parameters (Keras's EMA),
+gradient accumulators and every state type that declares nothing keep their dtype.
+
+A declaration says, for each moment field:
+
+* ``signed``: whether the moment can be negative (a first moment, a momentum buffer) or is
+  never negative (a second moment, a running sum of squares);
+* ``rule``: how one update moves it, in terms of the transformation's *input* ``x``:
+
+  ==============  ============================================  ==========================
+  rule            update                                        bound on ``max|new|``
+  ==============  ============================================  ==========================
+  ``"leaky"``     ``keep*old + take*x**order``, keep + take = 1  ``max(M_old, M_x**order)``
+  ``"sum"``       ``old + x**order``                            ``M_old + M_x**order``
+  ``"momentum"``  ``keep*old + take*x`` (``x`` on step one),    ``M_old + M_x``
+                  keep, take in [0, 1]
+  ``"peak"``      ``max(keep*old, |x|)``, keep in [0, 1]        ``max(M_old, M_x)``
+  ``None``        anything else (no bound)                      (reduced exactly)
+  ==============  ============================================  ==========================
+
+  where ``M`` is the largest magnitude over a block. The bounds need no hyperparameter.
+* ``centered``: the name of the first-moment field when the moment is a centred second moment
+  (``nu`` of centred RMSprop); it is then stored as the variance ``nu - |mu|**2``, whose
+  relative precision does not collapse when ``nu`` and ``mu**2`` nearly cancel.
+* ``divided_by``: the second-moment field this moment is divided by in the step (``nu`` for
+  Adam's ``mu``). Where that one is not finite (a gradient whose square overflows) the step
+  does not depend on this moment's value, so the element is kept out of its block's scale
+  (it saturates) instead of taking the block's resolution with it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+__all__ = ["Moment", "declare", "declared"]
+
+RULES = (None, "leaky", "sum", "momentum", "peak")
+
+
+class Moment(NamedTuple):
+    """One declared moment field (see the module docstring)."""
+
+    signed: bool
+    rule: str | None = None
+    order: int = 1
+    centered: str | None = None
+    divided_by: str | None = None
+
+
+_DECLARED: dict[type, dict[str, Moment]] = {}
+
+
+def declare(cls: type, **fields: Moment) -> None:
+    """Declares the moment fields of the NamedTuple state type ``cls``.
+
+    >>> from typing import NamedTuple
+    >>> class S(NamedTuple):
+    ...     count: int
+    ...     nu: object
+    >>> declare(S, nu=Moment(signed=False, rule="leaky", order=2))
+    >>> declared(S(0, None))
+    {'nu': Moment(signed=False, rule='leaky', order=2, centered=None, divided_by=None)}
+    """
+    names = getattr(cls, "_fields", None)
+    if names is None:
+        raise TypeError(f"declare: {cls!r} is not a NamedTuple state type")
+    for name, moment in fields.items():
+        if name not in names:
+            raise ValueError(f"declare: {cls.__name__} has no field {name!r} (fields: {names})")
+        if not isinstance(moment, Moment) or moment.rule not in RULES or moment.order not in (1, 2):
+            raise ValueError(f"declare: {cls.__name__}.{name}: bad declaration {moment!r}")
+        for other in (moment.centered, moment.divided_by):
+            if other is not None and other not in names:
+                raise ValueError(f"declare: {cls.__name__}.{name}: no field {other!r}")
+    _DECLARED[cls] = dict(fields)
+
+
+def declared(node: Any) -> dict[str, Moment] | None:
+    """The moment declarations of ``node``'s type, or ``None`` if it declares none."""
+    return _DECLARED.get(type(node))
+
+
+FIRST = Moment(signed=True, rule="leaky", order=1)
+"""A leaky average of the input (a first moment)."""
+ADAM_FIRST = Moment(signed=True, rule="leaky", order=1, divided_by="nu")
+"""A leaky average of the input divided by the root of the second moment ``nu`` in the step."""
+SECOND = Moment(signed=False, rule="leaky", order=2)
+"""A leaky average of the input's square (a second moment)."""
+
+
+def _declare_optax() -> None:
+    """optax's own states that hold Adam/RMSprop-family moments. Declared without an update
+    rule (optax reuses ``ScaleByAdamState`` for Adamax, whose ``nu`` is no average of
+    squares), so their blocks are reduced exactly."""
+    import optax
+
+    declare(optax.ScaleByAdamState, mu=Moment(True, divided_by="nu"), nu=Moment(False))
+    declare(optax.ScaleByAmsgradState, mu=Moment(True, divided_by="nu"), nu=Moment(False),
+            nu_max=Moment(False))
+    declare(optax.ScaleByRmsState, nu=Moment(False))
+    declare(optax.ScaleByRssState, sum_of_squares=Moment(False))
+    declare(optax.TraceState, trace=Moment(True))
+
+
+_declare_optax()

@@ -1,0 +1,196 @@
+"""rmsjax._codec: the block codec of rmsjax.quantized, against NumPy written from the docs.
+
+The maps (``x = s sign(c) (|c|/Q)**p``, reserved codes for non-finite values), the scale (the
+power of two above the block's largest finite magnitude) and the 4-bit packing (element ``j``
+and ``j + B/2`` of a block share byte ``j``) are re-implemented here in NumPy.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rmsjax import _codec
+
+# The documented maps (docs/low_bit.md, rmsjax/_codec.py): (bits, signed) -> (Q, p).
+MAPS = {(8, True): (127, 4), (8, False): (253, 4), (4, True): (7, 2), (4, False): (14, 4)}
+BLOCK = {8: 256, 4: 128}
+
+
+def np_levels(bits: int, signed: bool) -> np.ndarray:
+    q, p = MAPS[(bits, signed)]
+    c = np.arange(-q, q + 1) if signed else np.arange(0, q + 1)
+    return np.sign(c) * (np.abs(c) / q) ** p
+
+
+def np_scale(block: np.ndarray) -> float:
+    finite = np.abs(block[np.isfinite(block)])
+    m = float(np.max(finite)) if finite.size else 0.0
+    return 0.0 if m == 0 else 2.0 ** (math.floor(math.log2(m)) + 1)
+
+
+def roundtrip(x: np.ndarray, bits: int, signed: bool, count=None):
+    xb = jnp.asarray(x, jnp.float32)
+    scale = _codec.block_scale(xb, None, jnp.float32)
+    u = None if count is None else _codec.uniform(x.shape, jnp.int32(count), 0)
+    level = _codec.encode(xb, scale[..., None], u, bits, signed)
+    if bits == 4:
+        level = _codec.levels_of(_codec.pack(level, signed), 4, signed, jnp.float32)
+    return np.asarray(scale), np.asarray(_codec.decode(level, scale[..., None], bits, signed), np.float64)
+
+
+@pytest.mark.parametrize("bits,signed", sorted(MAPS))
+def test_decoded_levels_follow_the_documented_map(bits, signed):
+    expected = 0.5 * np_levels(bits, signed)
+    got = np.asarray(_codec.decode(jnp.asarray(np.arange(-MAPS[(bits, signed)][0] if signed else 0,
+                                                         MAPS[(bits, signed)][0] + 1), jnp.float32),
+                                   jnp.float32(0.5), bits, signed), np.float64)
+    np.testing.assert_allclose(got, expected, rtol=2e-6, atol=0)
+    assert np.all(np.diff(got) > 0)
+    assert got[-1] == 0.5 and (got[0] == -0.5 if signed else got[0] == 0.0)
+
+
+@pytest.mark.parametrize("bits,signed", sorted(MAPS))
+def test_encode_picks_a_neighbouring_level_and_a_power_of_two_scale(bits, signed):
+    rng = np.random.default_rng(bits + signed)
+    x = rng.standard_normal((8, BLOCK[bits])) * np.exp(rng.standard_normal((8, BLOCK[bits])) * 2)
+    x = (x if signed else np.abs(x)).astype(np.float32)
+    scale, got = roundtrip(x, bits, signed, count=5)
+    for row in range(8):
+        s = np_scale(x[row])
+        assert float(scale[row]) == s
+        levels = np.sort(np_levels(bits, signed) * s)
+        xr = x[row].astype(np.float64)
+        hi = levels[np.clip(np.searchsorted(levels, xr), 0, len(levels) - 1)]
+        lo = levels[np.clip(np.searchsorted(levels, xr, side="right") - 1, 0, len(levels) - 1)]
+        ok = np.isclose(got[row], lo, rtol=1e-5, atol=0) | np.isclose(got[row], hi, rtol=1e-5, atol=0)
+        if not signed:  # below the smallest positive level a positive value rounds up to it
+            ok |= (xr > 0) & (xr < levels[1]) & np.isclose(got[row], levels[1], rtol=1e-5)
+        assert ok.all(), (row, xr[~ok][:4], got[row][~ok][:4])
+
+
+@pytest.mark.parametrize("bits,signed", sorted(MAPS))
+def test_nearest_rounding_matches_numpy(bits, signed):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((4, BLOCK[bits])).astype(np.float32)
+    x = x if signed else np.abs(x)
+    _, got = roundtrip(x, bits, signed)
+    for row in range(4):
+        levels = np_levels(bits, signed) * np_scale(x[row])
+        if not signed:
+            levels = levels[1:]
+        mid = (levels[1:] + levels[:-1]) / 2
+        np.testing.assert_allclose(got[row], levels[np.searchsorted(mid, x[row].astype(np.float64))],
+                                   rtol=1e-5)
+
+
+def test_a_positive_second_moment_never_decodes_to_zero():
+    for bits in (8, 4):
+        x = np.zeros((1, BLOCK[bits]), np.float32)
+        x[0, 0] = 1.0
+        x[0, 1:100] = 1e-30  # far below the smallest positive level
+        _, got = roundtrip(x, bits, False, count=1)
+        assert np.all(got[0, 1:100] > 0), bits
+        assert np.all(got[0, 100:] == 0), bits  # exact zeros stay exact
+
+
+@pytest.mark.parametrize("bits,signed", sorted(MAPS))
+def test_non_finite_elements_keep_their_own_code_and_stay_out_of_the_scale(bits, signed):
+    x = np.linspace(0.1, 1.0, BLOCK[bits]).astype(np.float32) * (np.where(np.arange(BLOCK[bits]) % 2, -1, 1)
+                                                                if signed else 1)
+    x = x[None].copy()
+    x[0, 3], x[0, 10], x[0, 20] = np.inf, np.nan, -np.inf if signed else np.inf
+    scale, got = roundtrip(x, bits, signed, count=2)
+    finite = np.isfinite(x[0])
+    assert float(scale[0]) == np_scale(x[0]) == 2.0  # the block's scale ignores them
+    assert np.all(np.isfinite(got[0, finite]))
+    q, p = MAPS[(bits, signed)]
+    step = 2.0 * (1 - ((q - 1) / q) ** p)  # the largest level spacing at scale 2
+    assert np.max(np.abs(got[0, finite] - x[0, finite])) <= step
+    if signed:
+        assert np.all(np.isnan(got[0, ~finite]))  # any non-finite signed moment: NaN
+    else:
+        assert got[0, 3] == np.inf and got[0, 20] == np.inf
+        assert np.isnan(got[0, 10]) if bits == 8 else got[0, 10] == np.inf
+
+
+def test_float16_scale_saturates_at_the_dtype_maximum():
+    x = jnp.full((1, 256), 65504.0, jnp.float32)
+    scale = _codec.block_scale(x, None, jnp.float16)
+    assert scale.dtype == jnp.float16 and float(scale[0]) == 65504.0
+    again = _codec.block_scale(x, scale, jnp.float16)  # kept from step to step
+    assert float(again[0]) == 65504.0
+    level = _codec.encode(x, scale.astype(jnp.float32)[..., None], None, 8, False)
+    assert float(_codec.decode(level, scale.astype(jnp.float32)[..., None], 8, False)[0, 0]) == 65504.0
+
+
+def test_scale_is_kept_while_the_maximum_stays_within_the_slack():
+    x = jnp.full((1, 256), 1.5, jnp.float32)
+    s1 = _codec.block_scale(x, None, jnp.float32)
+    assert float(s1[0]) == 2.0
+    assert float(_codec.block_scale(x * 0.4, s1, jnp.float32)[0]) == 2.0  # 0.6 > 2/4
+    assert float(_codec.block_scale(x * 0.2, s1, jnp.float32)[0]) == 0.5  # 0.3 <= 2/4
+    assert float(_codec.bound_scale(jnp.asarray([0.6]), s1, jnp.float32)[0]) == 2.0
+    assert float(_codec.bound_scale(jnp.asarray([0.3]), s1, jnp.float32)[0]) == 0.5
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_packing_puts_element_j_and_j_plus_half_in_byte_j(signed):
+    q = MAPS[(4, signed)][0]
+    rng = np.random.default_rng(0)
+    levels = rng.integers(-q if signed else 0, q + 1, size=(3, 16)).astype(np.float32)
+    packed = np.asarray(_codec.pack(jnp.asarray(levels), signed)).view(np.uint8)
+    nib = (levels + (7 if signed else 0)).astype(np.uint8)
+    np.testing.assert_array_equal(packed, nib[:, :8] | (nib[:, 8:] << 4))
+    back = np.asarray(_codec.levels_of(jnp.asarray(packed.view(np.int8 if signed else np.uint8)), 4, signed,
+                                       jnp.float32))
+    np.testing.assert_array_equal(back, levels)
+
+
+@pytest.mark.parametrize("bits,signed", sorted(MAPS))
+def test_largest_level_bounds_the_finite_levels(bits, signed):
+    """Exact on blocks of finite codes; on a block holding a reserved (non-finite) code, Q at
+    8 bits (a bound read straight from the stored codes) and exact at 4 bits."""
+    x = np.abs(np.random.default_rng(1).standard_normal((3, BLOCK[bits]))).astype(np.float32) * 0.4
+    x[2, 0] = 1.0
+    x[0, 5] = np.nan
+    x[1, 7] = np.inf
+    xb = jnp.asarray(x)
+    scale = _codec.block_scale(xb, None, jnp.float32)
+    level = _codec.encode(xb, scale[..., None], None, bits, signed)
+    codes = (level.astype(_codec.code_dtype(8, signed)) if bits == 8 else _codec.pack(level, signed))
+    top = np.asarray(_codec.largest_level(codes, bits, signed))
+    finite = np.where(np.isfinite(x), np.abs(np.asarray(level)), 0).max(axis=-1)
+    q = MAPS[(bits, signed)][0]
+    assert top[2] == finite[2]
+    if bits == 8:
+        np.testing.assert_array_equal(top[:2], [q, q])
+    else:
+        np.testing.assert_array_equal(top[:2], finite[:2])
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_rounding_is_unbiased_over_steps(bits):
+    x = np.abs(np.random.default_rng(0).standard_normal((4, BLOCK[bits]))).astype(np.float32)
+    enc = jax.jit(lambda c: _roundtrip_traced(jnp.asarray(x), bits, c))
+    mean = np.mean([np.asarray(enc(jnp.int32(c)), np.float64) for c in range(400)], axis=0)
+    rel = np.abs(mean - x) / x
+    assert np.median(rel) < 0.01, np.median(rel)
+    one = np.asarray(enc(jnp.int32(0)), np.float64)
+    assert np.median(np.abs(one - x) / x) > 3 * np.median(rel)
+
+
+def _roundtrip_traced(x, bits, count):
+    scale = _codec.block_scale(x, None, jnp.float32)
+    level = _codec.encode(x, scale[..., None], _codec.uniform(x.shape, count, 3), bits, False)
+    return _codec.decode(level, scale[..., None], bits, False)
+
+
+def test_finite_absmax_leaves_out_overflowing_squares():
+    x = jnp.asarray([[1.0, -3.0, 1e20, jnp.inf, jnp.nan, 2.0]], jnp.float32)
+    assert float(_codec.finite_absmax(x, jnp.float32, order=1)[0]) == float(np.float32(1e20))
+    assert float(_codec.finite_absmax(x, jnp.float32, order=2)[0]) == 9.0
