@@ -13,6 +13,7 @@ from rmsjax import averages, compat, transforms
 from rmsjax._quantization import quantized
 from rmsjax.diagnostics import EffectiveLearningRate, effective_learning_rate, learning_rate, step_count
 from rmsjax.fusion import one_pass
+from rmsjax._low_precision import low_precision
 from rmsjax.optimizers import adadelta, adagrad, adam, adamw, rmsprop, sgd
 from rmsjax.packing import packed
 from rmsjax.transforms import (
@@ -38,6 +39,7 @@ __all__ = [
     "effective_learning_rate",
     "leaky_average",
     "learning_rate",
+    "low_precision",
     "momentum",
     "one_pass",
     "packed",
