@@ -14,6 +14,7 @@ from rmsjax._quantization import quantized
 from rmsjax.diagnostics import EffectiveLearningRate, effective_learning_rate, learning_rate, step_count
 from rmsjax.fusion import one_pass
 from rmsjax._low_precision import low_precision
+from rmsjax._zero import zero_shardings
 from rmsjax.optimizers import adadelta, adagrad, adam, adamw, rmsprop, sgd
 from rmsjax.packing import packed
 from rmsjax.transforms import (
@@ -53,4 +54,5 @@ __all__ = [
     "sgd",
     "step_count",
     "transforms",
+    "zero_shardings",
 ]
