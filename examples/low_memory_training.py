@@ -277,9 +277,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     for name, value in per.items():
         print(f"  {name:55s} {value:7.3f}")
     print(f"  {'float32 Adam, replicated (params + state)':55s} {12.0:7.3f}")
-    print(f"bytes sent per device per step: {sent / 1e6:.3f} MB (plain data parallel: {sent_plain / 1e6:.3f} MB, "
-          f"{sent / sent_plain:.2f}x)")
-    print(f"final loss (mean of last {tail}): {final:.4f}, float32 run {ref_final:.4f} ({final / ref_final:.3f}x)")
+    print(f"bytes sent per device per step: {sent / 1e6:.3f} MB "
+          f"(plain data parallel: {sent_plain / 1e6:.3f} MB, {sent / sent_plain:.2f}x)")
+    print(f"final loss (mean of last {tail}): {final:.4f}, "
+          f"float32 run {ref_final:.4f} ({final / ref_final:.3f}x)")
     result = {"parameters": count, "devices": n, "steps": args.steps, "bytes_per_parameter": per,
               "collective_ratio": sent / sent_plain, "final_loss": final, "float32_final_loss": ref_final,
               "loss_ratio": final / ref_final, "losses": losses, "float32_losses": ref_losses}

@@ -10,11 +10,11 @@ Every public factory returns an ``optax.GradientTransformation``. Layers, bottom
 """
 
 from rmsjax import averages, compat, transforms
+from rmsjax._low_precision import low_precision
 from rmsjax._quantization import quantized
+from rmsjax._zero import zero_shardings
 from rmsjax.diagnostics import EffectiveLearningRate, effective_learning_rate, learning_rate, step_count
 from rmsjax.fusion import one_pass
-from rmsjax._low_precision import low_precision
-from rmsjax._zero import zero_shardings
 from rmsjax.optimizers import adadelta, adagrad, adam, adamw, rmsprop, sgd
 from rmsjax.packing import packed
 from rmsjax.transforms import (

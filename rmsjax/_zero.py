@@ -135,7 +135,8 @@ def zero_shardings(tx: Any, params: Any, mesh: Any, axis: str = "data", *, uneve
     if uneven not in _UNEVEN:
         raise ValueError(f"zero_shardings: uneven must be one of {_UNEVEN}, got {uneven!r}")
     if not (callable(getattr(tx, "init", None))):
-        raise TypeError(f"zero_shardings: tx must be an optax.GradientTransformation, got {type(tx).__name__}")
+        raise TypeError(
+            f"zero_shardings: tx must be an optax.GradientTransformation, got {type(tx).__name__}")
     size = int(mesh.shape[axis])
 
     abstract = jax.tree_util.tree_map_with_path(lambda path, leaf: _abstract(mesh, path, leaf), params,

@@ -193,7 +193,8 @@ def test_memory_per_parameter():
         # of the step, e.g. float32 copies of dequantized moments, are in both and are reported)
         zero_temp, plain_temp = zmem.temp_size_in_bytes / count, rmem.temp_size_in_bytes / count
         print(f"compensated={compensated}: {per_param:.3f} B/param (compiled step: {held:.3f}), state/device "
-              f"{state_device / count:.3f}, temporaries: ZeRO {zero_temp:.3f}, replicated {plain_temp:.3f} B/param")
+              f"{state_device / count:.3f}, temporaries: ZeRO {zero_temp:.3f}, "
+              f"replicated {plain_temp:.3f} B/param")
         assert zero_temp <= plain_temp + 0.15, (zero_temp, plain_temp)
 
 
@@ -286,7 +287,8 @@ def test_checkpoint_round_trip_and_restore_onto_four_devices(tmp_path):
 
     # restore onto 4 devices with that mesh's ZeRO shardings: the same numbers, split in 4
     mesh4 = _mesh(4)
-    params4 = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh4, P())),
+    replicated4 = NamedSharding(mesh4, P())
+    params4 = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated4),
                            saved["params"])
     sh4 = rmsjax.zero_shardings(tx, params4, mesh4)
     abstract4 = {"params": params4,
