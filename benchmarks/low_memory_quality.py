@@ -140,7 +140,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         for variant, losses in per.items():
             final = float(np.mean(losses[-tail:]))
             results["tasks"][task][variant] = {"final_loss": final, "ratio": final / base}
-            print(f"{task:7s} {variant:17s} final loss {final:.5f}  ({final / base:.4f}x float32)", flush=True)
+            print(f"{task:7s} {variant:22s} final loss {final:.5f}  ({final / base:.4f}x float32)",
+                  flush=True)
         curves[task] = per
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(results, indent=2))
