@@ -91,6 +91,19 @@ def _check_params(params: Any) -> None:
             )
 
 
+def _widen(tree: Any) -> Any:
+    """16-bit floating leaves cast to float32 (the wrapped optimizer works and keeps its state
+    in float32); every other leaf as it is."""
+
+    def widen(x: Any) -> Any:
+        value = _value(x)
+        if value is None or not hasattr(value, "dtype") or not _is_low(value.dtype):
+            return x
+        return jnp.asarray(value).astype(jnp.float32)
+
+    return jax.tree_util.tree_map(widen, tree, is_leaf=_is_variable)
+
+
 def _ulp(t: jax.Array) -> jax.Array:
     """float32 spacing of ``t``'s dtype just above ``|t|`` (0 where that is not finite)."""
     a = jnp.abs(t)
@@ -149,9 +162,11 @@ def low_precision(inner: optax.GradientTransformation, *, compensated: bool = Fa
 
     Must be the *last* transformation before ``optax.apply_updates`` (or ``nnx.Optimizer``):
     anything that rescales its updates afterwards breaks the exact landing. The wrapped
-    optimizer runs in the dtypes it is given (bfloat16 gradients give bfloat16 updates, whose
-    relative error of 2**-9 is in the *update*, not in the parameter); wrap it in
-    :func:`rmsjax.quantized` or give it a ``state_dtype`` for its state.
+    optimizer works in float32: 16-bit parameters and their gradients are cast up before it
+    sees them, so its state is float32 (wrap it in :func:`rmsjax.quantized` for 8-bit state
+    with float32 block scales) and its update is rounded only once, into the parameter. A
+    bfloat16 state would round every moment update to nearest too: Adam's ``nu`` with
+    ``b2=0.999`` moves by 0.1 % a step, below half a bfloat16 ulp, and stalls.
 
     Args:
       inner: any rmsjax or ``rmsjax.compat`` optimizer, :func:`rmsjax.quantized` of one, or an
@@ -193,7 +208,8 @@ def low_precision(inner: optax.GradientTransformation, *, compensated: bool = Fa
             error = jax.tree_util.tree_map(
                 lambda p: jnp.zeros(jnp.shape(_value(p)), jnp.int8) if _is_low(_value(p).dtype) else None,
                 params, is_leaf=_is_variable)
-        return LowPrecisionState(count=jnp.zeros([], jnp.int32), inner=inner.init(params), error=error)
+        inner_state = inner.init(_widen(params))
+        return LowPrecisionState(count=jnp.zeros([], jnp.int32), inner=inner_state, error=error)
 
     def update_fn(updates: Any, state: LowPrecisionState, params: Any = None, **extra_args: Any):
         if params is None:
@@ -201,9 +217,17 @@ def low_precision(inner: optax.GradientTransformation, *, compensated: bool = Fa
                 "low_precision: update needs params (tx.update(grads, state, params)): the rounded "
                 "update is computed from the parameter it will be added to"
             )
-        updates, new_inner = inner.update(updates, state.inner, params, **extra_args)
+        widened = _widen(params)
+        def widen_grad(g: Any, p: Any) -> Any:
+            if g is None or not _is_low(jnp.result_type(_value(p))):
+                return g
+            return jnp.asarray(g).astype(jnp.float32)
+
+        grads = jax.tree_util.tree_map(widen_grad, updates, params, is_leaf=lambda x: x is None)
+        updates, new_inner = inner.update(grads, state.inner, widened, **extra_args)
         count = state.count
         flat_p, treedef = jax.tree_util.tree_flatten(params, is_leaf=_is_variable)
+        paths = [path for path, _ in jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_variable)[0]]
         flat_u = treedef.flatten_up_to(updates)
         flat_e = treedef.flatten_up_to(state.error) if compensated else [None] * len(flat_p)
         out_u, out_e = [], []
@@ -221,6 +245,11 @@ def low_precision(inner: optax.GradientTransformation, *, compensated: bool = Fa
                 out_u.append((t.astype(jnp.float32) - pf).astype(dtype))
                 out_e.append(None)
                 continue
+            if e is None:
+                path = jax.tree_util.keystr(paths[i])
+                raise ValueError(
+                    f"low_precision: params{path} is {dtype} at update but had another dtype when the "
+                    "state was made (no error record for it); call init with the parameters you train")
             s = s + jnp.asarray(e).astype(jnp.float32) * (_ulp(p) * jnp.float32(1.0 / ERROR_LEVELS))
             t = s.astype(dtype)
             step = (t.astype(jnp.float32) - pf).astype(dtype)
