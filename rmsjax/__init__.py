@@ -10,7 +10,9 @@ Every public factory returns an ``optax.GradientTransformation``. Layers, bottom
 """
 
 from rmsjax import averages, compat, transforms
+from rmsjax._low_precision import low_precision
 from rmsjax._quantization import quantized
+from rmsjax._zero import zero_shardings
 from rmsjax.diagnostics import EffectiveLearningRate, effective_learning_rate, learning_rate, step_count
 from rmsjax.fusion import one_pass
 from rmsjax.optimizers import adadelta, adagrad, adam, adamw, rmsprop, sgd
@@ -38,6 +40,7 @@ __all__ = [
     "effective_learning_rate",
     "leaky_average",
     "learning_rate",
+    "low_precision",
     "momentum",
     "one_pass",
     "packed",
@@ -51,4 +54,5 @@ __all__ = [
     "sgd",
     "step_count",
     "transforms",
+    "zero_shardings",
 ]

@@ -182,6 +182,9 @@ _CASES += [
     # min_size=1: every moment of the small test trees is stored in 8 bits.
     _case("quantized(adam)", rmsjax.quantized, next(c for c in _CASES if c.name == "adam"), min_size=1,
           tags={_C}),
+    # float32 test trees pass through; tests/test_low_precision.py wraps every case on bfloat16.
+    _case("low_precision(adam)", rmsjax.low_precision, next(c for c in _CASES if c.name == "adam"),
+          compensated=True, tags={_C}),
     _case("packed(rmsprop_bfloat16_state)", rmsjax.packed,
           _case("", rmsjax.rmsprop, 1e-3, state_dtype=jnp.bfloat16), tags={_S}),
 ]
