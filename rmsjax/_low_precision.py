@@ -29,6 +29,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 import optax
 
@@ -119,8 +120,16 @@ def _round_stochastic(s: jax.Array, dtype: Any, r: jax.Array) -> jax.Array:
     24-bit uniform ``r`` makes the rounding exactly unbiased. Beyond the largest finite
     number it saturates to it; NaN stays NaN.
     """
-    near = s.astype(dtype)
-    nf = near.astype(jnp.float32)
+    # The nearest value of ``dtype``, computed in float32 by an op that XLA keeps: with
+    # excess precision allowed (XLA:GPU's default) a round trip s -> dtype -> float32 is
+    # simplified away, which made every element round to nearest.
+    info = jnp.finfo(dtype)
+    nf = lax.reduce_precision(s, exponent_bits=info.nexp, mantissa_bits=info.nmant)
+    quantum = float(info.smallest_subnormal)
+    if quantum >= float(np.finfo(np.float32).tiny):  # float16: its subnormals, by hand
+        subnormal = jnp.round(s / jnp.float32(quantum)) * jnp.float32(quantum)  # exact: a power of 2
+        nf = jnp.where(jnp.abs(s) < jnp.float32(float(info.tiny)), subnormal, nf)
+    near = nf.astype(dtype)
     inf = jnp.full_like(near, jnp.inf)
     other = jnp.nextafter(near, jnp.where(nf > s, -inf, inf))
     of = other.astype(jnp.float32)

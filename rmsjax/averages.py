@@ -464,14 +464,16 @@ def centered_variance(nu: PyTree, mu: PyTree) -> PyTree:
 
 
 def _divide_or_zero(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
-    """``numerator / denominator``, and 0 where the (real, >= 0) denominator is exactly 0.
+    """``numerator / denominator``, and 0 where the (real, >= 0) denominator is 0 or denormal.
 
     The denominators here are roots of second moments plus ``eps``; they are 0 only when
     ``eps = 0`` and the gradient is 0 (or so small that its square underflows), where the
     step is taken to be 0 rather than ``0/0 = NaN``. Every other quotient is the plain
     division, bit for bit, and a NaN denominator still gives NaN.
     """
-    zero = denominator == jnp.zeros((), denominator.dtype)
+    # "Exactly 0" includes a denormal denominator (only an eps below float32's smallest
+    # normal number makes one): XLA:CPU flushes it to 0, a GPU division may too.
+    zero = denominator < jnp.asarray(np.finfo(denominator.dtype).tiny, denominator.dtype)
     safe = jnp.where(zero, jnp.ones((), denominator.dtype), denominator)
     quotient = numerator / _cast(safe, numerator.dtype)
     return jnp.where(zero, jnp.zeros((), quotient.dtype), quotient)
