@@ -29,9 +29,9 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 import numpy as np
 import optax
+from jax import lax
 
 from rmsjax._codec import uniform as _uniform  # the counter-based hash of the low-bit state
 
