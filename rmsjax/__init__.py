@@ -27,7 +27,7 @@ from rmsjax.transforms import (
     scale_by_stddev,
 )
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "EffectiveLearningRate",

@@ -218,11 +218,6 @@ def learning_rate(opt_state: Any, *, schedule: Any = None) -> jax.Array:
       schedule: the schedule given to ``optax.inject_hyperparams`` as the learning rate, if
         one was.
 
-    Args:
-      opt_state: the state of an rmsjax optimizer, as returned by ``init``/``update``, possibly
-        chained or wrapped (``optax.chain``, ``inject_hyperparams``, ``MultiSteps``,
-        ``apply_if_finite``, ``masked``), or a Flax ``nnx.Optimizer`` (or its ``opt_state``).
-
     Returns:
       The learning rate as a scalar array (float32 for rmsjax optimizers).
 

@@ -1,15 +1,10 @@
-"""rmsjax.zero_shardings on one device, and the 8-device ZeRO-1 tests in a subprocess.
+"""rmsjax.zero_shardings on one device.
 
-The 8-device tests (``tests/sharding/test_zero_sharding.py``) need
-``--xla_force_host_platform_device_count=8``, read when jax starts, hence the subprocess.
+The 8-device ZeRO-1 tests (``tests/sharding/test_zero_sharding.py``) run with the rest of
+``tests/sharding`` in the subprocess of ``tests/test_sharding_subprocess.py``.
 """
 
 from __future__ import annotations
-
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -17,8 +12,6 @@ import pytest
 from jax.sharding import AxisType
 
 import rmsjax
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _mesh():
@@ -45,19 +38,3 @@ def test_bad_arguments():
         rmsjax.zero_shardings(0.1, {"w": jnp.ones(4)}, mesh)
     with pytest.raises(TypeError, match=r"params\['w'\] is a str"):
         rmsjax.zero_shardings(rmsjax.adam(1e-3), {"w": "x"}, mesh)
-
-
-@pytest.mark.slow
-def test_zero_suite_passes_on_8_simulated_devices():
-    env = dict(os.environ)
-    flag = "--xla_force_host_platform_device_count=8"
-    env["XLA_FLAGS"] = " ".join([env.get("XLA_FLAGS", ""), flag]).strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "tests/sharding/test_zero_sharding.py", "-q",
-         "-p", "no:cacheprovider"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
-    )
-    report = result.stdout[-4000:] + result.stderr[-2000:]
-    assert result.returncode == 0, report
-    assert " passed" in result.stdout and "skipped" not in result.stdout, report
