@@ -435,7 +435,10 @@ def SGD(
         _l2(weight_decay),
         common.unless_zero(
             momentum,
-            lambda: transforms.momentum(momentum, nesterov=nesterov, dampening=dampening),
+            # PyTorch's default dampening 0 is no dampening: no part, no step counter.
+            lambda: transforms.momentum(
+                momentum, nesterov=nesterov,
+                dampening=None if common.is_concrete_zero(dampening) else dampening),
         ),
         transforms.scale_by_learning_rate(lr),
     )
