@@ -270,6 +270,11 @@ def RMSprop(
     with :math:`v_0 = \bar g_0 = m_0 = 0`. Chain: ``scale_by_rms | scale_by_stddev
     (eps_in_sqrt) -> learning rate -> [momentum]``, inside the shared slots (module notes).
 
+    The options every Keras optimizer shares (``clipnorm``, ``clipvalue``,
+    ``global_clipnorm``, ``use_ema``, ``ema_momentum``, ``ema_overwrite_frequency``,
+    ``loss_scale_factor``, ``gradient_accumulation_steps``, ``name``, and ``mask``,
+    keyword-only) are described under "Shared options" in :mod:`rmsjax.compat.keras`.
+
     Args:
       learning_rate: :math:`\eta`, >= 0, or a schedule ``f(step)``.
       rho: :math:`\rho`, in [0, 1).
@@ -277,10 +282,6 @@ def RMSprop(
       epsilon: :math:`\epsilon`, inside the square root, >= 0.
       centered: divide by the leaky standard deviation.
       weight_decay: ``None`` or >= 0: decoupled decay ``params -= lr_t * weight_decay * params``.
-      clipnorm, clipvalue, global_clipnorm, use_ema, ema_momentum, ema_overwrite_frequency,
-        loss_scale_factor, gradient_accumulation_steps, name, mask: the options every Keras
-        optimizer shares (``mask`` keyword-only), under "Shared options" in
-        :mod:`rmsjax.compat.keras`.
 
     Example:
       >>> import jax.numpy as jnp, optax
@@ -346,15 +347,16 @@ def Adagrad(
     with :math:`G_0` = ``initial_accumulator_value`` (0.1). Chain: ``scale_by_rss
     (eps_in_sqrt) -> learning rate``, inside the shared slots.
 
+    The options every Keras optimizer shares (``clipnorm``, ``clipvalue``,
+    ``global_clipnorm``, ``use_ema``, ``ema_momentum``, ``ema_overwrite_frequency``,
+    ``loss_scale_factor``, ``gradient_accumulation_steps``, ``name``, and ``mask``,
+    keyword-only) are described under "Shared options" in :mod:`rmsjax.compat.keras`.
+
     Args:
       learning_rate: :math:`\eta`, >= 0, or a schedule ``f(step)``.
       initial_accumulator_value: :math:`G_0`, >= 0.
       epsilon: :math:`\epsilon`, inside the root, >= 0.
       weight_decay: ``None`` or >= 0: decoupled decay ``params -= lr_t * weight_decay * params``.
-      clipnorm, clipvalue, global_clipnorm, use_ema, ema_momentum, ema_overwrite_frequency,
-        loss_scale_factor, gradient_accumulation_steps, name, mask: the options every Keras
-        optimizer shares (``mask`` keyword-only), under "Shared options" in
-        :mod:`rmsjax.compat.keras`.
 
     Example:
       >>> import jax.numpy as jnp, optax
@@ -437,6 +439,11 @@ def Adam(
     with :math:`\hat v_t = v_t`, or :math:`\max(\hat v_{t-1}, v_t)` with ``amsgrad``.
     Chain: ``scale_by_adam(eps_hat=True) -> learning rate``, inside the shared slots.
 
+    The options every Keras optimizer shares (``clipnorm``, ``clipvalue``,
+    ``global_clipnorm``, ``use_ema``, ``ema_momentum``, ``ema_overwrite_frequency``,
+    ``loss_scale_factor``, ``gradient_accumulation_steps``, ``name``, and ``mask``,
+    keyword-only) are described under "Shared options" in :mod:`rmsjax.compat.keras`.
+
     Args:
       learning_rate: :math:`\eta`, >= 0, or a schedule ``f(step)``.
       beta_1: :math:`\beta_1`, in [0, 1).
@@ -444,10 +451,6 @@ def Adam(
       epsilon: :math:`\epsilon`, added to the root of the *uncorrected* :math:`v_t`, >= 0.
       amsgrad: use the running maximum of :math:`v_t`.
       weight_decay: ``None`` or >= 0: decoupled decay ``params -= lr_t * weight_decay * params``.
-      clipnorm, clipvalue, global_clipnorm, use_ema, ema_momentum, ema_overwrite_frequency,
-        loss_scale_factor, gradient_accumulation_steps, name, mask: the options every Keras
-        optimizer shares (``mask`` keyword-only), under "Shared options" in
-        :mod:`rmsjax.compat.keras`.
 
     Example:
       >>> import jax.numpy as jnp, optax
@@ -504,6 +507,11 @@ def AdamW(
     with :math:`m_t, v_t, \hat v_t` as in :func:`Adam`. As in Keras, ``weight_decay`` comes
     second and must be a number (``None`` raises).
 
+    The options every Keras optimizer shares (``clipnorm``, ``clipvalue``,
+    ``global_clipnorm``, ``use_ema``, ``ema_momentum``, ``ema_overwrite_frequency``,
+    ``loss_scale_factor``, ``gradient_accumulation_steps``, ``name``, and ``mask``,
+    keyword-only) are described under "Shared options" in :mod:`rmsjax.compat.keras`.
+
     Args:
       learning_rate: :math:`\eta`, >= 0, or a schedule ``f(step)``.
       weight_decay: :math:`\lambda`, >= 0 (not ``None``).
@@ -511,10 +519,6 @@ def AdamW(
       beta_2: :math:`\beta_2`, in [0, 1).
       epsilon: :math:`\epsilon`, added to the root of the *uncorrected* :math:`v_t`, >= 0.
       amsgrad: use the running maximum of :math:`v_t`.
-      clipnorm, clipvalue, global_clipnorm, use_ema, ema_momentum, ema_overwrite_frequency,
-        loss_scale_factor, gradient_accumulation_steps, name, mask: the options every Keras
-        optimizer shares (``mask`` keyword-only), under "Shared options" in
-        :mod:`rmsjax.compat.keras`.
 
     Example:
       >>> import jax.numpy as jnp, optax
@@ -568,16 +572,17 @@ def Adadelta(
 
     Chain: ``scale_by_adadelta -> learning rate``, inside the shared slots.
 
+    The options every Keras optimizer shares (``clipnorm``, ``clipvalue``,
+    ``global_clipnorm``, ``use_ema``, ``ema_momentum``, ``ema_overwrite_frequency``,
+    ``loss_scale_factor``, ``gradient_accumulation_steps``, ``name``, and ``mask``,
+    keyword-only) are described under "Shared options" in :mod:`rmsjax.compat.keras`.
+
     Args:
       learning_rate: :math:`\eta`, >= 0 (Keras's default 0.001; the paper and PyTorch use
         1.0), or a schedule ``f(step)``.
       rho: :math:`\rho`, in [0, 1).
       epsilon: :math:`\epsilon`, inside both roots, >= 0.
       weight_decay: ``None`` or >= 0: decoupled decay ``params -= lr_t * weight_decay * params``.
-      clipnorm, clipvalue, global_clipnorm, use_ema, ema_momentum, ema_overwrite_frequency,
-        loss_scale_factor, gradient_accumulation_steps, name, mask: the options every Keras
-        optimizer shares (``mask`` keyword-only), under "Shared options" in
-        :mod:`rmsjax.compat.keras`.
 
     Example:
       >>> import jax.numpy as jnp, optax
@@ -635,16 +640,17 @@ def Adamax(
     with :math:`m_0 = u_0 = 0`. Chain: ``Adamax scaling -> learning rate``, inside the
     shared slots; the state keeps :math:`u` as ``nu``.
 
+    The options every Keras optimizer shares (``clipnorm``, ``clipvalue``,
+    ``global_clipnorm``, ``use_ema``, ``ema_momentum``, ``ema_overwrite_frequency``,
+    ``loss_scale_factor``, ``gradient_accumulation_steps``, ``name``, and ``mask``,
+    keyword-only) are described under "Shared options" in :mod:`rmsjax.compat.keras`.
+
     Args:
       learning_rate: :math:`\eta`, >= 0, or a schedule ``f(step)``.
       beta_1: :math:`\beta_1`, in [0, 1).
       beta_2: :math:`\beta_2`, in [0, 1): the decay of the infinity norm.
       epsilon: :math:`\epsilon`, added to :math:`u_t`, >= 0.
       weight_decay: ``None`` or >= 0: decoupled decay ``params -= lr_t * weight_decay * params``.
-      clipnorm, clipvalue, global_clipnorm, use_ema, ema_momentum, ema_overwrite_frequency,
-        loss_scale_factor, gradient_accumulation_steps, name, mask: the options every Keras
-        optimizer shares (``mask`` keyword-only), under "Shared options" in
-        :mod:`rmsjax.compat.keras`.
 
     Example:
       >>> import jax.numpy as jnp, optax
@@ -709,16 +715,17 @@ def Nadam(
     :math:`\beta_1, \beta_2`). The product :math:`\Pi_t` is part of the state
     (``mu_product``), accumulated step by step as Keras does.
 
+    The options every Keras optimizer shares (``clipnorm``, ``clipvalue``,
+    ``global_clipnorm``, ``use_ema``, ``ema_momentum``, ``ema_overwrite_frequency``,
+    ``loss_scale_factor``, ``gradient_accumulation_steps``, ``name``, and ``mask``,
+    keyword-only) are described under "Shared options" in :mod:`rmsjax.compat.keras`.
+
     Args:
       learning_rate: :math:`\eta`, >= 0, or a schedule ``f(step)``.
       beta_1: :math:`\beta_1`, in [0, 1).
       beta_2: :math:`\beta_2`, in [0, 1).
       epsilon: :math:`\epsilon`, outside the root of the bias-corrected :math:`v_t`, >= 0.
       weight_decay: ``None`` or >= 0: decoupled decay ``params -= lr_t * weight_decay * params``.
-      clipnorm, clipvalue, global_clipnorm, use_ema, ema_momentum, ema_overwrite_frequency,
-        loss_scale_factor, gradient_accumulation_steps, name, mask: the options every Keras
-        optimizer shares (``mask`` keyword-only), under "Shared options" in
-        :mod:`rmsjax.compat.keras`.
 
     Example:
       >>> import jax.numpy as jnp, optax
@@ -784,15 +791,16 @@ def SGD(
     (``nesterov`` is then ignored, as in Keras). Chain: ``learning rate -> [momentum]``,
     inside the shared slots.
 
+    The options every Keras optimizer shares (``clipnorm``, ``clipvalue``,
+    ``global_clipnorm``, ``use_ema``, ``ema_momentum``, ``ema_overwrite_frequency``,
+    ``loss_scale_factor``, ``gradient_accumulation_steps``, ``name``, and ``mask``,
+    keyword-only) are described under "Shared options" in :mod:`rmsjax.compat.keras`.
+
     Args:
       learning_rate: :math:`\eta`, >= 0, or a schedule ``f(step)``.
       momentum: :math:`\mu`, in [0, 1) (Keras also accepts 1).
       nesterov: Nesterov's look-ahead.
       weight_decay: ``None`` or >= 0: decoupled decay ``params -= lr_t * weight_decay * params``.
-      clipnorm, clipvalue, global_clipnorm, use_ema, ema_momentum, ema_overwrite_frequency,
-        loss_scale_factor, gradient_accumulation_steps, name, mask: the options every Keras
-        optimizer shares (``mask`` keyword-only), under "Shared options" in
-        :mod:`rmsjax.compat.keras`.
 
     Example:
       >>> import jax.numpy as jnp, optax
