@@ -11,7 +11,7 @@ Every public factory returns an ``optax.GradientTransformation``. Layers, bottom
 
 from rmsjax import averages, compat, transforms
 from rmsjax._low_precision import low_precision
-from rmsjax._quantization import quantized
+from rmsjax._quantization import is_quantized, quantized
 from rmsjax._zero import zero_shardings
 from rmsjax.diagnostics import EffectiveLearningRate, effective_learning_rate, learning_rate, step_count
 from rmsjax.fusion import one_pass
@@ -38,6 +38,7 @@ __all__ = [
     "averages",
     "compat",
     "effective_learning_rate",
+    "is_quantized",
     "leaky_average",
     "learning_rate",
     "low_precision",

@@ -48,6 +48,7 @@ __all__ = [
     "QuantizedState",
     "dequantize",
     "dequantize_state",
+    "is_quantized",
     "quantized",
 ]
 
@@ -100,8 +101,26 @@ class QuantizedState(NamedTuple):
     inner: Any
 
 
-def _is_quantized(x: Any) -> bool:
+def is_quantized(x: Any) -> bool:
+    """Whether ``x`` is a moment stored by :func:`quantized` (a :class:`QuantizedArray` or
+    :class:`PackedQuantizedArray`).
+
+    It is the ``is_leaf`` that lets a tree map treat each stored moment as one node, as the
+    parameter it stands for. ``optax.tree.map_params`` with an extra tree shaped like the
+    parameters needs it, since a stored moment is two arrays (codes and scale) where the
+    parameters have one::
+
+        specs = optax.tree.map_params(tx, lambda x, spec: ..., state, param_specs,
+                                      is_leaf=rmsjax.is_quantized)
+
+    There ``x`` is the stored moment node (or a plain array, for the moments kept wide);
+    its ``codes`` have the parameter's shape (8 bits) or the parameter's shape with the
+    first axis of the blocked row halved (4 bits).
+    """
     return isinstance(x, (QuantizedArray, PackedQuantizedArray))
+
+
+_is_quantized = is_quantized
 
 
 def _is_variable(x: Any) -> bool:
@@ -331,11 +350,11 @@ def _encode(x: jax.Array, layout: _Layout, signed: bool, count: jax.Array | None
     where false, the element is left out of its block's exact scale (it saturates)."""
     dtype = x.dtype
     ct = _compute_dtype(dtype)
-    blocked = x.astype(ct).reshape(layout.blocked())
+    wide = x.astype(ct)
+    blocked = wide.reshape(layout.blocked())
     old = None if old_scale is None else old_scale.reshape(layout.blocked()[:-1])
     if bound is None:
-        scale = _codec.block_scale(blocked, old, dtype,
-                                   keep=None if keep is None else keep.reshape(layout.blocked()))
+        scale = _codec.block_scale(wide, old, dtype, keep=keep, blocked=layout.blocked())
     else:
         scale = _codec.bound_scale(bound.astype(ct), old, dtype)
     u = None if (nearest or count is None) else _codec.uniform(layout.blocked(), count, leaf_id)
@@ -355,8 +374,8 @@ def _bound(q: QuantizedArray | PackedQuantizedArray, layout: _Layout, moment: _m
     m_old = _decoded_max(q, layout)
     # A moment divided by a second moment: elements whose gradient squared overflows take
     # no finite step (that second moment is +inf), so they are left out of the bound too.
-    m_x = _codec.finite_absmax(x.reshape(layout.blocked()), ct, order=moment.order,
-                               square_finite=moment.divided_by is not None)
+    m_x = _codec.finite_absmax(x, ct, order=moment.order, square_finite=moment.divided_by is not None,
+                               blocked=layout.blocked())
     if moment.rule in ("leaky", "peak"):
         return jnp.maximum(m_old, m_x)
     return m_old + m_x  # "sum", "momentum"

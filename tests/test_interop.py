@@ -185,6 +185,33 @@ def test_map_params_with_a_params_shaped_tree(name):
     jax.tree.map(np.testing.assert_array_equal, identity, state)
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("name", list(CASES))
+def test_map_params_with_a_params_shaped_tree_through_quantized(name, bits):
+    """map_params with an extra params-shaped tree over every case wrapped in ``quantized``:
+    with ``is_leaf=rmsjax.is_quantized`` each stored moment is one node, paired with its own
+    parameter's entry (without it optax cannot pair two arrays, codes and scale, with one)."""
+    tx = rmsjax.quantized(CASES[name].make(), bits=bits, min_size=1)
+    params = {"a": jnp.ones((64, 256), jnp.float32), "b": jnp.ones((8,), jnp.float32)}  # PARAMS' keys
+    state = tx.init(params)
+    specs = {"a": "matrix", "b": "vector"}
+    seen = []
+
+    def tag(value, spec):
+        array = value.codes if rmsjax.is_quantized(value) else value
+        seen.append((rmsjax.is_quantized(value), array.shape[0], spec))
+        return spec
+
+    mapped = optax.tree.map_params(tx, tag, state, specs, is_leaf=rmsjax.is_quantized)
+    stored = [x for x in jax.tree.leaves(state, is_leaf=rmsjax.is_quantized) if rmsjax.is_quantized(x)]
+    assert sum(1 for q, _, _ in seen if q) == len(stored)
+    assert all(spec == ("matrix" if rows == 64 else "vector") for _, rows, spec in seen)
+    if seen:
+        assert {"matrix", "vector"} & {x for x in jax.tree.leaves(mapped) if isinstance(x, str)}
+    identity = optax.tree.map_params(tx, lambda value: value, state)
+    jax.tree.map(np.testing.assert_array_equal, identity, state)
+
+
 def test_learning_rate_is_the_next_rate_plain_and_injected():
     """Issue 19: after one step of a linear schedule both read 0.09; an edit shows at once."""
     schedule = optax.linear_schedule(0.1, 0.0, 10)
