@@ -325,11 +325,22 @@ def dequantize(q: QuantizedArray | PackedQuantizedArray) -> jax.Array:
     layout = _layout_of(q)
     dtype = q.scale.dtype
     ct = _compute_dtype(dtype)
+    if layout.bits == 8:  # elementwise in the moment's own shape, the scales spread over it
+        level = _codec.levels_of(q.codes, 8, _signed(q), ct)
+        return _codec.decode(level, _spread(q.scale.astype(ct), layout), 8, _signed(q)).astype(dtype)
     codes = q.codes.reshape(layout.blocked_codes())
     level = _codec.levels_of(codes, layout.bits, _signed(q), ct)
     scale = q.scale.astype(ct).reshape(layout.blocked()[:-1])[..., None]
     value = _codec.decode(level, scale, layout.bits, _signed(q))
     return value.reshape(layout.shape).astype(dtype)
+
+
+def _spread(scale: jax.Array, layout: _Layout) -> jax.Array:
+    """Each block's scale at each of its elements, in the moment's shape. (XLA:CPU runs an
+    elementwise loop several times slower when its output is a reshape of the shape it
+    computes in, so 8-bit codes are decoded and encoded in the moment's own shape.)"""
+    blocks = scale.reshape(layout.blocked()[:-1])[..., None]
+    return jnp.broadcast_to(blocks, layout.blocked()).reshape(layout.shape)
 
 
 def _decoded_max(q: QuantizedArray | PackedQuantizedArray, layout: _Layout) -> jax.Array:
@@ -357,12 +368,14 @@ def _encode(x: jax.Array, layout: _Layout, signed: bool, count: jax.Array | None
         scale = _codec.block_scale(wide, old, dtype, keep=keep, blocked=layout.blocked())
     else:
         scale = _codec.bound_scale(bound.astype(ct), old, dtype)
+    if layout.bits == 8:  # the uniform numbers depend on the row-major index only: same in both shapes
+        u = None if (nearest or count is None) else _codec.uniform(layout.shape, count, leaf_id)
+        level = _codec.encode(wide, _spread(scale.astype(ct), layout), u, 8, signed)
+        codes = level.astype(_codec.code_dtype(8, signed))
+        return QuantizedArray(codes=codes, scale=scale.reshape(layout.scale_shape()))
     u = None if (nearest or count is None) else _codec.uniform(layout.blocked(), count, leaf_id)
     level = _codec.encode(blocked, scale.astype(ct)[..., None], u, layout.bits, signed)
     scale = scale.reshape(layout.scale_shape())
-    if layout.bits == 8:
-        codes = level.astype(_codec.code_dtype(8, signed)).reshape(layout.code_shape())
-        return QuantizedArray(codes=codes, scale=scale)
     codes = _codec.pack(level, signed).reshape(layout.code_shape())
     return PackedQuantizedArray(codes=codes, scale=scale)
 
