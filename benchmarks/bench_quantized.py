@@ -193,8 +193,14 @@ def main(argv=None):
     parser.add_argument("--trials", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None, help="steps per trial")
     parser.add_argument("--peak-shape", default=None, help="leaf shape for the memory analysis")
+    parser.add_argument("--second-trace", action="store_true",
+                        help="trace the new quantized state a second time from optimization_barrier "
+                        "copies (0.3.0's default), to compare the two on a backend; outputs get a "
+                        "_second_trace suffix")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = parser.parse_args(argv)
+    from rmsjax import _quantization
+    _quantization._TRACE_NEW_STATE_AGAIN = args.second_trace
     gpu = jax.default_backend() == "gpu" if args.gpu is None else args.gpu
     if args.size is not None:
         shapes = [(args.size, args.size)]
@@ -224,6 +230,8 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = "bench_quantized_gpu" if gpu and args.size is None else "bench_quantized"
+    stem += "_second_trace" if args.second_trace else ""
+    result["second_trace"] = args.second_trace
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
     (out / f"{stem}.md").write_text(markdown(result))
     print(markdown(result))

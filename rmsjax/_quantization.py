@@ -55,6 +55,17 @@ __all__ = [
 DEFAULT_BLOCK_SIZE = {8: 256, 4: 128}
 CODE_MAPS = _codec.MAPS
 
+# Whether to trace the new state a second time, from optimization_barrier copies of the
+# inputs, so that the loop writing the parameters and the loops writing the codes each
+# recompute the moments they need. With 0.3.0's codec it kept a full-size float32 copy of the
+# new moments out of the XLA:CPU step (8-bit Adam: 18 B/param of temporaries without it); with
+# the codec that encodes in the moment's own shape, the CPU peaks are the same either way
+# (8-bit Adam 12.09 B/param; centred RMSprop with momentum at 4 bits 19.69 against 18.69) and
+# so are the CPU step times, within noise. An H200 measured 0.3.0's step, traced twice, at 2.3x
+# float32's time and 18 B/param (0.2, traced once: 1.09x, 10.1), so it is off.
+# `benchmarks/bench_quantized.py --single-trace` / without: compares the two on a backend.
+_TRACE_NEW_STATE_AGAIN = False
+
 # A block smaller than this fraction of block_size (when the row is longer than a block) would
 # cost more in scales than it saves; such a leaf stays in full precision.
 _MIN_BLOCK_FRACTION = 4
@@ -580,12 +591,12 @@ def _wrap(inner: optax.GradientTransformation, bits: int, block: int, minimum: i
     def update_fn(updates: Any, state: QuantizedState, params: Any = None, **extra_args: Any):
         stored = state.inner
         updates_out, new_inner = inner.update(updates, dequantize_state(stored), params, **extra_args)
-        if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((updates, stored))):
+        if _TRACE_NEW_STATE_AGAIN and any(isinstance(x, jax.core.Tracer)
+                                          for x in jax.tree.leaves((updates, stored))):
             # Traced again, from copies XLA may not merge with the first trace: the loop that
             # writes the new parameters and the one that writes the new codes each compute
             # the moments they need from the stored codes and the gradient, instead of
-            # sharing one full-size float32 copy of the new moments. (On an H200 this step
-            # measured 2.3x float32's time and 18 B/param at its peak: the GPU's open problem.)
+            # sharing one full-size float32 copy of the new moments.
             updates, stored, params = jax.lax.optimization_barrier((updates, stored, params))
             _, new_inner = inner.update(updates, dequantize_state(stored), params, **extra_args)
         entry = _entry(stored)
