@@ -26,7 +26,7 @@ NOT_FACTORIES = {
     "rmsjax.effective_learning_rate": "a diagnostics reader of a state",
     "rmsjax.learning_rate": "a diagnostics reader of a state",
     "rmsjax.step_count": "a diagnostics reader of a state",
-    "rmsjax.is_quantized": "a predicate on state nodes (the is_leaf of tests/test_interop.py's map_params test)",
+    "rmsjax.is_quantized": "a predicate on state nodes (map_params is_leaf; tests/test_interop.py)",
     "rmsjax.transforms.upgrade_0_2_state_dict": "a checkpoint migration (tests/test_interop.py)",
     "rmsjax.zero_shardings": "returns shardings of a state, not a transformation (tests/test_zero.py)",
     "rmsjax.compat.ParamGroupsState": "a state class",
