@@ -236,6 +236,12 @@ _EXPONENT = {  # compute dtype -> (same-width unsigned int, mantissa bits, expon
 }
 
 
+def _biased_exponent(x: jax.Array, utype: Any, mantissa: int, mask: int) -> jax.Array:
+    """The biased exponent field of each element of ``x`` (in ``utype``)."""
+    raw = lax.bitcast_convert_type(x, utype)
+    return (raw >> jnp.asarray(mantissa, utype)) & jnp.asarray(mask, utype)
+
+
 def _power_of_two_above(biased: jax.Array, utype: Any, mantissa: int, mask: int) -> jax.Array:
     """Bits of ``2**(e - bias + 1)`` for biased exponents ``e`` (0 where ``e == 0``)."""
     top = mask - 1  # largest finite biased exponent
@@ -278,8 +284,7 @@ def block_scale(x: jax.Array, old: jax.Array | None, dtype: Any, *,
     loop whose output shape differs from its operands' several times slower, so the
     elementwise part stays in the shape of the arrays it reads."""
     utype, mantissa, mask, etype = _EXPONENT[jnp.dtype(x.dtype)]
-    raw = lax.bitcast_convert_type(x, utype)
-    exponent = ((raw >> jnp.asarray(mantissa, utype)) & jnp.asarray(mask, utype)).astype(etype)
+    exponent = _biased_exponent(x, utype, mantissa, mask).astype(etype)
     drop = exponent == jnp.asarray(mask, etype)
     if keep is not None:
         drop = drop | ~keep
@@ -293,8 +298,7 @@ def block_scale(x: jax.Array, old: jax.Array | None, dtype: Any, *,
 def bound_scale(bound: jax.Array, old: jax.Array | None, dtype: Any) -> jax.Array:
     """:func:`block_scale` from an upper bound on each block's largest finite magnitude."""
     utype, mantissa, mask, _ = _EXPONENT[jnp.dtype(bound.dtype)]
-    raw = lax.bitcast_convert_type(jnp.abs(bound), utype)
-    biased = (raw >> jnp.asarray(mantissa, utype)) & jnp.asarray(mask, utype)
+    biased = _biased_exponent(jnp.abs(bound), utype, mantissa, mask)
     return _finish(_power_of_two_above(biased, utype, mantissa, mask), old, utype, mantissa,
                    bound.dtype, dtype)
 
@@ -319,8 +323,7 @@ def finite_absmax(x: jax.Array, ct: Any, *, order: int, square_finite: bool = Fa
     value = square if order == 2 else a
 
     def exponent_of(v: jax.Array) -> jax.Array:
-        raw = lax.bitcast_convert_type(v, utype)
-        return ((raw >> jnp.asarray(mantissa, utype)) & jnp.asarray(mask, utype)).astype(etype)
+        return _biased_exponent(v, utype, mantissa, mask).astype(etype)
 
     exponent = exponent_of(value)
     drop = exponent == jnp.asarray(mask, etype)  # inf or NaN

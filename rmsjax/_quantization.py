@@ -63,7 +63,7 @@ CODE_MAPS = _codec.MAPS
 # (8-bit Adam 12.09 B/param; centred RMSprop with momentum at 4 bits 19.69 against 18.69) and
 # so are the CPU step times, within noise. An H200 measured 0.3.0's step, traced twice, at 2.3x
 # float32's time and 18 B/param (0.2, traced once: 1.09x, 10.1), so it is off.
-# `benchmarks/bench_quantized.py --single-trace` / without: compares the two on a backend.
+# `benchmarks/bench_quantized.py --second-trace` measures the step with it, to compare.
 _TRACE_NEW_STATE_AGAIN = False
 
 # A block smaller than this fraction of block_size (when the row is longer than a block) would
@@ -131,8 +131,6 @@ def is_quantized(x: Any) -> bool:
     return isinstance(x, (QuantizedArray, PackedQuantizedArray))
 
 
-_is_quantized = is_quantized
-
 
 def _is_variable(x: Any) -> bool:
     nnx = sys.modules.get("flax.nnx")
@@ -159,7 +157,7 @@ def _is_partitioned(x: Any) -> bool:
 
 
 def _stop(x: Any) -> bool:
-    return _is_quantized(x) or _is_variable(x) or _is_partitioned(x)
+    return is_quantized(x) or _is_variable(x) or _is_partitioned(x)
 
 
 def _like(x: Any, value: Any) -> Any:
@@ -432,7 +430,7 @@ def _sq(m: Any) -> jax.Array:
 
 
 def _decoded(x: Any) -> Any:
-    return _like(x.codes, dequantize(_plain(x))) if _is_quantized(x) else x
+    return _like(x.codes, dequantize(_plain(x))) if is_quantized(x) else x
 
 
 def _decode_node(node: Any) -> Any:
@@ -445,7 +443,7 @@ def _decode_node(node: Any) -> Any:
         stored = getattr(node, name)
 
         def back(s: Any, v: Any, m: Any) -> Any:
-            if not _is_quantized(s):
+            if not is_quantized(s):
                 return v
             a = _value(v)
             ct = _compute_dtype(a.dtype)
@@ -608,7 +606,7 @@ def _wrap(inner: optax.GradientTransformation, bits: int, block: int, minimum: i
             fields = {}
             for name, moment in decl.items():
                 olds, news = getattr(old, name), getattr(new, name)
-                if not any(_is_quantized(x) for x in jax.tree.leaves(olds, is_leaf=_stop)):
+                if not any(is_quantized(x) for x in jax.tree.leaves(olds, is_leaf=_stop)):
                     continue
                 aux = {}
                 if bits == 8 and old is entry and moment.rule is not None:
@@ -627,7 +625,7 @@ def _wrap(inner: optax.GradientTransformation, bits: int, block: int, minimum: i
             names = list(aux)
 
             def leaf(q: Any, x: Any, *rest: Any) -> Any:
-                if not _is_quantized(q):
+                if not is_quantized(q):
                     return x
                 extra = {k: _value(v) for k, v in zip(names, rest, strict=True)}
                 q = _plain(q)

@@ -447,8 +447,8 @@ def _declared_moment_leaves(state):
     nodes = jax.tree.leaves(state, is_leaf=lambda x: _moments.declared(x) is not None)
     for node in nodes:
         for name, moment in (_moments.declared(node) or {}).items():
-            for leaf in jax.tree.leaves(getattr(node, name), is_leaf=qz._is_quantized):
-                if qz._is_quantized(leaf):
+            for leaf in jax.tree.leaves(getattr(node, name), is_leaf=qz.is_quantized):
+                if qz.is_quantized(leaf):
                     found.append((leaf, moment))
                 elif jnp.issubdtype(leaf.dtype, jnp.floating):
                     wide.append(leaf)
@@ -464,7 +464,7 @@ def test_only_declared_moments_are_quantized(name):
     state = tx.init(_REG_PARAMS)
     grads = jax.tree.map(lambda p: jnp.cos(3 * p) + 0.1, _REG_PARAMS)
     updates, state = jax.jit(tx.update)(grads, state, _REG_PARAMS)
-    everything = [x for x in jax.tree.leaves(state, is_leaf=qz._is_quantized) if qz._is_quantized(x)]
+    everything = [x for x in jax.tree.leaves(state, is_leaf=qz.is_quantized) if qz.is_quantized(x)]
     found, wide = _declared_moment_leaves(state)
     assert len(everything) == len(found)  # every quantized leaf is a declared moment...
     assert not wide  # ...and every real declared moment of these shapes is quantized
@@ -473,18 +473,23 @@ def test_only_declared_moments_are_quantized(name):
     assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
 
 
+def _steps(tx, params, grads, n):
+    """``n`` train steps of ``tx`` with a fixed gradient: (params, state)."""
+    state = tx.init(params)
+    for _ in range(n):
+        updates, state = tx.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+    return params, state
+
+
 def test_keras_ema_is_not_quantized_and_overwrites_with_the_exact_average():
     kc = rmsjax.compat.keras
     params = {"w": jnp.linspace(-1.0, 1.0, 64 * 128).reshape(64, 128)}
     grads = {"w": jnp.sin(jnp.arange(64 * 128, dtype=jnp.float32).reshape(64, 128))}
     plain = kc.SGD(1e-3, use_ema=True, ema_overwrite_frequency=5)
     low = rmsjax.quantized(kc.SGD(1e-3, use_ema=True, ema_overwrite_frequency=5), min_size=1)
-    s_p, s_q, p_p, p_q = plain.init(params), low.init(params), params, params
-    for _ in range(10):
-        u, s_p = plain.update(grads, s_p, p_p)
-        p_p = optax.apply_updates(p_p, u)
-        v, s_q = low.update(grads, s_q, p_q)
-        p_q = optax.apply_updates(p_q, v)
+    p_p, s_p = _steps(plain, params, grads, 10)
+    p_q, s_q = _steps(low, params, grads, 10)
     chex_equal(p_q, p_p)
     ema_q, ema_p = kc.ema_params(s_q), kc.ema_params(s_p)
     assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(ema_q))
@@ -492,12 +497,8 @@ def test_keras_ema_is_not_quantized_and_overwrites_with_the_exact_average():
     # Adam with EMA: the moments are quantized, the EMA is not (arrays, close to float32 state's)
     adam = rmsjax.quantized(kc.Adam(1e-3, use_ema=True), min_size=1)
     ref = kc.Adam(1e-3, use_ema=True)
-    s_a, s_r, p_a, p_r = adam.init(params), ref.init(params), params, params
-    for _ in range(5):
-        u, s_a = adam.update(grads, s_a, p_a)
-        p_a = optax.apply_updates(p_a, u)
-        v, s_r = ref.update(grads, s_r, p_r)
-        p_r = optax.apply_updates(p_r, v)
+    _, s_a = _steps(adam, params, grads, 5)
+    _, s_r = _steps(ref, params, grads, 5)
     ema_a = kc.ema_params(s_a)
     assert all(isinstance(x, jax.Array) and x.dtype == jnp.float32 for x in jax.tree.leaves(ema_a))
     np.testing.assert_allclose(np.asarray(ema_a["w"]), np.asarray(kc.ema_params(s_r)["w"]), atol=2e-5)
@@ -627,8 +628,8 @@ def test_no_leaf_takes_more_bytes_than_float32(bits):
         for key, leaf in moment.items():
             stored = state_bytes(leaf)
             assert stored <= 4 * params[key].size, (name, key, stored)
-    assert qz._is_quantized(state.inner[0].mu["head"])  # blocks of 256 over the merged (4096, 1)
-    assert not qz._is_quantized(state.inner[0].mu["prime"])  # no divisor of 4099 makes a block
+    assert qz.is_quantized(state.inner[0].mu["head"])  # blocks of 256 over the merged (4096, 1)
+    assert not qz.is_quantized(state.inner[0].mu["prime"])  # no divisor of 4099 makes a block
     u, _ = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(u))
 
@@ -643,7 +644,7 @@ def _reductions_over_new_moments(tx, params):
     grads = jax.tree.map(jnp.ones_like, params)
     closed = jax.make_jaxpr(tx.update)(grads, state, params)
     n_grad = len(jax.tree.leaves(grads))
-    state_leaves = jax.tree.leaves(state, is_leaf=qz._is_quantized)
+    state_leaves = jax.tree.leaves(state, is_leaf=qz.is_quantized)
     codes_ids = set()
     flat_state = jax.tree.leaves(state)
     for i, leaf in enumerate(flat_state):

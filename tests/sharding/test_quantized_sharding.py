@@ -36,7 +36,7 @@ def _params(spec):
 
 
 def _quantized_leaves(state):
-    return [x for x in jax.tree.leaves(state, is_leaf=qz._is_quantized) if qz._is_quantized(x)]
+    return [x for x in jax.tree.leaves(state, is_leaf=qz.is_quantized) if qz.is_quantized(x)]
 
 
 def _check_blocks_inside_shards(q, spec):
