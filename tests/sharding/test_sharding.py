@@ -240,7 +240,7 @@ def _train(tx, params, x, y, steps):
     state = tx.init(params)
     compiled = jax.jit(step).lower(params, state, x, y).compile()
     for _ in range(steps):
-        params, state = compiled(params, state, x, y)
+        params, state = jax.block_until_ready(compiled(params, state, x, y))  # see conftest.py
     return params, state, compiled.as_text()
 
 
@@ -336,7 +336,7 @@ def _nnx_step(model, optimizer, x, y):
 
 def _nnx_train(model, optimizer, x, y, steps=8):
     for _ in range(steps):
-        _nnx_step(model, optimizer, x, y)
+        jax.block_until_ready(_nnx_step(model, optimizer, x, y))  # see conftest.py
     return nnx.state(model, nnx.Param)
 
 

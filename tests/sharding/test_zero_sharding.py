@@ -70,7 +70,8 @@ def _run_zero(tx, params, mesh, steps, batches, step_maker="zero_train_step"):
     state = jax.jit(tx.init, out_shardings=shardings)(params)
     sharding = NamedSharding(mesh, P("data"))
     for b in batches[:steps]:
-        params, state, _ = step(params, state, jax.device_put(jnp.asarray(b), sharding))
+        params, state, _ = jax.block_until_ready(
+            step(params, state, jax.device_put(jnp.asarray(b), sharding)))  # see conftest.py
     return params, state, step, shardings
 
 
@@ -254,7 +255,8 @@ def test_low_precision_under_jit_sharding_is_bit_identical_to_replicated():
     state = jax.device_put(tx.init(params), NamedSharding(mesh, P()))
     p1 = params
     for b in batches:
-        p1, state, _ = plain(p1, state, jax.device_put(jnp.asarray(b), NamedSharding(mesh, P("data"))))
+        p1, state, _ = jax.block_until_ready(
+            plain(p1, state, jax.device_put(jnp.asarray(b), NamedSharding(mesh, P("data")))))
     p2, _, _, _ = _run_zero(tx, _params(jnp.bfloat16), mesh, 20, batches, "jit_zero_train_step")
     for k in p1:
         np.testing.assert_array_equal(np.asarray(p1[k], np.float32), np.asarray(p2[k], np.float32))
@@ -280,8 +282,8 @@ def test_checkpoint_round_trip_and_restore_onto_four_devices(tmp_path):
     resumed = (restored["params"], restored["opt_state"])
     for b in batches[10:]:
         b = jax.device_put(jnp.asarray(b), sharding)
-        straight = step(*straight, b)[:2]
-        resumed = step(*resumed, b)[:2]
+        straight = jax.block_until_ready(step(*straight, b)[:2])
+        resumed = jax.block_until_ready(step(*resumed, b)[:2])
     for a, c in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
 
