@@ -39,11 +39,17 @@ def _quantized_leaves(state):
     return [x for x in jax.tree.leaves(state, is_leaf=qz.is_quantized) if qz.is_quantized(x)]
 
 
+def _padded(x):
+    """``x``'s partition spec with one entry per axis (jax 0.8 drops trailing Nones)."""
+    spec = tuple(x.sharding.spec)
+    return spec + (None,) * (x.ndim - len(spec))
+
+
 def _check_blocks_inside_shards(q, spec):
     """Each device holds whole blocks: its scale shard covers exactly its codes shard, and
     both are sharded along the parameter's sharded axis."""
-    assert q.codes.sharding.spec[: len(spec)] == tuple(spec), q.codes.sharding.spec
-    assert q.scale.sharding.spec[: len(spec)] == tuple(spec), q.scale.sharding.spec
+    assert _padded(q.codes)[: len(spec)] == tuple(spec), q.codes.sharding.spec
+    assert _padded(q.scale)[: len(spec)] == tuple(spec), q.scale.sharding.spec
     codes_shard = q.codes.sharding.shard_shape(q.codes.shape)
     scale_shard = q.scale.sharding.shard_shape(q.scale.shape)
     packed = isinstance(q, qz.PackedQuantizedArray)
