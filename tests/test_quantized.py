@@ -737,12 +737,13 @@ def peak_bytes_per_param(make, bits, n=2048):
 # step needs beyond its arguments. The acceptance target is 0.15 for every case; what is left
 # is XLA:CPU's copy of each donated 8-bit code array that is read after the loop writing the
 # new codes could start (about 1 byte per moment), the exponent bytes of block maxima (one
-# byte per element: of the gradient for the 8-bit bound, of the new moment for exact maxima),
-# which XLA:CPU writes out before reducing, and, for centred RMSprop with momentum and
+# byte per element: of the gradient for the 8-bit bound, one pass for both of Adam's moments;
+# of the new moment for exact maxima), which XLA:CPU writes out before reducing, and, for
+# centred RMSprop with momentum and
 # AdaDelta, full-size float32 intermediates of the inner update shared by several loops
 # (AdaDelta's float32 step itself keeps 8 bytes of them).
 PEAK_TEMPORARIES = {
-    ("adam", 8): 2.1, ("adam", 4): 4.1, ("rmsprop", 8): 1.1, ("rmsprop", 4): 2.1,
+    ("adam", 8): 1.1, ("adam", 4): 4.1, ("rmsprop", 8): 1.1, ("rmsprop", 4): 2.1,
     ("adagrad", 8): 1.1, ("adagrad", 4): 2.1, ("adadelta", 8): 10.1, ("adadelta", 4): 11.1,
     ("centered_momentum", 8): 7.1, ("centered_momentum", 4): 10.1,
 }
