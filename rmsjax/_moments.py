@@ -30,13 +30,20 @@ A declaration says, for each moment field:
   Adam's ``mu``). Where that one is not finite (a gradient whose square overflows) the step
   does not depend on this moment's value, so the element is kept out of its block's scale
   (it saturates) instead of taking the block's resolution with it.
+
+A state type can also declare that its transformation hands its input on unchanged
+(:func:`declare_passes_input`): an absent optional part of a chain, or a wrapper such as
+``optax.inject_hyperparams`` that gives the input to the transformation whose state is one of
+its fields. :func:`rmsjax.quantized` follows those to find the moments that see the gradient
+it receives (whose bound it can take from that gradient). Any other part before a moment
+(clipping, scaling, weight decay) hides the gradient: that moment's blocks are reduced exactly.
 """
 
 from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-__all__ = ["Moment", "declare", "declared"]
+__all__ = ["Moment", "declare", "declare_passes_input", "declared", "input_path"]
 
 RULES = (None, "leaky", "sum", "momentum", "peak")
 
@@ -84,6 +91,43 @@ def declared(node: Any) -> dict[str, Moment] | None:
     return _DECLARED.get(type(node))
 
 
+_PASSES_INPUT: dict[type, str | None] = {}
+
+
+def declare_passes_input(cls: type, into: str | None = None) -> None:
+    """Declares that the transformation whose state type is ``cls`` hands its input on
+    unchanged: to the next part of its chain (``into=None``), or to the transformation whose
+    state is ``cls``'s field ``into`` (a wrapper)."""
+    names = getattr(cls, "_fields", None)
+    if names is None:
+        raise TypeError(f"declare_passes_input: {cls!r} is not a NamedTuple state type")
+    if into is not None and into not in names:
+        raise ValueError(f"declare_passes_input: {cls.__name__} has no field {into!r} (fields: {names})")
+    _PASSES_INPUT[cls] = into
+
+
+def input_path(state: Any) -> Any:
+    """The first part of ``state`` that does not declare that it hands the input on: through
+    chains (a plain tuple, whose leading parts may hand it to the next one) and into declared
+    wrappers. Its transformation receives the whole transformation's input unchanged."""
+
+    def passes_on(node: Any) -> bool:  # to the next part of its chain
+        return type(node) in _PASSES_INPUT and _PASSES_INPUT[type(node)] is None
+
+    node = state
+    while True:
+        if type(node) is tuple and node:  # noqa: E721 - an optax.chain state, not a NamedTuple
+            parts = list(node)
+            while len(parts) > 1 and passes_on(parts[0]):
+                parts.pop(0)
+            node = parts[0]
+            continue
+        into = _PASSES_INPUT.get(type(node))
+        if into is None:
+            return node
+        node = getattr(node, into)
+
+
 FIRST = Moment(signed=True, rule="leaky", order=1)
 """A leaky average of the input (a first moment)."""
 ADAM_FIRST = Moment(signed=True, rule="leaky", order=1, divided_by="nu")
@@ -93,9 +137,10 @@ SECOND = Moment(signed=False, rule="leaky", order=2)
 
 
 def _declare_optax() -> None:
-    """optax's own states that hold Adam/RMSprop-family moments. Declared without an update
+    """optax's own states that hold Adam/RMSprop-family moments, declared without an update
     rule (optax reuses ``ScaleByAdamState`` for Adamax, whose ``nu`` is no average of
-    squares), so their blocks are reduced exactly."""
+    squares), so their blocks are reduced exactly; and optax's wrappers that hand the
+    gradient on unchanged."""
     import optax
 
     declare(optax.ScaleByAdamState, mu=Moment(True, divided_by="nu"), nu=Moment(False))
@@ -104,6 +149,11 @@ def _declare_optax() -> None:
     declare(optax.ScaleByRmsState, nu=Moment(False))
     declare(optax.ScaleByRssState, sum_of_squares=Moment(False))
     declare(optax.TraceState, trace=Moment(True))
+    # optax.inject_hyperparams gives the gradient to the transformation it builds.
+    for name in ("InjectHyperparamsState", "InjectStatefulHyperparamsState"):
+        cls = getattr(optax, name, None) or getattr(optax.schedules, name, None)
+        if cls is not None:
+            declare_passes_input(cls, into="inner_state")
 
 
 _declare_optax()

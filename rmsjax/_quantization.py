@@ -19,8 +19,10 @@ that read the codes and write the new codes and parameters.
 
 Block scales at 8 bits come from a bound, not from a pass over the new moment, for declared
 moments with an update rule (leaky average, running sum, momentum, peak) whose input is the
-gradient ``quantized`` receives: the state of the first transformation of a chain (an
-``optax.chain`` state is a tuple; its first element sees the chain's input). The bound is
+gradient ``quantized`` receives: the state of the first transformation of a chain, past the
+parts that declare they hand their input on unchanged (an absent optional part,
+``transforms.AbsentState``) and into declared wrappers (``optax.inject_hyperparams``); see
+:func:`rmsjax._moments.input_path`. The bound is
 ``|new| <= f(max|old|, max|g|)`` on each block (:mod:`rmsjax._moments` lists ``f``):
 ``max|old|`` is read from the stored codes (the maps are monotone in ``|code|``) and
 ``max|g|`` from the gradient, so the encode runs in the same loop as the update. All other
@@ -415,11 +417,9 @@ def _bound(q: QuantizedArray | PackedQuantizedArray, layout: _Layout, moment: _m
 
 def _entry(state: Any) -> Any:
     """The declared state that receives the gradient given to the whole state's
-    transformation: the state itself, or (an ``optax.chain`` state being a plain tuple) the
-    entry of its first element."""
-    node = state
-    while type(node) is tuple and node:  # noqa: E721 - a plain tuple, not a NamedTuple state
-        node = node[0]
+    transformation (through chains, absent optional parts and declared wrappers such as
+    ``optax.inject_hyperparams``), or None."""
+    node = _moments.input_path(state)
     return node if _is_declared(node) else None
 
 

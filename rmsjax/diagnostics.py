@@ -167,7 +167,9 @@ def _injected_rates(tree: Any, schedule: Any) -> list[jax.Array]:
                     f"the {name!r} injected by optax.inject_hyperparams is a schedule, and its "
                     f"state holds only the step count (hyperparams[{name!r}] is the rate the "
                     "last update used): pass the schedule, learning_rate(state, schedule=...), "
-                    "to get the rate the next update will use"
+                    "to get the rate the next update will use, or inject with "
+                    f"static_args=({name!r},) so that the optimizer's own step counts and "
+                    "holds it"
                 )
             count = getattr(states[name], "count", None)
             if count is None:

@@ -6,7 +6,7 @@ No optimizer does arithmetic of its own: each one lists, in order, the transform
 State layout rule: the layout is decided by the *signature*, never by a value. An optional
 part (``momentum``, ``weight_decay``) is absent when its argument is ``None`` (the
 default, as in optax) and present when any value is given, 0 included; an absent part
-keeps its slot in the chain as ``optax.identity()`` (an empty state), so ``nu`` is at the
+keeps its slot in the chain as ``transforms.absent()`` (an empty state), so ``nu`` is at the
 same path with and without momentum or weight decay. Flags (``centered``, ``nesterov``,
 ``bias_correction``, ...), ``state_dtype`` and whether ``learning_rate`` is a schedule
 also decide the layout. So ``optax.inject_hyperparams(f)(**kwargs)``, which turns every
@@ -33,12 +33,13 @@ __all__ = ["adadelta", "adagrad", "adam", "adamw", "rmsprop", "sgd"]
 def _if_given(
     value: Any, make: Callable[[Any], optax.GradientTransformation]
 ) -> optax.GradientTransformation:
-    """``make(value)``, or ``optax.identity()`` when ``value`` is ``None`` (the part is absent).
+    """``make(value)``, or ``transforms.absent()`` when ``value`` is ``None`` (the part is absent).
 
     Any given value, 0 included, makes the part present: the layout follows the signature,
-    not the value. The identity keeps the part's slot in the chain with an empty state.
+    not the value. The absent part keeps the slot in the chain with an empty state
+    (``transforms.AbsentState``, an ``optax.EmptyState``).
     """
-    return optax.identity() if value is None else make(value)
+    return transforms.absent() if value is None else make(value)
 
 
 def _optional(name: str, value: Any, **bounds: Any) -> Any:

@@ -30,6 +30,7 @@ from rmsjax import _moments, averages
 from rmsjax import _validation as check
 
 __all__ = [
+    "AbsentState",
     "DampenedMomentumState",
     "LeakyAverageState",
     "MomentumState",
@@ -41,6 +42,7 @@ __all__ = [
     "ScaleByRssState",
     "ScaleByScheduleState",
     "ScaleByStddevState",
+    "absent",
     "add_decayed_weights",
     "leaky_average",
     "momentum",
@@ -769,6 +771,37 @@ def scale_by_learning_rate(
             count = averages.increment_count(state.count)
             return updates, ScaleByScheduleState(count, _readable_rate(rate_at(learning_rate, count)))
         return updates, ScaleByLearningRateState(_readable_rate(rate))
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+class AbsentState(optax.EmptyState):
+    """State of an absent optional part of a chain (:func:`absent`): an ``optax.EmptyState``
+    that also declares that its part hands the updates on unchanged."""
+
+    __slots__ = ()
+
+
+_moments.declare_passes_input(AbsentState)
+
+
+def absent() -> optax.GradientTransformation:
+    """The slot of an optional part that is not there (its argument is ``None``): the updates
+    pass unchanged, as through ``optax.identity()``.
+
+    Its state, :class:`AbsentState`, is an ``optax.EmptyState`` that says so, which lets
+    :func:`rmsjax.quantized` see that the moments after it receive the chain's own input
+    (and bound their 8-bit blocks from the gradient instead of reducing the new moments).
+    """
+
+    def init_fn(params):
+        del params
+        return AbsentState()
+
+    def update_fn(updates, state, params=None):
+        del params
+        check.check_state_type(state, optax.EmptyState, "absent")
+        return updates, state
 
     return optax.GradientTransformation(init_fn, update_fn)
 

@@ -143,6 +143,7 @@ _CASES = [
     _case("momentum_nesterov", rmsjax.momentum, 0.7, nesterov=True, kind=DIRECTION, tags={_R}),
     _case("scale_by_learning_rate", transforms.scale_by_learning_rate, LR, tags={_R}),
     _case("add_decayed_weights", transforms.add_decayed_weights, 0.1, kind=STATELESS, tags={_R}),
+    _case("absent", transforms.absent, kind=STATELESS, tags={_R}),
     _case("add_decayed_weights_mask", transforms.add_decayed_weights, 0.1, mask={"a": False, "b": True},
           kind=STATELESS, tags={_R}),
     # ------------------------------------------------------------ layer 4

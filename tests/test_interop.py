@@ -227,8 +227,14 @@ def test_learning_rate_is_the_next_rate_plain_and_injected():
     np.testing.assert_allclose(
         float(rmsjax.learning_rate(injected_state, schedule=schedule)), expected, rtol=1e-6
     )
-    with pytest.raises(ValueError, match="schedule"):
+    with pytest.raises(ValueError, match=r"schedule=.*static_args=\('learning_rate',\)"):
         rmsjax.learning_rate(injected_state)  # not the last update's rate, silently
+    # With the schedule static, the optimizer's own step counts it: no schedule= needed.
+    static = optax.inject_hyperparams(rmsjax.rmsprop, static_args=("learning_rate",))(learning_rate=schedule)
+    static_state = static.init(p)
+    with jax.numpy_dtype_promotion("standard"):
+        _, static_state = static.update(p, static_state, p)
+    np.testing.assert_allclose(float(rmsjax.learning_rate(static_state)), expected, rtol=1e-6)
 
 
 def test_learning_rate_reflects_an_edit_of_the_injected_hyperparameter():

@@ -60,6 +60,7 @@ REFERENCES = {
     "momentum_nesterov": lambda: ref.SGD(LR, momentum=0.7, nesterov=True),
     "scale_by_learning_rate": lambda: ref.SGD(LR),
     "add_decayed_weights": lambda: ref.Negated(ref.DecayedWeights(0.1), LR),
+    "absent": lambda: ref.Negated(ref.DecayedWeights(0.0), LR),  # g + 0 * p: the updates unchanged
     "add_decayed_weights_mask": lambda: ref.Negated(ref.DecayedWeights(0.1, decay_keys={"b"}), LR),
     "one_pass(rmsprop_centered_momentum_wd)": lambda: ref.RMSprop(
         LR, centered=True, momentum=0.5, weight_decay=0.05

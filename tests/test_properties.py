@@ -297,7 +297,7 @@ def test_rmsprop_is_its_documented_chain(case, learning_rate, decay, eps, moment
                                          centered, eps_in_sqrt, bias_correction, initial_scale):
     """``rmsjax.rmsprop`` is ``[L2] -> scale_by_rms | scale_by_stddev -> [momentum] -> rate``.
 
-    Built here from the public parts (``optax.identity()`` where a part is off), the chain
+    Built here from the public parts (``transforms.absent()`` where a part is off), the chain
     gives the same state tree and the same numbers, bit for bit.
     """
     dtype_name, params, grads = case
@@ -310,9 +310,9 @@ def test_rmsprop_is_its_documented_chain(case, learning_rate, decay, eps, moment
     ours = rmsjax.rmsprop(learning_rate, decay, eps, centered=centered, momentum=momentum or None,
                           nesterov=nesterov, weight_decay=weight_decay or None, **settings)
     parts = optax.chain(
-        rmsjax.transforms.add_decayed_weights(weight_decay) if weight_decay else optax.identity(),
+        rmsjax.transforms.add_decayed_weights(weight_decay) if weight_decay else rmsjax.transforms.absent(),
         (rmsjax.scale_by_stddev if centered else rmsjax.scale_by_rms)(decay, eps, **settings),
-        rmsjax.momentum(momentum, nesterov=nesterov) if momentum else optax.identity(),
+        rmsjax.momentum(momentum, nesterov=nesterov) if momentum else rmsjax.transforms.absent(),
         rmsjax.transforms.scale_by_learning_rate(learning_rate),
     )
     state, chain_state = ours.init(params), parts.init(params)

@@ -494,14 +494,18 @@ def test_keras_ema_is_not_quantized_and_overwrites_with_the_exact_average():
     ema_q, ema_p = kc.ema_params(s_q), kc.ema_params(s_p)
     assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(ema_q))
     chex_equal(ema_q, ema_p)
-    # Adam with EMA: the moments are quantized, the EMA is not (arrays, close to float32 state's)
+    # Adam with EMA: the moments are quantized, the EMA is not. It is the exact moving average
+    # (Keras's rule, in float64 NumPy, momentum 0.99) of the parameters the quantized run took.
     adam = rmsjax.quantized(kc.Adam(1e-3, use_ema=True), min_size=1)
-    ref = kc.Adam(1e-3, use_ema=True)
-    _, s_a = _steps(adam, params, grads, 5)
-    _, s_r = _steps(ref, params, grads, 5)
-    ema_a = kc.ema_params(s_a)
+    state, p, ema = adam.init(params), params, None
+    for _ in range(5):
+        updates, state = adam.update(grads, state, p)
+        p = optax.apply_updates(p, updates)
+        moved = np.asarray(p["w"], np.float64)
+        ema = moved if ema is None else 0.99 * ema + 0.01 * moved
+    ema_a = kc.ema_params(state)
     assert all(isinstance(x, jax.Array) and x.dtype == jnp.float32 for x in jax.tree.leaves(ema_a))
-    np.testing.assert_allclose(np.asarray(ema_a["w"]), np.asarray(kc.ema_params(s_r)["w"]), atol=2e-5)
+    np.testing.assert_allclose(np.asarray(ema_a["w"], np.float64), ema, rtol=0, atol=4 * 2.0**-24)
 
 
 # --------------------------------------------------------------------------- non-finite and overflow
@@ -697,13 +701,43 @@ def _count(jaxpr, marks):
 
 def test_the_bound_replaces_the_pass_over_new_moments():
     params = {"w": jnp.zeros((64, 1024))}
+    # Moments that see the gradient quantized receives: through absent optional parts (the
+    # AbsentState slots of rmsprop, adadelta and the compat chains) and through
+    # optax.inject_hyperparams.
     bounded = (lambda: rmsjax.adam(1e-3), lambda: rmsjax.adagrad(1e-2),
-               lambda: rmsjax.adamw(1e-3, weight_decay=0.1))
+               lambda: rmsjax.adamw(1e-3, weight_decay=0.1), lambda: rmsjax.rmsprop(1e-3),
+               lambda: rmsjax.rmsprop(1e-3, centered=True),
+               lambda: optax.inject_hyperparams(rmsjax.rmsprop)(learning_rate=1e-3),
+               lambda: optax.inject_hyperparams(rmsjax.adam)(learning_rate=optax.linear_schedule(1e-3, 0, 9)),
+               lambda: rmsjax.compat.torch.RMSprop(1e-3), lambda: rmsjax.compat.torch.Adam(1e-3))
     for make in bounded:
         assert _reductions_over_new_moments(rmsjax.quantized(make(), bits=8), params) == 0
-    # ...and the count does see such passes where no bound applies (4 bits; AdaDelta's nu_delta)
-    assert _reductions_over_new_moments(rmsjax.quantized(rmsjax.adam(1e-3), bits=4), params) >= 2
-    assert _reductions_over_new_moments(rmsjax.quantized(rmsjax.adadelta(), bits=8), params) >= 1
+    # One exact pass for each moment whose input is not the gradient: the momentum buffer after
+    # the scaling, AdaDelta's nu_delta, a second moment after L2 decay or clipping...
+    one_pass_each = (lambda: rmsjax.rmsprop(1e-3, centered=True, momentum=0.9), lambda: rmsjax.adadelta(),
+                     lambda: rmsjax.rmsprop(1e-3, weight_decay=1e-4),
+                     lambda: optax.chain(optax.clip_by_global_norm(1.0), rmsjax.rmsprop(1e-3)))
+    for make in one_pass_each:
+        assert _reductions_over_new_moments(rmsjax.quantized(make(), bits=8), params) == 1
+    # ...and at 4 bits, where no bound is used, one for each moment.
+    assert _reductions_over_new_moments(rmsjax.quantized(rmsjax.adam(1e-3), bits=4), params) == 2
+
+
+def test_input_path_follows_only_declared_pass_throughs():
+    """``_moments.input_path`` skips absent parts and enters inject_hyperparams, nothing else."""
+    p = {"w": jnp.zeros(4)}
+    assert type(_moments.input_path(rmsjax.rmsprop(0.1).init(p))) is rmsjax.transforms.ScaleByRmsState
+    injected = optax.inject_hyperparams(rmsjax.rmsprop)(learning_rate=0.1).init(p)
+    assert type(_moments.input_path(injected)) is rmsjax.transforms.ScaleByRmsState
+    # an empty state that does not declare it hands the gradient on stops the walk
+    clipped = optax.chain(optax.clip(1.0), rmsjax.rmsprop(0.1)).init(p)
+    assert type(_moments.input_path(clipped)) is optax.EmptyState
+    # a chain of absent parts only: the last one
+    assert type(_moments.input_path((rmsjax.transforms.AbsentState(),))) is rmsjax.transforms.AbsentState
+    with pytest.raises(TypeError, match="not a NamedTuple"):
+        _moments.declare_passes_input(dict)
+    with pytest.raises(ValueError, match="has no field 'inner'"):
+        _moments.declare_passes_input(rmsjax.transforms.ScaleByRmsState, into="inner")
 
 
 # --------------------------------------------------------------------------- peak memory

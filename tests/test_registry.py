@@ -30,6 +30,7 @@ NOT_FACTORIES = {
     "rmsjax.transforms.upgrade_0_2_state_dict": "a checkpoint migration (tests/test_interop.py)",
     "rmsjax.zero_shardings": "returns shardings of a state, not a transformation (tests/test_zero.py)",
     "rmsjax.compat.ParamGroupsState": "a state class",
+    "rmsjax.transforms.AbsentState": "a state class (of transforms.absent, which has cases)",
     "rmsjax.compat.path_name": "a helper naming a tree path (for group selectors)",
     "rmsjax.compat.torch.load_state_dict": "a checkpoint reader (tests/test_torch_checkpoint.py)",
     "rmsjax.compat.torch.state_dict": "a checkpoint writer (tests/test_torch_checkpoint.py)",

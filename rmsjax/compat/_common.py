@@ -51,15 +51,15 @@ def is_concrete_zero(value: Any) -> bool:
 
 
 def unless_zero(value: Any, make: Callable[[], optax.GradientTransformation]) -> optax.GradientTransformation:
-    """``make()``, or ``optax.identity()`` when ``value`` is ``None`` or a concrete zero.
+    """``make()``, or ``transforms.absent()`` when ``value`` is ``None`` or a concrete zero.
 
     A framework's signature default of 0 (momentum, weight decay) means "no such part";
     ``None`` (Keras's options) too. A jax array is never known to be zero, so under
     ``optax.inject_hyperparams`` a default of 0 switches the part on (with updates equal to
     the plain ones) unless it is listed in ``static_args`` (``docs/porting.md``). The
-    identity keeps the part's slot in the chain with an empty state.
+    absent part keeps the slot in the chain with an empty state.
     """
-    return optax.identity() if value is None or is_concrete_zero(value) else make()
+    return transforms.absent() if value is None or is_concrete_zero(value) else make()
 
 
 def widest_float(*dtypes: Any) -> jnp.dtype:

@@ -109,11 +109,11 @@ def RMSpropTF(
     check.check_flag("lr_in_momentum", lr_in_momentum)
     scaling = transforms.scale_by_stddev if centered else transforms.scale_by_rms
     no_decay = common.is_concrete_zero(weight_decay)
-    l2 = optax.identity() if decoupled_decay or no_decay else transforms.add_decayed_weights(weight_decay)
+    l2 = transforms.absent() if decoupled_decay or no_decay else transforms.add_decayed_weights(weight_decay)
     decoupled = (
         common.decoupled_weight_decay(weight_decay, lr)
         if decoupled_decay and not no_decay
-        else optax.identity()
+        else transforms.absent()
     )
     buffer = common.unless_zero(momentum, lambda: transforms.momentum(momentum))
     rate = transforms.scale_by_learning_rate(lr)

@@ -26,8 +26,8 @@ What Keras does, and these factories therefore do:
   the first update), as a ``keras.optimizers.schedules.LearningRateSchedule`` is.
 
 The chain of every factory has the same slots whatever the values: ``loss scale -> clip ->
-optimizer parts -> learning rate -> [momentum] -> weight decay -> EMA``, each unused slot an
-``optax.identity()``; with ``gradient_accumulation_steps`` the middle (clip to weight decay)
+optimizer parts -> learning rate -> [momentum] -> weight decay -> EMA``, each unused slot a
+``transforms.absent()``; with ``gradient_accumulation_steps`` the middle (clip to weight decay)
 is wrapped in one accumulation part. The moving average lives in the optimizer state (it is
 checkpointed with it); :func:`ema_params` reads it.
 
@@ -192,7 +192,7 @@ def _assemble(
     if use_ema:
         average = parts.ema(ema_momentum, ema_overwrite_frequency, 1 if steps is None else steps)
     else:
-        average = optax.identity()
+        average = transforms.absent()
     if steps is None:
         return optax.chain(scale, *middle, average)
     return optax.chain(scale, parts.accumulate_gradients(optax.chain(*middle), steps), average)

@@ -59,7 +59,7 @@ __all__ = [
 
 def _maximize(maximize: bool) -> optax.GradientTransformation:
     check.check_flag("maximize", maximize)
-    return common.negate() if maximize else optax.identity()
+    return common.negate() if maximize else transforms.absent()
 
 
 def _l2(weight_decay: Any) -> optax.GradientTransformation:
