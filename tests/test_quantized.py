@@ -779,7 +779,7 @@ def peak_bytes_per_param(make, bits, n=2048):
 PEAK_TEMPORARIES = {
     ("adam", 8): 1.1, ("adam", 4): 4.1, ("rmsprop", 8): 1.1, ("rmsprop", 4): 2.1,
     ("adagrad", 8): 1.1, ("adagrad", 4): 2.1, ("adadelta", 8): 10.1, ("adadelta", 4): 11.1,
-    ("centered_momentum", 8): 7.1, ("centered_momentum", 4): 10.1,
+    ("centered_momentum", 8): 6.1, ("centered_momentum", 4): 10.1,
 }
 
 
