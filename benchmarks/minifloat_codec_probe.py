@@ -205,7 +205,8 @@ def precision_rows(samples: int = 1 << 16, repeats: int = 64,
 
             def library(count, blocked=blocked, signed=signed):
                 u = _codec.uniform(blocked.shape, count, 7)
-                return _codec.decode(_codec.encode(blocked, scale, u, 8, signed), scale, 8, signed)
+                level = _codec.encode(blocked, _codec.inverse_scale(scale), u, 8, signed)
+                return _codec.decode(level, scale, 8, signed)
 
             for name, trip in (("minifloat (probe)", ours), ("rmsjax power map", library)):
                 trips = np.stack([np.asarray(jax.jit(trip)(jnp.int32(c))) for c in range(repeats)])

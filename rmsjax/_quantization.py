@@ -378,13 +378,17 @@ def _encode(x: jax.Array, layout: _Layout, signed: bool, count: jax.Array | None
         scale = _codec.block_scale(wide, old, dtype, keep=keep, blocked=layout.blocked())
     else:
         scale = _codec.bound_scale(bound.astype(ct), old, dtype)
+    # The inverse is taken on the blocks and then spread over their elements: dividing the
+    # spread scale made XLA:CPU divide once per element (8-bit Adam's step 73 ms against
+    # 56 ms at 4096 x 4096, one process).
+    inverse = _codec.inverse_scale(scale.astype(ct))
     if layout.bits == 8:  # the uniform numbers depend on the row-major index only: same in both shapes
         u = None if (nearest or count is None) else _codec.uniform(layout.shape, count, leaf_id)
-        level = _codec.encode(wide, _spread(scale.astype(ct), layout), u, 8, signed)
+        level = _codec.encode(wide, _spread(inverse, layout), u, 8, signed)
         codes = level.astype(_codec.code_dtype(8, signed))
         return QuantizedArray(codes=codes, scale=scale.reshape(layout.scale_shape()))
     u = None if (nearest or count is None) else _codec.uniform(layout.blocked(), count, leaf_id)
-    level = _codec.encode(blocked, scale.astype(ct)[..., None], u, layout.bits, signed)
+    level = _codec.encode(blocked, inverse[..., None], u, layout.bits, signed)
     scale = scale.reshape(layout.scale_shape())
     codes = _codec.pack(level, signed).reshape(layout.code_shape())
     return PackedQuantizedArray(codes=codes, scale=scale)

@@ -37,7 +37,7 @@ def roundtrip(x: np.ndarray, bits: int, signed: bool, count=None):
     xb = jnp.asarray(x, jnp.float32)
     scale = _codec.block_scale(xb, None, jnp.float32)
     u = None if count is None else _codec.uniform(x.shape, jnp.int32(count), 0)
-    level = _codec.encode(xb, scale[..., None], u, bits, signed)
+    level = _codec.encode(xb, _codec.inverse_scale(scale)[..., None], u, bits, signed)
     if bits == 4:
         level = _codec.levels_of(_codec.pack(level, signed), 4, signed, jnp.float32)
     return np.asarray(scale), np.asarray(_codec.decode(level, scale[..., None], bits, signed), np.float64)
@@ -124,7 +124,7 @@ def test_float16_scale_saturates_at_the_dtype_maximum():
     assert scale.dtype == jnp.float16 and float(scale[0]) == 65504.0
     again = _codec.block_scale(x, scale, jnp.float16)  # kept from step to step
     assert float(again[0]) == 65504.0
-    level = _codec.encode(x, scale.astype(jnp.float32)[..., None], None, 8, False)
+    level = _codec.encode(x, _codec.inverse_scale(scale.astype(jnp.float32))[..., None], None, 8, False)
     assert float(_codec.decode(level, scale.astype(jnp.float32)[..., None], 8, False)[0, 0]) == 65504.0
 
 
@@ -161,7 +161,7 @@ def test_largest_level_bounds_the_finite_levels(bits, signed):
     x[1, 7] = np.inf
     xb = jnp.asarray(x)
     scale = _codec.block_scale(xb, None, jnp.float32)
-    level = _codec.encode(xb, scale[..., None], None, bits, signed)
+    level = _codec.encode(xb, _codec.inverse_scale(scale)[..., None], None, bits, signed)
     codes = (level.astype(_codec.code_dtype(8, signed)) if bits == 8 else _codec.pack(level, signed))
     top = np.asarray(_codec.largest_level(codes, bits, signed))
     finite = np.where(np.isfinite(x), np.abs(np.asarray(level)), 0).max(axis=-1)
@@ -186,7 +186,8 @@ def test_rounding_is_unbiased_over_steps(bits):
 
 def _roundtrip_traced(x, bits, count):
     scale = _codec.block_scale(x, None, jnp.float32)
-    level = _codec.encode(x, scale[..., None], _codec.uniform(x.shape, count, 3), bits, False)
+    u = _codec.uniform(x.shape, count, 3)
+    level = _codec.encode(x, _codec.inverse_scale(scale)[..., None], u, bits, False)
     return _codec.decode(level, scale[..., None], bits, False)
 
 

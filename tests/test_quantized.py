@@ -777,9 +777,9 @@ def peak_bytes_per_param(make, bits, n=2048):
 # AdaDelta, full-size float32 intermediates of the inner update shared by several loops
 # (AdaDelta's float32 step itself keeps 8 bytes of them).
 PEAK_TEMPORARIES = {
-    ("adam", 8): 1.1, ("adam", 4): 4.1, ("rmsprop", 8): 1.1, ("rmsprop", 4): 2.1,
-    ("adagrad", 8): 1.1, ("adagrad", 4): 2.1, ("adadelta", 8): 10.1, ("adadelta", 4): 11.1,
-    ("centered_momentum", 8): 6.1, ("centered_momentum", 4): 10.1,
+    ("adam", 8): 1.1, ("adam", 4): 3.1, ("rmsprop", 8): 1.1, ("rmsprop", 4): 1.6,
+    ("adagrad", 8): 1.1, ("adagrad", 4): 1.6, ("adadelta", 8): 9.1, ("adadelta", 4): 9.6,
+    ("centered_momentum", 8): 6.1, ("centered_momentum", 4): 9.1,
 }
 
 
