@@ -323,12 +323,12 @@ def bound_scale(bound: jax.Array, old: jax.Array | None, dtype: Any) -> jax.Arra
                    bound.dtype, dtype)
 
 
-def finite_absmax(x: jax.Array, ct: Any, *, order: int, square_finite: bool = False,
+def finite_absmax(x: jax.Array, ct: Any, *, square_finite: bool = False,
                   blocked: tuple[int, ...] | None = None) -> jax.Array:
-    """A bound on the largest ``|x|**order`` of each block (last axis) over the elements
-    where it is finite, in ``ct``: the input term of a moment's bound. An element whose
-    ``x**2`` overflows gives a non-finite moment, stored in its own element, so it is left
-    out (with ``square_finite`` also for ``order=1``). ``blocked``: as in :func:`block_scale`.
+    """A bound on the largest finite ``|x|`` of each block (last axis), in ``ct``: the
+    input term of a moment's bound (a second moment squares it). With ``square_finite``,
+    elements whose ``x**2`` overflows are left out too: they give a non-finite second
+    moment, stored in its own element. ``blocked``: as in :func:`block_scale`.
 
     Only biased exponents are reduced, one byte per element (a plain, partitionable max),
     so what comes back is the largest number with the block's largest exponent: at most
@@ -339,16 +339,14 @@ def finite_absmax(x: jax.Array, ct: Any, *, order: int, square_finite: bool = Fa
     """
     utype, mantissa, mask, etype = _EXPONENT[jnp.dtype(ct)]
     a = jnp.abs(x.astype(ct))
-    square = a * a
-    value = square if order == 2 else a
 
     def exponent_of(v: jax.Array) -> jax.Array:
         return _biased_exponent(v, utype, mantissa, mask).astype(etype)
 
-    exponent = exponent_of(value)
+    exponent = exponent_of(a)
     drop = exponent == jnp.asarray(mask, etype)  # inf or NaN
-    if order != 2 and square_finite:
-        drop = drop | (exponent_of(square) == jnp.asarray(mask, etype))
+    if square_finite:
+        drop = drop | (exponent_of(a * a) == jnp.asarray(mask, etype))
     exponent = jnp.where(drop, jnp.zeros_like(exponent), exponent)
     if blocked is not None:
         exponent = exponent.reshape(blocked)
