@@ -200,25 +200,28 @@ def pack(level: jax.Array, signed: bool) -> jax.Array:
     return lax.bitcast_convert_type(byte, jnp.int8) if signed else byte
 
 
-def levels_of(codes: jax.Array, bits: int, signed: bool, ct: Any) -> jax.Array:
+def levels_of(codes: jax.Array, bits: int, signed: bool, ct: Any, *, fuse: bool = True) -> jax.Array:
     """Levels (in ``ct``) of blocked codes: ``(..., B)`` for 8 bits, bytes ``(..., B/2)`` for
-    4 bits (unpacked to ``(..., B)``)."""
+    4 bits (unpacked to ``(..., B)``).
+
+    ``fuse`` chooses how the two halves of a 4-bit block are put back, which decides what
+    XLA:CPU writes out when it cannot fuse the unpacking into every loop that reads it
+    (measured on the donated train step): ``True``, a broadcast shift (the inverse of
+    :func:`pack`), fuses where it can and otherwise writes out float32 levels (4 B/param);
+    ``False``, a concatenation, is always written out, as bytes (1 B/param for the two halves
+    and 1 for the whole). A moment read only by its own update and by the step fuses (4-bit
+    Adam: 11.63 B/param with the shift, 12.13 concatenated); a first moment that the encode of
+    a centred second moment also reads does not (centred RMSprop with momentum: 21.69 with
+    the shift, 18.69 concatenated), so :func:`rmsjax.quantized` passes ``False`` for those.
+    """
     if bits == 8:
         return codes.astype(ct)
     raw = lax.bitcast_convert_type(codes, jnp.uint8)
-    # How the two halves of a block are put back decides what XLA:CPU writes out when it
-    # cannot fuse the unpacking into every loop that reads it (measured on the donated train
-    # step, 4096 x 4096): a concatenation is always written out, as bytes (1 B/param); a
-    # broadcast shift (the inverse of `pack`) fuses where it can, but where it cannot, XLA
-    # writes out the float32 levels (4 B/param). Second moments, read by few loops, fuse:
-    # 4-bit RMSprop and AdaGrad peak at 10.06 B/param instead of 10.56. First moments (read
-    # by the update, their encode and, in centred RMSprop, the variance) stay concatenated:
-    # the broadcast there took centred RMSprop with momentum from 18.69 to 21.69 B/param.
-    if signed:
-        both = jnp.concatenate([raw & jnp.uint8(15), raw >> jnp.uint8(4)], axis=-1)
-    else:
+    if fuse:
         both = (raw[..., None, :] >> _nibble_shifts()) & jnp.uint8(15)
         both = both.reshape(*raw.shape[:-1], 2 * raw.shape[-1])
+    else:
+        both = jnp.concatenate([raw & jnp.uint8(15), raw >> jnp.uint8(4)], axis=-1)
     both = both.astype(ct)
     return both - jnp.asarray(7, ct) if signed else both
 

@@ -332,6 +332,11 @@ def dequantize(q: QuantizedArray | PackedQuantizedArray) -> jax.Array:
     Returns:
       The decoded moment, in the scale's dtype (the moment's own dtype).
     """
+    return _dequantize(q)
+
+
+def _dequantize(q: QuantizedArray | PackedQuantizedArray, *, fuse: bool = True) -> jax.Array:
+    """:func:`dequantize`; ``fuse``: how 4-bit codes are unpacked (:func:`_codec.levels_of`)."""
     layout = _layout_of(q)
     dtype = q.scale.dtype
     ct = _compute_dtype(dtype)
@@ -339,7 +344,7 @@ def dequantize(q: QuantizedArray | PackedQuantizedArray) -> jax.Array:
         level = _codec.levels_of(q.codes, 8, _signed(q), ct)
         return _codec.decode(level, _spread(q.scale.astype(ct), layout), 8, _signed(q)).astype(dtype)
     codes = q.codes.reshape(layout.blocked_codes())
-    level = _codec.levels_of(codes, layout.bits, _signed(q), ct)
+    level = _codec.levels_of(codes, layout.bits, _signed(q), ct, fuse=fuse)
     scale = q.scale.astype(ct).reshape(layout.blocked()[:-1])[..., None]
     value = _codec.decode(level, scale, layout.bits, _signed(q))
     return value.reshape(layout.shape).astype(dtype)
@@ -440,17 +445,23 @@ def _sq(m: Any) -> jax.Array:
     return jnp.square(m.astype(ct))
 
 
-def _decoded(x: Any) -> Any:
-    return _like(x.codes, dequantize(_plain(x))) if is_quantized(x) else x
+def _decoded(x: Any, *, fuse: bool = True) -> Any:
+    return _like(x.codes, _dequantize(_plain(x), fuse=fuse)) if is_quantized(x) else x
 
 
 def _decode_node(node: Any) -> Any:
     """A declared state node with its quantized moments decoded (centred ones back to ``nu``)."""
     decl = _moments.declared(node) or {}
+    pairs = _centered_pairs(node)
+    # A first moment that a centred second moment's encode reads too is unpacked so that
+    # XLA writes out bytes, not float32 levels (see _codec.levels_of).
+    read_by_another = set(pairs.values())
     fields = {}
     for name in decl:
-        fields[name] = jax.tree.map(_decoded, getattr(node, name), is_leaf=_stop)
-    for name, first in _centered_pairs(node).items():
+        fuse = name not in read_by_another
+        fields[name] = jax.tree.map(lambda x, fuse=fuse: _decoded(x, fuse=fuse), getattr(node, name),
+                                    is_leaf=_stop)
+    for name, first in pairs.items():
         stored = getattr(node, name)
 
         def back(s: Any, v: Any, m: Any) -> Any:

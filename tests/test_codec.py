@@ -138,16 +138,18 @@ def test_scale_is_kept_while_the_maximum_stays_within_the_slack():
     assert float(_codec.bound_scale(jnp.asarray([0.3]), s1, jnp.float32)[0]) == 0.5
 
 
+@pytest.mark.parametrize("fuse", [True, False])
 @pytest.mark.parametrize("signed", [True, False])
-def test_packing_puts_element_j_and_j_plus_half_in_byte_j(signed):
+def test_packing_puts_element_j_and_j_plus_half_in_byte_j(signed, fuse):
     q = MAPS[(4, signed)][0]
     rng = np.random.default_rng(0)
     levels = rng.integers(-q if signed else 0, q + 1, size=(3, 16)).astype(np.float32)
     packed = np.asarray(_codec.pack(jnp.asarray(levels), signed)).view(np.uint8)
     nib = (levels + (7 if signed else 0)).astype(np.uint8)
     np.testing.assert_array_equal(packed, nib[:, :8] | (nib[:, 8:] << 4))
+    # Both ways of unpacking (a broadcast shift, a concatenation) give the same levels.
     back = np.asarray(_codec.levels_of(jnp.asarray(packed.view(np.int8 if signed else np.uint8)), 4, signed,
-                                       jnp.float32))
+                                       jnp.float32, fuse=fuse))
     np.testing.assert_array_equal(back, levels)
 
 
