@@ -822,14 +822,15 @@ def test_rmsprop_with_momentum_peaks_below_float32_state(bits):
     assert peak < peak_bytes_per_param(make, 32)[0], peak
 
 
-@pytest.mark.xfail(strict=True, reason="not met: XLA:CPU keeps about 1 B/param per moment and more "
-                   "where the inner update shares float32 intermediates (see PEAK_TEMPORARIES); the "
-                   "GPU figures are in docs/low_bit.md")
+# Strict on XLA:CPU (it fails loudly, as XPASS, the day it holds there); on a GPU, where it has
+# not been measured on this release, pytest reports XPASS or XFAIL for each case without failing.
+@pytest.mark.xfail(strict=jax.default_backend() == "cpu",
+                   reason="not met on XLA:CPU: it keeps about 1 B/param per moment and more where the "
+                   "inner update shares float32 intermediates (see PEAK_TEMPORARIES)")
 @pytest.mark.parametrize("name", sorted(PEAK))
 @pytest.mark.parametrize("bits", [8, 4])
 def test_peak_memory_meets_the_acceptance_target(name, bits):
     """Arguments + temporaries within 0.15 B/param of what the stored state allows: the
-    acceptance target, not met on XLA:CPU (strict xfail: it fails loudly, as XPASS, the day it
-    holds)."""
+    acceptance target."""
     peak, allowed = peak_bytes_per_param(PEAK[name], bits)
     assert peak <= allowed + 0.15, (peak, allowed)
