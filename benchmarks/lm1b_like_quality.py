@@ -149,7 +149,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--weight-decay", type=float, default=0.1)
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--eval-windows", type=int, default=128)
-    parser.add_argument("--quick", action="store_true", help="smoke run: 10 steps, small model")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 10 steps, batch 4 x 32, 8 eval windows")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args(argv)
     if args.quick:

@@ -209,11 +209,13 @@ def levels_of(codes: jax.Array, bits: int, signed: bool, ct: Any, *, fuse: bool 
     (measured on the donated train step): ``True``, a broadcast shift (the inverse of
     :func:`pack`), fuses where it can and otherwise writes out float32 levels (4 B/param);
     ``False``, a concatenation, is always written out, as bytes (1 B/param for the two halves
-    and 1 for the whole). A moment read only by its own update and by the step fuses (4-bit
-    Adam: 11.63 B/param with the shift, 12.13 concatenated); a first moment that the encode of
-    a centred second moment also reads does not, so :func:`rmsjax.quantized` passes ``False``
-    for those (centred RMSprop with momentum: 21.69 B/param with the shift on both first
-    moments, 18.19 with the concatenation for the centred one only).
+    and 1 for the whole). The shift fuses for a moment that only the parameter update and the
+    moment's own encode read (4-bit Adam: 11.63 B/param with the shift, 12.13 concatenated);
+    it does not for the first moment of centred RMSprop, which the encode of the centred
+    second moment reads too (it decodes ``nu`` as the stored variance plus ``mu**2``), so
+    :func:`rmsjax.quantized` passes ``False`` there (centred RMSprop with momentum: 21.69
+    B/param with the shift on both first moments, 18.19 with the concatenation for the
+    centred one only).
     """
     if bits == 8:
         return codes.astype(ct)
