@@ -137,7 +137,10 @@ def encode(x: jax.Array, inverse: jax.Array, u: jax.Array | None, bits: int, sig
     one = jnp.asarray(1, ct)
     y = jnp.minimum(jnp.abs(x) * inverse.astype(ct), one)
     t = q * _root(y, p)
-    lo = jnp.clip(jnp.floor(t), jnp.asarray(0, ct), q - one)
+    # t is in [0, Q] (y <= 1 and the root of 1 is exact), so no clamp is needed: at t = Q the
+    # level stays Q, since y - f_lo = 0 rounds nothing up. (A NaN-propagating clamp took four
+    # vector instructions per element on XLA:CPU, about 7 % of the 8-bit step.)
+    lo = jnp.floor(t)
     inv_q = jnp.asarray(1 / levels, ct)
     f_lo = _power(lo * inv_q, p)
     f_hi = _power((lo + one) * inv_q, p)
@@ -162,10 +165,9 @@ def decode(level: jax.Array, scale: jax.Array, bits: int, signed: bool) -> jax.A
     levels, p = MAPS[(bits, signed)]
     ct = scale.dtype
     r = level.astype(ct) * jnp.asarray(1 / levels, ct)
-    r2 = r * r
-    value = r2 if p == 2 else r2 * r2
-    if signed:
-        value = jnp.where(r < 0, -value, value)
+    # sign(r) |r|**p, with the sign carried by r * |r| (exactly -r**2 for negative r)
+    signed_square = r * jnp.abs(r) if signed else r * r
+    value = signed_square if p == 2 else (r * r) * signed_square
     value = value * scale
     nan = jnp.asarray(_NAN[(bits, signed)], ct)
     special = level.astype(ct)
