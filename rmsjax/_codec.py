@@ -50,6 +50,7 @@ __all__ = [
     "largest_level",
     "levels_of",
     "pack",
+    "to_bytes",
     "uniform",
 ]
 
@@ -69,6 +70,24 @@ def code_dtype(bits: int, signed: bool) -> Any:
     """int8 for signed maps, uint8 for unsigned ones (packed 4-bit bytes too)."""
     del bits
     return jnp.dtype(jnp.int8) if signed else jnp.dtype(jnp.uint8)
+
+
+_ROUNDING_MAGIC = 1.5 * 2.0**23
+"""Adding it to an integer-valued float32 ``k`` with ``|k| < 2**22`` gives a float whose bit
+pattern ends in ``k``'s two's-complement bits."""
+
+
+def to_bytes(level: jax.Array, signed: bool) -> jax.Array:
+    """Integer-valued float32 levels in ``[-128, 255]`` as bytes: int8 when ``signed``, else
+    uint8 (the level modulo 256, which is the level itself in the byte's range).
+
+    The same bytes as ``level.astype(code_dtype(8, signed))``, without its saturation: the
+    low byte of ``level + 1.5 * 2**23``'s bit pattern. On XLA:CPU the saturating conversion
+    took about nine vector instructions per 8 elements (a clamp, a compare and four packs);
+    this one is an add and a truncation (8-bit steps 5-7 % faster)."""
+    pattern = lax.bitcast_convert_type(level.astype(jnp.float32) + jnp.float32(_ROUNDING_MAGIC), jnp.uint32)
+    byte = pattern.astype(jnp.uint8)
+    return lax.bitcast_convert_type(byte, jnp.int8) if signed else byte
 
 
 # --------------------------------------------------------------------------- rounding noise
@@ -196,7 +215,7 @@ def pack(level: jax.Array, signed: bool) -> jax.Array:
     not by two slices: XLA:CPU then runs the fused encode on the block's own shape (a pair of
     slices feeding a reshaped output measured 5x slower there)."""
     half = level.shape[-1] // 2
-    nib = (level + jnp.asarray(7, level.dtype) if signed else level).astype(jnp.uint8)
+    nib = to_bytes(level + jnp.asarray(7, level.dtype) if signed else level, False)
     nib = nib.reshape(*level.shape[:-1], 2, half)
     byte = jnp.sum(nib << _nibble_shifts(), axis=-2, dtype=jnp.uint8)
     return lax.bitcast_convert_type(byte, jnp.int8) if signed else byte

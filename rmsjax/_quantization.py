@@ -390,7 +390,7 @@ def _encode(x: jax.Array, layout: _Layout, signed: bool, count: jax.Array | None
     if layout.bits == 8:  # the uniform numbers depend on the row-major index only: same in both shapes
         u = None if (nearest or count is None) else _codec.uniform(layout.shape, count, leaf_id)
         level = _codec.encode(wide, _spread(inverse, layout), u, 8, signed)
-        codes = level.astype(_codec.code_dtype(8, signed))
+        codes = _codec.to_bytes(level, signed)
         return QuantizedArray(codes=codes, scale=scale.reshape(layout.scale_shape()))
     u = None if (nearest or count is None) else _codec.uniform(layout.blocked(), count, leaf_id)
     level = _codec.encode(blocked, inverse[..., None], u, layout.bits, signed)

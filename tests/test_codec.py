@@ -153,6 +153,16 @@ def test_packing_puts_element_j_and_j_plus_half_in_byte_j(signed, fuse):
     np.testing.assert_array_equal(back, levels)
 
 
+@pytest.mark.parametrize("signed", [True, False], ids=["int8", "uint8"])
+def test_to_bytes_gives_each_level_its_byte(signed):
+    """Every level of the byte's range (and -0.0) comes back as NumPy's integer of that value."""
+    levels = np.arange(-128, 128) if signed else np.arange(0, 256)
+    got = np.asarray(_codec.to_bytes(jnp.asarray(levels, jnp.float32), signed))
+    assert got.dtype == (np.int8 if signed else np.uint8)
+    np.testing.assert_array_equal(got.astype(np.int64), levels)
+    assert int(np.asarray(_codec.to_bytes(jnp.asarray([-0.0], jnp.float32), signed))[0]) == 0
+
+
 @pytest.mark.parametrize("bits,signed", sorted(MAPS))
 def test_largest_level_bounds_the_finite_levels(bits, signed):
     """Exact on blocks of finite codes; on a block holding a reserved (non-finite) code, Q at
@@ -164,7 +174,7 @@ def test_largest_level_bounds_the_finite_levels(bits, signed):
     xb = jnp.asarray(x)
     scale = _codec.block_scale(xb, None, jnp.float32)
     level = _codec.encode(xb, _codec.inverse_scale(scale)[..., None], None, bits, signed)
-    codes = (level.astype(_codec.code_dtype(8, signed)) if bits == 8 else _codec.pack(level, signed))
+    codes = (_codec.to_bytes(level, signed) if bits == 8 else _codec.pack(level, signed))
     top = np.asarray(_codec.largest_level(codes, bits, signed))
     finite = np.where(np.isfinite(x), np.abs(np.asarray(level)), 0).max(axis=-1)
     q = MAPS[(bits, signed)][0]
