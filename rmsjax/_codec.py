@@ -66,25 +66,19 @@ SCALE_SLACK = 4
 """A block's scale is a power of two; it stays put while the block's absmax is in (scale/4, scale]."""
 
 
-def code_dtype(bits: int, signed: bool) -> Any:
-    """int8 for signed maps, uint8 for unsigned ones (packed 4-bit bytes too)."""
-    del bits
-    return jnp.dtype(jnp.int8) if signed else jnp.dtype(jnp.uint8)
-
-
 _ROUNDING_MAGIC = 1.5 * 2.0**23
 """Adding it to an integer-valued float32 ``k`` with ``|k| < 2**22`` gives a float whose bit
 pattern ends in ``k``'s two's-complement bits."""
 
 
 def to_bytes(level: jax.Array, signed: bool) -> jax.Array:
-    """Integer-valued float32 levels in ``[-128, 255]`` as bytes: int8 when ``signed``, else
-    uint8 (the level modulo 256, which is the level itself in the byte's range).
+    """Integer-valued levels in ``[-128, 255]`` as codes: int8 when ``signed`` (the codes of
+    the signed maps), else uint8 (unsigned maps, and 4-bit nibbles before packing).
 
-    The same bytes as ``level.astype(code_dtype(8, signed))``, without its saturation: the
-    low byte of ``level + 1.5 * 2**23``'s bit pattern. On XLA:CPU the saturating conversion
-    took about nine vector instructions per 8 elements (a clamp, a compare and four packs);
-    this one is an add and a truncation (8-bit steps 5-7 % faster)."""
+    The same bytes as ``level.astype(jnp.int8 if signed else jnp.uint8)``, without its
+    saturation: the low byte of ``level + 1.5 * 2**23``'s float32 bit pattern. On XLA:CPU the
+    saturating conversion took about nine vector instructions per 8 elements (a clamp, a
+    compare and four packs); this one is an add and a truncation (8-bit steps 5-7 % faster)."""
     pattern = lax.bitcast_convert_type(level.astype(jnp.float32) + jnp.float32(_ROUNDING_MAGIC), jnp.uint32)
     byte = pattern.astype(jnp.uint8)
     return lax.bitcast_convert_type(byte, jnp.int8) if signed else byte
