@@ -185,6 +185,22 @@ def test_largest_level_bounds_the_finite_levels(bits, signed):
         np.testing.assert_array_equal(top[:2], finite[:2])
 
 
+@pytest.mark.parametrize("signed", [True, False])
+def test_largest_level_of_4_bit_codes_in_their_stored_shape(signed):
+    """``blocked``: 4-bit codes given in their stored shape (a row of two blocks) reduce to the
+    same per-block largest |level| as NumPy finds among the levels that were packed."""
+    q = MAPS[(4, signed)][0]
+    rng = np.random.default_rng(3)
+    rows, block = 5, BLOCK[4]
+    levels = rng.integers(-q if signed else 0, q + 1, size=(rows, 2, block)).astype(np.float32)
+    levels[1, 0, 3] = 8.0 if signed else 15.0  # a reserved code (NaN / +inf) is left out
+    levels[2] = 0.0  # an all-zero row
+    stored = _codec.pack(jnp.asarray(levels), signed).reshape(rows, block)  # two blocks per row
+    top = np.asarray(_codec.largest_level(stored, 4, signed, blocked=(rows, 2, block // 2)))
+    finite = np.where(np.abs(levels) <= q, np.abs(levels), 0).max(axis=-1)
+    np.testing.assert_array_equal(top, finite)
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 def test_rounding_is_unbiased_over_steps(bits):
     x = np.abs(np.random.default_rng(0).standard_normal((4, BLOCK[bits]))).astype(np.float32)

@@ -719,8 +719,12 @@ def test_the_bound_replaces_the_pass_over_new_moments():
                      lambda: optax.chain(optax.clip_by_global_norm(1.0), rmsjax.rmsprop(1e-3)))
     for make in one_pass_each:
         assert _reductions_over_new_moments(rmsjax.quantized(make(), bits=8), params) == 1
-    # ...and at 4 bits, where no bound is used, one for each moment.
-    assert _reductions_over_new_moments(rmsjax.quantized(rmsjax.adam(1e-3), bits=4), params) == 2
+    # At 4 bits the bound is used the same way (since issue 20's 4-bit bound; before, 4-bit
+    # Adam made one exact pass for each moment).
+    for make in bounded:
+        assert _reductions_over_new_moments(rmsjax.quantized(make(), bits=4), params) == 0
+    for make in one_pass_each:
+        assert _reductions_over_new_moments(rmsjax.quantized(make(), bits=4), params) == 1
 
 
 def test_input_path_follows_only_declared_pass_throughs():
@@ -771,16 +775,17 @@ def peak_bytes_per_param(make, bits, n=2048):
 # the same figures): what the step needs beyond its arguments. The acceptance target is 0.15
 # for every case; what is left is XLA:CPU's copy of each donated 8-bit code array that is read
 # after the loop writing the new codes could start (about 1 byte per moment), the exponent
-# bytes of block maxima (one byte per element: of the gradient for the 8-bit bound, one pass
-# for both of Adam's moments; of the new moment for exact maxima), which XLA:CPU writes out
-# before reducing, the unpacked bytes of a 4-bit first moment that a centred second moment
+# bytes of block maxima (one byte per element: of the gradient for the bound, one pass for
+# both of Adam's moments; of the new moment for exact maxima), which XLA:CPU writes out
+# before reducing, the per-byte largest levels of 4-bit codes for the bound (half a byte per
+# element and moment), the unpacked bytes of a 4-bit first moment that a centred second moment
 # reads too, and, for centred RMSprop with momentum and AdaDelta, full-size float32
 # intermediates of the inner update shared by several loops (AdaDelta's float32 step itself
 # keeps 8 bytes of them).
 PEAK_TEMPORARIES = {
-    ("adam", 8): 1.1, ("adam", 4): 2.6, ("rmsprop", 8): 1.1, ("rmsprop", 4): 1.6,
+    ("adam", 8): 1.1, ("adam", 4): 2.1, ("rmsprop", 8): 1.1, ("rmsprop", 4): 1.6,
     ("adagrad", 8): 1.1, ("adagrad", 4): 1.6, ("adadelta", 8): 9.1, ("adadelta", 4): 9.6,
-    ("centered_momentum", 8): 6.1, ("centered_momentum", 4): 8.6,
+    ("centered_momentum", 8): 6.1, ("centered_momentum", 4): 7.2,
 }
 
 
@@ -808,19 +813,27 @@ def test_low_bit_step_peaks_below_float32_state_on_every_jax(name, bits):
     assert peak < float32_peak(name) - 0.5, (peak, float32_peak(name))
 
 
-@pytest.mark.skipif(jax.default_backend() != "cpu", reason="compiled for XLA:CPU's buffer assignment")
-@pytest.mark.xfail(strict=True, reason="not met on XLA:CPU: the scaled gradient g / (sqrt(nu') + eps) "
-                   "that the step, the momentum's encode and its block maxima all read is computed by "
-                   "a divide XLA will not duplicate into each loop, so it is written out (4 B/param): "
-                   "16.07 / 16.13 B/param at 8 / 4 bits against 16.00 for float32 state with jax 0.10 "
-                   "and 0.12, 16.10 / 16.13 with jax 0.8")
-@pytest.mark.parametrize("bits", [8, 4])
-def test_rmsprop_with_momentum_peaks_below_float32_state(bits):
-    def make():
-        return rmsjax.rmsprop(1e-3, momentum=0.9)
+def _rmsprop_with_momentum():
+    return rmsjax.rmsprop(1e-3, momentum=0.9)
 
-    peak, _ = peak_bytes_per_param(make, bits)
-    assert peak < peak_bytes_per_param(make, 32)[0], peak
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="compiled for XLA:CPU's buffer assignment")
+def test_rmsprop_with_momentum_peaks_below_float32_state_at_4_bits():
+    """15.13 B/param against 16.00 on jax 0.8, 0.10 and 0.12 since ``nu`` takes the bound at 4
+    bits too (16.13 while it was reduced exactly)."""
+    peak, _ = peak_bytes_per_param(_rmsprop_with_momentum, 4)
+    assert peak < peak_bytes_per_param(_rmsprop_with_momentum, 32)[0] - 0.5, peak
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="compiled for XLA:CPU's buffer assignment")
+@pytest.mark.xfail(strict=True, reason="not met on XLA:CPU at 8 bits: the scaled gradient "
+                   "g / (sqrt(nu') + eps) that the step, the momentum's encode and its block maxima "
+                   "all read is computed by a divide XLA will not duplicate into each loop, so it is "
+                   "written out (4 B/param): 16.07 B/param against 16.00 for float32 state with jax "
+                   "0.10 and 0.12, 16.10 with jax 0.8")
+def test_rmsprop_with_momentum_peaks_below_float32_state_at_8_bits():
+    peak, _ = peak_bytes_per_param(_rmsprop_with_momentum, 8)
+    assert peak < peak_bytes_per_param(_rmsprop_with_momentum, 32)[0], peak
 
 
 # Strict on XLA:CPU (it fails loudly, as XPASS, the day it holds there); on a GPU, where it has
