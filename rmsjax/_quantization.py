@@ -365,7 +365,7 @@ def _decoded_max(q: QuantizedArray | PackedQuantizedArray, layout: _Layout) -> j
     if layout.bits == 8:
         top = _codec.largest_level(q.codes.reshape(layout.blocked_codes()), 8, signed)
     else:  # the nibbles are unpacked in the stored shape (see _codec.block_scale's `blocked`)
-        top = _codec.largest_level(q.codes, 4, signed, blocked=layout.blocked_codes())
+        top = _codec.largest_level(q.codes, 4, signed, blocked=layout.blocked_codes(), fused=True)
     ct = _compute_dtype(q.scale.dtype)
     return _codec.decode(top.astype(ct), q.scale.astype(ct).reshape(top.shape), layout.bits, signed)
 
@@ -384,7 +384,8 @@ def _encode(x: jax.Array, layout: _Layout, signed: bool, count: jax.Array | None
     blocked = wide.reshape(layout.blocked())
     old = None if old_scale is None else old_scale.reshape(layout.blocked()[:-1])
     if bound is None:
-        scale = _codec.block_scale(wide, old, dtype, keep=keep, blocked=layout.blocked())
+        scale = _codec.block_scale(wide, old, dtype, keep=keep, blocked=layout.blocked(),
+                                   fused=layout.bits == 4)
     else:
         scale = _codec.bound_scale(bound.astype(ct), old, dtype)
     # The inverse is taken on the blocks and then spread over their elements: dividing the
@@ -417,7 +418,7 @@ def _bound(q: QuantizedArray | PackedQuantizedArray, layout: _Layout, moment: _m
     # a step about 15 % faster).
     squared = moment.order == 2
     m_x = _codec.finite_absmax(x, ct, square_finite=squared or moment.divided_by is not None,
-                               blocked=layout.blocked())
+                               blocked=layout.blocked(), fused=layout.bits == 4)
     if squared:
         m_x = m_x * m_x
     if moment.rule in ("leaky", "peak"):
