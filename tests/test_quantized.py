@@ -664,16 +664,19 @@ def _reductions_over_new_moments(tx, params):
         elif (i - n_grad) in codes_ids:
             tags.add("codes")
         marks[v] = tags
-    return _count(closed.jaxpr, marks)[0]
+    sizes = {int(np.size(leaf)) for leaf in jax.tree.leaves(grads)}
+    return _count(closed.jaxpr, marks, sizes)[0]
 
 
 def _tags(v, marks):
     return set() if isinstance(v, jex_core.Literal) else marks.get(v, set())
 
 
-def _count(jaxpr, marks):
-    """(reductions over operands tagged both "grad" and "codes", tags of the outputs); tags
-    follow data flow, through sub-jaxprs and element by element through optimization barriers."""
+def _count(jaxpr, marks, sizes):
+    """(reductions over full-size operands tagged both "grad" and "codes", tags of the
+    outputs); tags follow data flow, through sub-jaxprs and element by element through
+    optimization barriers. Full-size: as many elements as a gradient leaf (the later stages
+    of a reduction made in stages read partial maxima, not a new moment)."""
     found = 0
     for eqn in jaxpr.eqns:
         tags = set().union(*[_tags(v, marks) for v in eqn.invars]) if eqn.invars else set()
@@ -685,14 +688,14 @@ def _count(jaxpr, marks):
         if sub is not None and eqn.primitive.name != "reduce":
             inner = sub.jaxpr if hasattr(sub, "jaxpr") else sub
             inner_marks = {iv: _tags(v, marks) for iv, v in zip(inner.invars, eqn.invars)}
-            n, out_tags = _count(inner, inner_marks)
+            n, out_tags = _count(inner, inner_marks, sizes)
             found += n
             if len(out_tags) == len(eqn.outvars):
                 for out, t in zip(eqn.outvars, out_tags, strict=True):
                     marks[out] = t
                 continue
         if eqn.primitive.name in ("reduce_max", "reduce_min", "argmax", "argmin", "reduce") \
-                and {"grad", "codes"} <= tags:
+                and {"grad", "codes"} <= tags and int(np.size(eqn.invars[0].aval)) in sizes:
             found += 1
         for v in eqn.outvars:
             marks[v] = tags
