@@ -248,18 +248,12 @@ def levels_of(codes: jax.Array, bits: int, signed: bool, ct: Any, *, fuse: bool 
     return both - jnp.asarray(7, ct) if signed else both
 
 
-def largest_level(codes: jax.Array, bits: int, signed: bool, *,
-                  blocked: tuple[int, ...] | None = None, fused: bool = False) -> jax.Array:
+def largest_level(codes: jax.Array, bits: int, signed: bool) -> jax.Array:
     """An upper bound on the largest finite ``|level|`` of each block of blocked codes
-    (float32). The maps are monotone in ``|level|``, so this decodes to a bound on the
-    block's largest finite magnitude. At 8 bits it reduces the stored codes themselves (a
-    max, and a min for signed maps), so XLA reads them in place instead of writing a
-    converted copy; it is exact unless the block holds a reserved (non-finite) code, then
-    ``Q``. At 4 bits it is exact (reserved nibbles are left out).
-
-    ``blocked`` (4 bits): when given, ``codes`` are in their stored shape and the per-byte
-    magnitudes are reshaped to ``blocked`` just before the reduction, as in
-    :func:`block_scale`. ``fused`` (4 bits): see :func:`_block_max`."""
+    (float32): exact unless the block holds a reserved (non-finite) code, then ``Q``. The
+    maps are monotone in ``|level|``, so this decodes to a bound on the block's largest
+    finite magnitude. At 8 bits it reduces the stored codes themselves (a max, and a min
+    for signed maps), so XLA reads them in place instead of writing a converted copy."""
     q = MAPS[(bits, signed)][0]
     if bits == 8:
         top = jnp.max(codes, axis=-1).astype(jnp.float32)
@@ -267,21 +261,15 @@ def largest_level(codes: jax.Array, bits: int, signed: bool, *,
             top = jnp.maximum(top, -jnp.min(codes, axis=-1).astype(jnp.float32))
         return jnp.minimum(top, jnp.float32(q))
     raw = lax.bitcast_convert_type(codes, jnp.uint8)
-    zero, seven = jnp.uint8(0), jnp.uint8(7)
+    low, high = raw & jnp.uint8(15), raw >> jnp.uint8(4)
 
-    # Written with selects only (no max or min): XLA:CPU hands a reduction, with the
-    # elementwise max/min ops that feed it, to its YNNPACK library, which ran those byte
-    # ops several times slower than XLA's own loop (4-bit Adam's step 93 ms against 71 ms
-    # at 4096 x 4096); a select ends the loop XLA keeps, and the library reduces its bytes.
     def magnitude(n: jax.Array) -> jax.Array:
         if signed:  # |n - 7|, with nibble 15 (NaN) as 0
-            n = jnp.where(n >= seven, n - seven, seven - n)
-            return jnp.where(n == jnp.uint8(8), zero, n)
-        return jnp.where(n > jnp.uint8(q), zero, n)
+            n = jnp.where(n == jnp.uint8(15), jnp.uint8(7), n)
+            return jnp.maximum(n, jnp.uint8(7)) - jnp.minimum(n, jnp.uint8(7))
+        return jnp.where(n > jnp.uint8(q), jnp.uint8(0), n)
 
-    low, high = magnitude(raw & jnp.uint8(15)), magnitude(raw >> jnp.uint8(4))
-    both = jnp.where(low > high, low, high)
-    return _block_max(both, blocked, fused).astype(jnp.float32)
+    return jnp.max(jnp.maximum(magnitude(low), magnitude(high)), axis=-1).astype(jnp.float32)
 
 
 # --------------------------------------------------------------------------- scales
@@ -309,13 +297,16 @@ def _block_max(x: jax.Array, blocked: tuple[int, ...] | None, fused: bool) -> ja
 
     ``fused``: reduce in 32-bit lanes, in stages of :data:`_FUSED_WINDOW` elements. XLA:CPU
     hands a reduction over bytes to its YNNPACK library, which reads its operand from memory,
-    so the elementwise loop that feeds it is written out first (one byte per element); a
+    so the elementwise loop that feeds it (at 4 bits: unpack, decode, update, exponent of the
+    new moment) is written out first, one byte per element, and run as a loop of its own; a
     32-bit reduction over windows of at most 32 stays in XLA's own loop, fused with that
-    producer, and nothing is written out. Measured on the donated train step (XLA:CPU, jax
-    0.10): every 4-bit step of the acceptance list peaks 0.5-0.9 B/param lower this way, while
-    8-bit Adam and centred RMSprop with momentum peak 1 B/param *higher* (XLA then schedules
-    the copies of two donated code arrays to overlap), so :func:`rmsjax.quantized` fuses at 4
-    bits only. The values are the same either way."""
+    producer. The values are the same either way. :func:`rmsjax.quantized` fuses the exact
+    block maxima at 4 bits (donated train step, 4096 x 4096, XLA:CPU: 4-bit Adam 88 -> 61 ms
+    and 11.63 -> 9.69 B/param at its peak, RMSprop 35 -> 31 ms and 10.06 -> 9.09); at 8 bits
+    it measured no faster (centred RMSprop with momentum 120 against 121 ms) and, for the
+    gradient's bound, slower and higher (8-bit Adam 53 -> 63 ms, 11.10 -> 12.08 B/param: XLA
+    then schedules the copies of two donated code arrays to overlap), so 8 bits keeps the
+    byte reduction."""
     if fused and jnp.dtype(x.dtype).itemsize < 4:
         x = x.astype(jnp.uint32)  # widened before the reshape: a convert after it is not fused
     if blocked is not None:
@@ -388,11 +379,11 @@ def bound_scale(bound: jax.Array, old: jax.Array | None, dtype: Any) -> jax.Arra
 
 
 def finite_absmax(x: jax.Array, ct: Any, *, square_finite: bool = False,
-                  blocked: tuple[int, ...] | None = None, fused: bool = False) -> jax.Array:
+                  blocked: tuple[int, ...] | None = None) -> jax.Array:
     """A bound on the largest finite ``|x|`` of each block (last axis), in ``ct``: the
     input term of a moment's bound (a second moment squares it). With ``square_finite``,
     elements whose ``x**2`` overflows are left out too: they give a non-finite second
-    moment, stored in its own element. ``blocked`` and ``fused``: as in :func:`block_scale`.
+    moment, stored in its own element. ``blocked``: as in :func:`block_scale`.
 
     Only biased exponents are reduced, one byte per element (a plain, partitionable max),
     so what comes back is the largest number with the block's largest exponent: at most
@@ -412,7 +403,7 @@ def finite_absmax(x: jax.Array, ct: Any, *, square_finite: bool = False,
     if square_finite:
         drop = drop | (exponent_of(a * a) == jnp.asarray(mask, etype))
     exponent = jnp.where(drop, jnp.zeros_like(exponent), exponent)
-    top = _block_max(exponent, blocked, fused).astype(utype)
+    top = _block_max(exponent, blocked, False).astype(utype)
     # The largest number of that exponent (all mantissa bits set); 0 for an all-zero block.
     ones = jnp.asarray((1 << mantissa) - 1, utype)
     bits = jnp.where(top > 0, (top << jnp.asarray(mantissa, utype)) | ones, jnp.zeros_like(top))

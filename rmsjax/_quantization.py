@@ -17,7 +17,7 @@ wrapped update in float32 (or the moment's dtype if wider) and encodes the new m
 one jitted step; XLA fuses the decode, the update and the encode of each leaf into the loops
 that read the codes and write the new codes and parameters.
 
-Block scales come from a bound, not from a pass over the new moment, for declared
+Block scales at 8 bits come from a bound, not from a pass over the new moment, for declared
 moments with an update rule (leaky average, running sum, momentum, peak) whose input is the
 gradient ``quantized`` receives: the state of the first transformation of a chain, past the
 parts that declare they hand their input on unchanged (an absent optional part,
@@ -26,9 +26,11 @@ parts that declare they hand their input on unchanged (an absent optional part,
 ``|new| <= f(max|old|, max|g|)`` on each block (:mod:`rmsjax._moments` lists ``f``):
 ``max|old|`` is read from the stored codes (the maps are monotone in ``|code|``) and
 ``max|g|`` from the gradient, so the encode runs in the same loop as the update. All other
-moments are reduced exactly. The bound holds at both widths; at 4 bits it is looser (the
-top element's stochastic rounding can lift ``max|old|`` by up to a 27 % level step), which
-the 4-bit tracking and quality figures in docs/low_bit.md include.
+moments, and all moments at 4 bits, are reduced exactly: the bound ignores the rule's
+coefficients (a leaky average's ``take = 1 - b2`` included), so one large gradient element
+lifts its block's scale far above the new moment, which the 4-bit map's narrow range cannot
+absorb (with the bound at 4 bits, ``examples/low_bit_state.py``'s language model ended at
+1.19x float32 state's loss instead of 1.005x; 8-bit held at 1.00x).
 """
 
 from __future__ import annotations
@@ -362,10 +364,7 @@ def _spread(scale: jax.Array, layout: _Layout) -> jax.Array:
 def _decoded_max(q: QuantizedArray | PackedQuantizedArray, layout: _Layout) -> jax.Array:
     """Largest finite decoded magnitude of each block of a stored moment, from its codes."""
     signed = _signed(q)
-    if layout.bits == 8:
-        top = _codec.largest_level(q.codes.reshape(layout.blocked_codes()), 8, signed)
-    else:  # the nibbles are unpacked in the stored shape (see _codec.block_scale's `blocked`)
-        top = _codec.largest_level(q.codes, 4, signed, blocked=layout.blocked_codes(), fused=True)
+    top = _codec.largest_level(q.codes.reshape(layout.blocked_codes()), layout.bits, signed)
     ct = _compute_dtype(q.scale.dtype)
     return _codec.decode(top.astype(ct), q.scale.astype(ct).reshape(top.shape), layout.bits, signed)
 
@@ -418,7 +417,7 @@ def _bound(q: QuantizedArray | PackedQuantizedArray, layout: _Layout, moment: _m
     # a step about 15 % faster).
     squared = moment.order == 2
     m_x = _codec.finite_absmax(x, ct, square_finite=squared or moment.divided_by is not None,
-                               blocked=layout.blocked(), fused=layout.bits == 4)
+                               blocked=layout.blocked())
     if squared:
         m_x = m_x * m_x
     if moment.rule in ("leaky", "peak"):
@@ -518,7 +517,7 @@ def quantized(
 
     where :math:`\operatorname{decode}` is a non-linear map dense near zero (signed for first
     moments, unsigned and zero-free for second moments), :math:`a'` a power of two (from a
-    bound where the moment's rule gives one, else from the block's maximum) and
+    bound at 8 bits where the moment's rule gives one, else from the block's maximum) and
     :math:`\operatorname{round}` unbiased stochastic rounding driven by a hash of (leaf,
     element, step). All arithmetic runs in float32, or in the moment's dtype when wider.
 
@@ -636,7 +635,7 @@ def _wrap(inner: optax.GradientTransformation, bits: int, block: int, minimum: i
                 if not any(is_quantized(x) for x in jax.tree.leaves(olds, is_leaf=_stop)):
                     continue
                 aux = {}
-                if old is entry and moment.rule is not None:
+                if bits == 8 and old is entry and moment.rule is not None:
                     grads = _matching(olds, updates)
                     if grads is not None:
                         aux["g"] = grads
