@@ -352,8 +352,8 @@ def block_scale(x: jax.Array, old: jax.Array | None, dtype: Any, *,
                 fused: bool = False) -> jax.Array:
     """Each block's scale (last axis) from its values: the power of two just above its
     largest *finite* magnitude, in ``dtype``. Only the biased exponents are reduced (one byte
-    per element); non-finite elements (exponent all ones), and those where ``keep`` is false,
-    are left out.
+    per element, or 32-bit lanes in XLA's own loop when ``fused``); non-finite elements
+    (exponent all ones), and those where ``keep`` is false, are left out.
 
     ``blocked``: when given, ``x`` (and ``keep``) are in their own shape and the exponent
     bytes are reshaped to ``blocked`` just before the reduction. XLA:CPU runs an elementwise
