@@ -277,6 +277,26 @@ def _largest_divisor(n: int, limit: int, *, even: bool) -> int:
     return 0
 
 
+def _shard_shape(leaf: Any, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape of one shard of ``leaf``: blocks must stay inside one shard, so they divide
+    the per-shard length of the blocked row.
+
+    Eager ``init`` reads the sharding of the array (the state leaf lives where its parameter
+    lives). Under tracing (``jax.jit``, ``jax.eval_shape``) only a mesh with explicit axes
+    puts the sharding in the traced value's type; with automatic axes the sharding is not
+    known yet and the whole shape is taken (docs/low_bit.md, *Sharding rule*)."""
+    if isinstance(leaf, jax.core.Tracer):
+        sharding = getattr(jax.typeof(leaf), "sharding", None)
+    else:
+        sharding = getattr(leaf, "sharding", None)
+    if sharding is None:
+        return shape
+    try:
+        return tuple(int(n) for n in sharding.shard_shape(shape))
+    except Exception:  # noqa: BLE001 - an exotic sharding: assume unsharded
+        return shape
+
+
 def _plan(leaf: Any, bits: int, block_size: int, min_size: int) -> _Layout | None:
     """The layout of a declared moment leaf stored quantized, or None to keep it as it is."""
     if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
@@ -290,16 +310,7 @@ def _plan(leaf: Any, bits: int, block_size: int, min_size: int) -> _Layout | Non
     k = 1
     while k < len(shape) and int(np.prod(shape[-k:])) < max(block_size // _MIN_BLOCK_FRACTION, 2):
         k += 1
-    local = shape
-    if not isinstance(leaf, jax.core.Tracer):
-        # Eager init: the state leaf already lives where its parameter lives. Blocks must stay
-        # inside one shard, so they divide the per-shard length of the blocked row.
-        sharding = getattr(leaf, "sharding", None)
-        if sharding is not None:
-            try:
-                local = tuple(sharding.shard_shape(shape))
-            except Exception:  # noqa: BLE001 - an exotic sharding: assume unsharded
-                local = shape
+    local = _shard_shape(leaf, shape)
     if local[len(shape) - k + 1 :] != shape[len(shape) - k + 1 :]:
         return None  # a merged trailing axis is split: a block would not be contiguous in a shard
     row_local = int(np.prod(local[len(shape) - k :], dtype=np.int64))

@@ -5,8 +5,9 @@ Run by ``tests/test_quantized_sharding_subprocess.py`` (see ``conftest.py`` here
 Rule checked: codes are shaped like the parameter and blocks run along its last axis, so a
 leaf sharded along any other
 axis keeps whole blocks on each device; when the last axis itself is sharded, the block
-divides the per-shard length (eager init picks it from the sharding; under jit the default
-block must divide it, as 256 divides 4096 / 8 = 512 here).
+divides the per-shard length (eager init picks it from the sharding, and so does a jitted
+init on a mesh with explicit axes; with automatic axes under jit the default block must divide
+it, as 256 divides 4096 / 8 = 512 here).
 """
 
 from __future__ import annotations
@@ -102,6 +103,31 @@ def test_eager_init_picks_a_block_that_fits_the_shard():
     for q in _quantized_leaves(state):
         assert q.codes.shape == (64, 1024) and q.scale.shape == (64, 8)  # blocks of 128
         assert q.scale.sharding.spec[:2] == (None, "x")
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_jit_init_on_a_mesh_with_explicit_axes_reads_the_shard(bits):
+    """With explicit mesh axes the traced parameter carries its sharding, so ``jax.jit(init)``
+    picks the same layout as eager init: blocks of 128 for a last axis of 1024 over 8 devices,
+    blocks of 8 for a last axis of 64 (before, the jitted init planned on the whole row and
+    failed in jax's reshape, since a block would have crossed shards)."""
+    mesh = jax.make_mesh((8,), ("x",), axis_types=(jax.sharding.AxisType.Explicit,))
+    spec = P(None, "x")
+    params = {"w": jax.device_put(jnp.ones((64, 1024)), NamedSharding(mesh, spec)),
+              "v": jax.device_put(jnp.ones((512, 64)), NamedSharding(mesh, spec))}
+    tx = rmsjax.quantized(rmsjax.adam(1e-3), bits=bits)
+    eager, jitted = tx.init(params), jax.jit(tx.init)(params)
+    assert jax.tree.structure(eager) == jax.tree.structure(jitted)
+    for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted), strict=True):
+        assert (a.shape, a.dtype) == (b.shape, b.dtype)
+    mu = jitted.inner[0].mu
+    assert qz.is_quantized(mu["w"]) and mu["w"].scale.shape == (64, 8)
+    assert qz.is_quantized(mu["v"]) and mu["v"].scale.shape == (512, 8)
+    grads = jax.tree.map(jnp.cos, params)
+    updates, _ = jax.jit(tx.update)(grads, jitted, params)
+    ref, _ = jax.jit(tx.update)(grads, eager, params)
+    for a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(ref), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 @pytest.mark.parametrize("bits", [8, 4])
