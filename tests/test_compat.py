@@ -300,6 +300,60 @@ def test_signature_is_exactly_the_contract(module, name, params):
     assert actual == params
 
 
+def _parameters(arguments: str) -> list[tuple[str, object, object]]:
+    """[(argument, default or empty, kind)] of a written argument list (``*`` markers kept)."""
+    fn = ast.parse(f"def f({arguments}): pass").body[0].args
+    required = len(fn.args) - len(fn.defaults)
+    params = [(a.arg, inspect.Parameter.empty if i < required else ast.literal_eval(fn.defaults[i - required]),
+               inspect.Parameter.POSITIONAL_OR_KEYWORD) for i, a in enumerate(fn.args)]
+    params += [(a.arg, ast.literal_eval(d), inspect.Parameter.KEYWORD_ONLY)
+               for a, d in zip(fn.kwonlyargs, fn.kw_defaults, strict=True)]
+    return params
+
+
+def _porting_contract() -> dict[str, list]:
+    """Dotted name -> parameters of each signature of docs/api.md's 0.2 porting block; the
+    Keras line (``<Optimizer>(..., shared options)``) under ``"keras"``."""
+    items = {}
+    for line in api_contract.signatures("rmsjax.compat.", block="contract-0.2"):
+        call = line.split(" -> ")[0]
+        path, _, arguments = call.partition("(")
+        arguments = arguments.rsplit(")", 1)[0]
+        if "<Optimizer>" in path:
+            items["keras"] = _parameters(arguments.replace("...,", "", 1))
+        else:
+            items[path.removeprefix("rmsjax.compat.")] = _parameters(arguments)
+    return items
+
+
+PORTING_ITEMS = _porting_contract()
+
+
+def test_porting_contract_block_is_the_code():
+    """docs/api.md's 0.2 block (timm, lr_scheduler, state_dict, Keras's shared options) gives
+    each signature exactly; every Keras optimizer ends with the shared options."""
+    assert set(PORTING_ITEMS) == {"timm.RMSpropTF", "torch.lr_scheduler.StepLR", "torch.state_dict",
+                                  "torch.load_state_dict", "keras"}
+    for dotted, params in PORTING_ITEMS.items():
+        if dotted == "keras":
+            continue
+        target = compat
+        for part in dotted.split("."):
+            target = getattr(target, part)
+        actual = [(p.name, p.default, p.kind) for p in inspect.signature(target).parameters.values()]
+        assert actual == params, dotted
+    shared = {name: default for name, default, _ in PORTING_ITEMS["keras"]}
+    for name in _factories(compat.keras):
+        actual = inspect.signature(getattr(compat.keras, name)).parameters
+        # the shared options come last (AdamW's weight decay is among its own arguments)
+        tail = [n for n in actual if n in shared and n != "weight_decay"]
+        assert tail == list(actual)[-len(tail):] and "weight_decay" in actual, name
+        for option, default in shared.items():
+            if option == "weight_decay" and actual[option].default != default:
+                continue  # AdamW's weight decay is its own argument, with Keras's default 0.004
+            assert actual[option].default == default, (name, option)
+
+
 @pytest.mark.parametrize("module,name,params", CONTRACT_ITEMS, ids=[f"{m}.{n}" for m, n, _ in CONTRACT_ITEMS])
 def test_public_names_are_documented(module, name, params):
     doc = inspect.getdoc(getattr(MODULES[module], name))
