@@ -248,28 +248,18 @@ def levels_of(codes: jax.Array, bits: int, signed: bool, ct: Any, *, fuse: bool 
     return both - jnp.asarray(7, ct) if signed else both
 
 
-def largest_level(codes: jax.Array, bits: int, signed: bool) -> jax.Array:
-    """An upper bound on the largest finite ``|level|`` of each block of blocked codes
+def largest_level(codes: jax.Array, signed: bool) -> jax.Array:
+    """An upper bound on the largest finite ``|level|`` of each block of blocked 8-bit codes
     (float32): exact unless the block holds a reserved (non-finite) code, then ``Q``. The
     maps are monotone in ``|level|``, so this decodes to a bound on the block's largest
-    finite magnitude. At 8 bits it reduces the stored codes themselves (a max, and a min
-    for signed maps), so XLA reads them in place instead of writing a converted copy."""
-    q = MAPS[(bits, signed)][0]
-    if bits == 8:
-        top = jnp.max(codes, axis=-1).astype(jnp.float32)
-        if signed:  # -128 (NaN) reads as 128: clipped to Q below
-            top = jnp.maximum(top, -jnp.min(codes, axis=-1).astype(jnp.float32))
-        return jnp.minimum(top, jnp.float32(q))
-    raw = lax.bitcast_convert_type(codes, jnp.uint8)
-    low, high = raw & jnp.uint8(15), raw >> jnp.uint8(4)
-
-    def magnitude(n: jax.Array) -> jax.Array:
-        if signed:  # |n - 7|, with nibble 15 (NaN) as 0
-            n = jnp.where(n == jnp.uint8(15), jnp.uint8(7), n)
-            return jnp.maximum(n, jnp.uint8(7)) - jnp.minimum(n, jnp.uint8(7))
-        return jnp.where(n > jnp.uint8(q), jnp.uint8(0), n)
-
-    return jnp.max(jnp.maximum(magnitude(low), magnitude(high)), axis=-1).astype(jnp.float32)
+    finite magnitude (the ``max|old|`` of an 8-bit block bound; 4-bit moments are reduced
+    exactly, so they never need it). It reduces the stored codes themselves (a max, and a
+    min for the signed map), so XLA reads them in place instead of writing a converted copy."""
+    q = MAPS[(8, signed)][0]
+    top = jnp.max(codes, axis=-1).astype(jnp.float32)
+    if signed:  # -128 (NaN) reads as 128: clipped to Q below
+        top = jnp.maximum(top, -jnp.min(codes, axis=-1).astype(jnp.float32))
+    return jnp.minimum(top, jnp.float32(q))
 
 
 # --------------------------------------------------------------------------- scales

@@ -372,12 +372,12 @@ def _spread(scale: jax.Array, layout: _Layout) -> jax.Array:
     return jnp.broadcast_to(blocks, layout.blocked()).reshape(layout.shape)
 
 
-def _decoded_max(q: QuantizedArray | PackedQuantizedArray, layout: _Layout) -> jax.Array:
-    """Largest finite decoded magnitude of each block of a stored moment, from its codes."""
+def _decoded_max(q: QuantizedArray, layout: _Layout) -> jax.Array:
+    """Largest finite decoded magnitude of each block of a stored 8-bit moment, from its codes."""
     signed = _signed(q)
-    top = _codec.largest_level(q.codes.reshape(layout.blocked_codes()), layout.bits, signed)
+    top = _codec.largest_level(q.codes.reshape(layout.blocked_codes()), signed)
     ct = _compute_dtype(q.scale.dtype)
-    return _codec.decode(top.astype(ct), q.scale.astype(ct).reshape(top.shape), layout.bits, signed)
+    return _codec.decode(top.astype(ct), q.scale.astype(ct).reshape(top.shape), 8, signed)
 
 
 def _encode(x: jax.Array, layout: _Layout, signed: bool, count: jax.Array | None, leaf_id: int, *,
@@ -414,9 +414,9 @@ def _encode(x: jax.Array, layout: _Layout, signed: bool, count: jax.Array | None
     return PackedQuantizedArray(codes=codes, scale=scale)
 
 
-def _bound(q: QuantizedArray | PackedQuantizedArray, layout: _Layout, moment: _moments.Moment,
-           x: jax.Array) -> jax.Array:
-    """The declared rule's bound on each block's largest finite magnitude of the new moment."""
+def _bound(q: QuantizedArray, layout: _Layout, moment: _moments.Moment, x: jax.Array) -> jax.Array:
+    """The declared rule's bound on each block's largest finite magnitude of the new 8-bit
+    moment."""
     ct = _compute_dtype(q.scale.dtype)
     m_old = _decoded_max(q, layout)
     # A moment divided by a second moment: elements whose gradient squared overflows take

@@ -603,6 +603,7 @@ class DampenedMomentumState(NamedTuple):
 
 
 _moments.declare(MomentumState, mu=_moments.Moment(True, "momentum", 1))
+_moments.declare(DampenedMomentumState, mu=_moments.Moment(True, "momentum", 1))
 
 def momentum(
     decay: Scalar, *, nesterov: bool = False, dampening: Scalar | None = None

@@ -163,26 +163,32 @@ def test_to_bytes_gives_each_level_its_byte(signed):
     assert int(np.asarray(_codec.to_bytes(jnp.asarray([-0.0], jnp.float32), signed))[0]) == 0
 
 
-@pytest.mark.parametrize("bits,signed", sorted(MAPS))
-def test_largest_level_bounds_the_finite_levels(bits, signed):
-    """Exact on blocks of finite codes; on a block holding a reserved (non-finite) code, Q at
-    8 bits (a bound read straight from the stored codes) and exact at 4 bits."""
-    x = np.abs(np.random.default_rng(1).standard_normal((3, BLOCK[bits]))).astype(np.float32) * 0.4
-    x[2, 0] = 1.0
+@pytest.mark.parametrize("signed", [True, False])
+def test_largest_level_bounds_the_finite_levels(signed):
+    """8-bit codes: exact on blocks of finite codes, whichever sign holds the block's largest
+    magnitude (signed map: rows 2 and 3 have their largest element negative, row 4 positive);
+    Q on a block holding a reserved (non-finite) code (a bound read straight from the stored
+    codes)."""
+    x = np.random.default_rng(1).standard_normal((5, BLOCK[8])).astype(np.float32) * 0.4
+    if not signed:
+        x = np.abs(x)
+    x[2, 0] = -1.0 if signed else 1.0
+    x[3, 9] = -3.0 if signed else 3.0
+    x[3, 10] = 2.5
+    x[4, 4] = 2.0
+    x[4, 5] = -1.5 if signed else 1.5
     x[0, 5] = np.nan
     x[1, 7] = np.inf
     xb = jnp.asarray(x)
     scale = _codec.block_scale(xb, None, jnp.float32)
-    level = _codec.encode(xb, _codec.inverse_scale(scale)[..., None], None, bits, signed)
-    codes = (_codec.to_bytes(level, signed) if bits == 8 else _codec.pack(level, signed))
-    top = np.asarray(_codec.largest_level(codes, bits, signed))
+    level = _codec.encode(xb, _codec.inverse_scale(scale)[..., None], None, 8, signed)
+    top = np.asarray(_codec.largest_level(_codec.to_bytes(level, signed), signed))
     finite = np.where(np.isfinite(x), np.abs(np.asarray(level)), 0).max(axis=-1)
-    q = MAPS[(bits, signed)][0]
-    assert top[2] == finite[2]
-    if bits == 8:
-        np.testing.assert_array_equal(top[:2], [q, q])
-    else:
-        np.testing.assert_array_equal(top[:2], finite[:2])
+    q = MAPS[(8, signed)][0]
+    np.testing.assert_array_equal(top[2:], finite[2:])
+    np.testing.assert_array_equal(top[:2], [q, q])
+    # the largest magnitudes are where they were put, with the sign they were given
+    assert np.abs(np.asarray(level))[3].argmax() == 9 and np.abs(np.asarray(level))[4].argmax() == 4
 
 
 @pytest.mark.parametrize("block", [256, 128, 48])
