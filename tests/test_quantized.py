@@ -863,7 +863,9 @@ def peak_bytes_per_param(make, bits, n=2048):
 
 
 # Bytes per parameter of temporaries measured at 2048 x 2048 on XLA:CPU (jax 0.10 and 0.12 give
-# the same figures): what the step needs beyond its arguments. The acceptance target is 0.15
+# the same figures), each rounded up by at most 0.08 as a regression ceiling: what the step needs
+# beyond its arguments. `python benchmarks/bench_quantized.py --quick --peak-shape 2048x2048` prints
+# them (the "temp" of its peak table). The acceptance target is 0.15
 # for every case; what is left is XLA:CPU's copy of each donated code array that is read
 # after the loop writing the new codes could start (1 byte per moment at 8 bits, half a byte
 # at 4), at 8 bits the exponent bytes of block maxima (one byte per element: of the gradient
