@@ -100,7 +100,7 @@ def _mix(x: jax.Array) -> jax.Array:
     return x ^ (x >> _u32(16))
 
 
-def uniform(shape: tuple[int, ...], count: jax.Array, leaf_id: int) -> jax.Array:
+def uniform(shape: tuple[int, ...], count: jax.Array, leaf_id: int | jax.Array) -> jax.Array:
     """float32 numbers in [0, 1) for the rounding of one leaf at step ``count``.
 
     Each element gets a fixed random phase, a hash of (leaf, row-major element index); at step
@@ -111,7 +111,11 @@ def uniform(shape: tuple[int, ...], count: jax.Array, leaf_id: int) -> jax.Array
     """
     index = lax.iota(jnp.uint32, int(np.prod(shape, dtype=np.int64))).reshape(shape)
     step = jnp.asarray(count).astype(jnp.uint32)
-    bits = _mix((index * _u32(0xC2B2AE3D)) ^ _u32(leaf_id * 0x85EBCA77 + 0x27D4EB2F))
+    if isinstance(leaf_id, int):
+        salt = _u32(leaf_id * 0x85EBCA77 + 0x27D4EB2F)
+    else:  # an array (a jitted init shared by leaves of one shape): the same bits, mod 2**32
+        salt = jnp.asarray(leaf_id).astype(jnp.uint32) * _u32(0x85EBCA77) + _u32(0x27D4EB2F)
+    bits = _mix((index * _u32(0xC2B2AE3D)) ^ salt)
     bits = bits + step * _u32(0x9E3779B9)
     return (bits >> _u32(8)).astype(jnp.float32) * jnp.float32(2.0**-24)
 
@@ -308,9 +312,13 @@ def _block_max(x: jax.Array, blocked: tuple[int, ...] | None, fused: bool) -> ja
 
 
 def _power_of_two_above(biased: jax.Array, utype: Any, mantissa: int, mask: int) -> jax.Array:
-    """Bits of ``2**(e - bias + 1)`` for biased exponents ``e`` (0 where ``e == 0``)."""
-    top = mask - 1  # largest finite biased exponent
-    biased = jnp.minimum(biased.astype(utype), jnp.asarray(top - 1, utype))
+    """Bits of ``2**(e - bias + 1)`` for biased exponents ``e`` (0 where ``e == 0``), at most
+    ``2**(bias - 1)`` (float32: ``2**126``, float64: ``2**1022``): the largest power of two
+    whose inverse is a normal number. A larger scale's inverse is subnormal, which XLA flushes
+    to zero, and every element of its block would encode to level 0; magnitudes of
+    ``2**126`` and above saturate at the top level instead."""
+    largest = mask - 3  # the biased exponent e whose 2**(e - bias + 1) is 2**(bias - 1)
+    biased = jnp.minimum(biased.astype(utype), jnp.asarray(largest, utype))
     return jnp.where(biased > 0, (biased + jnp.asarray(1, utype)) << jnp.asarray(mantissa, utype),
                      jnp.zeros_like(biased))
 

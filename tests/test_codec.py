@@ -30,7 +30,8 @@ def np_levels(bits: int, signed: bool) -> np.ndarray:
 def np_scale(block: np.ndarray) -> float:
     finite = np.abs(block[np.isfinite(block)])
     m = float(np.max(finite)) if finite.size else 0.0
-    return 0.0 if m == 0 else 2.0 ** (math.floor(math.log2(m)) + 1)
+    # the power of two above, at most 2**126 (whose float32 inverse is still normal)
+    return 0.0 if m == 0 else 2.0 ** min(math.floor(math.log2(m)) + 1, 126)
 
 
 def roundtrip(x: np.ndarray, bits: int, signed: bool, count=None):
@@ -126,6 +127,26 @@ def test_float16_scale_saturates_at_the_dtype_maximum():
     assert float(again[0]) == 65504.0
     level = _codec.encode(x, _codec.inverse_scale(scale.astype(jnp.float32))[..., None], None, 8, False)
     assert float(_codec.decode(level, scale.astype(jnp.float32)[..., None], 8, False)[0, 0]) == 65504.0
+
+
+@pytest.mark.parametrize("bits,signed", sorted(MAPS))
+def test_a_huge_finite_element_saturates_instead_of_zeroing_its_block(bits, signed):
+    """Magnitudes from 2**126 up to float32's largest: the scale stops at 2**126 (its inverse
+    2**-126 is normal; 2**127's would be subnormal, flushed to zero by XLA, and every element
+    of the block, the huge one included, would decode to 0). The huge element decodes to the
+    scale; the others to what the map resolves below it."""
+    x = np.full((3, BLOCK[bits]), 0.5, np.float32)
+    x[0, 3], x[1, 3], x[2, 3] = 1e38, np.finfo(np.float32).max, 2.0**126
+    if signed:
+        x[1, 3] = -x[1, 3]
+    scale, back = roundtrip(x, bits, signed)
+    np.testing.assert_array_equal(scale, [2.0**126] * 3)
+    np.testing.assert_array_equal(np.abs(back[:, 3]), [2.0**126] * 3)
+    assert back[1, 3] < 0 if signed else back[1, 3] > 0
+    q, p = MAPS[(bits, signed)]
+    lowest = 2.0**126 * (1 / q) ** p  # the smallest non-zero magnitude the block can hold
+    others = np.delete(back, 3, axis=1)
+    assert np.all((others == 0) | (np.abs(others) >= lowest * (1 - 1e-6)))
 
 
 def test_scale_is_kept_while_the_maximum_stays_within_the_slack():
@@ -226,6 +247,16 @@ def _roundtrip_traced(x, bits, count):
     u = _codec.uniform(x.shape, count, 3)
     level = _codec.encode(x, _codec.inverse_scale(scale)[..., None], u, bits, False)
     return _codec.decode(level, scale[..., None], bits, False)
+
+
+@pytest.mark.parametrize("leaf_id", [0, 5, 2**20 + 7, 2**30 - 1])
+def test_uniform_of_a_traced_leaf_number_is_the_same_bits(leaf_id):
+    """Initial codes are compiled once per layout with the leaf's number as an argument; its
+    salt is the same 32-bit value as the Python integer's (products wrap mod 2**32)."""
+    count = jnp.int32(3)
+    plain = np.asarray(_codec.uniform((4, 64), count, leaf_id))
+    traced = np.asarray(jax.jit(lambda i: _codec.uniform((4, 64), count, i))(jnp.uint32(leaf_id)))
+    np.testing.assert_array_equal(plain, traced)
 
 
 def test_finite_absmax_leaves_out_overflowing_squares():
