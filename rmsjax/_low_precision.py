@@ -33,6 +33,7 @@ import numpy as np
 import optax
 from jax import lax
 
+from rmsjax import _validation
 from rmsjax._codec import uniform as _uniform  # the counter-based hash of the low-bit state
 
 __all__ = ["LowPrecisionState", "low_precision"]
@@ -203,9 +204,7 @@ def low_precision(inner: optax.GradientTransformation, *, compensated: bool = Fa
       >>> float(jnp.mean(new["w"].astype(jnp.float32)))  # 1 - 1e-3 on average; nearest: 1.0
       0.999
     """
-    if not (callable(getattr(inner, "init", None)) and callable(getattr(inner, "update", None))):
-        raise TypeError(
-            f"low_precision: inner must be an optax.GradientTransformation, got {type(inner).__name__}")
+    _validation.check_transformation("inner", inner, "low_precision")
     if not isinstance(compensated, (bool, np.bool_)):
         raise TypeError(f"low_precision: compensated must be a bool, got {compensated!r}")
     compensated = bool(compensated)
@@ -226,7 +225,13 @@ def low_precision(inner: optax.GradientTransformation, *, compensated: bool = Fa
                 "low_precision: update needs params (tx.update(grads, state, params)): the rounded "
                 "update is computed from the parameter it will be added to"
             )
+        _validation.check_state_type(state, LowPrecisionState, "low_precision")
+        # Checked before the gradients are widened: a complex gradient cast to float32 would
+        # lose its imaginary part, and a shape or tree mismatch would surface inside jax.
+        values = jax.tree_util.tree_map(_value, params, is_leaf=_is_variable)
+        _validation.check_trees_match(updates, values, what="params", who="low_precision", dtypes="kind")
         widened = _widen(params)
+
         def widen_grad(g: Any, p: Any) -> Any:
             if g is None or not _is_low(jnp.result_type(_value(p))):
                 return g

@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rmsjax import _codec, _moments, averages
+from rmsjax import _codec, _moments, _validation, averages
 
 __all__ = [
     "PackedQuantizedArray",
@@ -202,10 +202,7 @@ def _check_int(name: str, value: Any, allowed: str) -> int:
 
 
 def _check_arguments(inner: Any, bits: Any, block_size: Any, min_size: Any) -> tuple[int, int, int]:
-    if not (hasattr(inner, "init") and hasattr(inner, "update")):
-        raise TypeError(
-            f"inner must be an optax.GradientTransformation (with init and update), got {inner!r}"
-        )
+    _validation.check_transformation("inner", inner, "quantized")
     if isinstance(bits, (bool, np.bool_)) or not isinstance(bits, numbers.Integral) or bits not in (8, 4):
         raise ValueError(f"bits must be 8 or 4, got {bits!r}")
     bits = int(bits)
@@ -615,12 +612,30 @@ def quantized(
     return _wrap(inner, bits, block, minimum, nearest=False)
 
 
+def _check_stored(q: QuantizedArray | PackedQuantizedArray, moment: _moments.Moment) -> None:
+    """A stored moment must have the codes its declaration gets (int8 for a signed moment,
+    uint8 for a non-negative one): a state restored from another checkpoint could otherwise
+    be decoded with the other map and silently give wrong moments."""
+    want = jnp.dtype(jnp.int8 if moment.signed else jnp.uint8)
+    if jnp.dtype(q.codes.dtype) != want:
+        kind = "signed" if moment.signed else "non-negative"
+        raise ValueError(
+            f"quantized: a {kind} moment is stored with {jnp.dtype(q.codes.dtype)} codes, not "
+            f"{want}: was this state restored from a checkpoint of another optimizer or wrapper?"
+        )
+
+
 def _wrap(inner: optax.GradientTransformation, bits: int, block: int, minimum: int, *,
           nearest: bool) -> optax.GradientTransformation:
     """:func:`quantized` without validation; ``nearest=True`` rounds to nearest (for tests)."""
 
     def init_fn(params: Any) -> QuantizedState:
         state = inner.init(params)
+        if any(is_quantized(x) for x in jax.tree.leaves(state, is_leaf=_stop)):
+            raise ValueError(
+                "quantized: the inner transformation's state already holds quantized moments "
+                "(quantized(quantized(...))): wrap the optimizer once, with the bits you want"
+            )
         ids = iter(range(1 << 30))
 
         def node(n: Any) -> Any:
@@ -653,6 +668,7 @@ def _wrap(inner: optax.GradientTransformation, bits: int, block: int, minimum: i
         return QuantizedState(count=jnp.zeros([], jnp.int32), inner=inner_state)
 
     def update_fn(updates: Any, state: QuantizedState, params: Any = None, **extra_args: Any):
+        _validation.check_state_type(state, QuantizedState, "quantized")
         stored = state.inner
         updates_out, new_inner = inner.update(updates, dequantize_state(stored), params, **extra_args)
         if _TRACE_NEW_STATE_AGAIN and any(isinstance(x, jax.core.Tracer)
@@ -695,6 +711,7 @@ def _wrap(inner: optax.GradientTransformation, bits: int, block: int, minimum: i
                     return x
                 extra = {k: _value(v) for k, v in zip(names, rest, strict=True)}
                 q = _plain(q)
+                _check_stored(q, moment)
                 layout = _layout_of(q)
                 value = jnp.asarray(_value(x)).astype(q.scale.dtype)
                 m = extra.get("m")

@@ -303,6 +303,18 @@ def check_trees_match(
             )
 
 
+def check_transformation(name: str, value: Any, who: str) -> None:
+    """Fails with a TypeError unless ``value`` has callable ``init`` and ``update`` (an
+    ``optax.GradientTransformation``): a wrapper handed ``None`` or an unbuilt factory such as
+    ``rmsjax.adam`` itself would otherwise fail later inside optax with a bare AttributeError."""
+    if not (callable(getattr(value, "init", None)) and callable(getattr(value, "update", None))):
+        hint = " (a factory: call it, e.g. rmsjax.adam(1e-3))" if callable(value) else ""
+        raise TypeError(
+            f"{who}: {name} must be an optax.GradientTransformation (with init and update), got "
+            f"{type(value).__name__}{hint}"
+        )
+
+
 def check_state_type(state: Any, expected: type | tuple[type, ...], who: str) -> None:
     """Fails with a TypeError when ``update`` is handed another transformation's state.
 

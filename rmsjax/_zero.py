@@ -17,6 +17,8 @@ import jax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from rmsjax import _validation
+
 __all__ = ["zero_shardings"]
 
 _UNEVEN = ("warn", "replicate", "error")
@@ -88,7 +90,8 @@ def zero_shardings(tx: Any, params: Any, mesh: Any, axis: str = "data", *, uneve
     each of the ``N`` devices on ``axis`` holds ``1/N`` of it. Leaves already sharded over
     ``axis`` (FSDP) and scalars (step counts, learning rates) keep the sharding ``tx.init``
     gives them. For :func:`rmsjax.quantized` state, codes and block scales are split along
-    the same leading dimension, never along a block, so a block never crosses a shard.
+    the same dimension, one that holds whole blocks on every device (a leading dimension, or
+    the blocks of a row when their number divides), so a block never crosses a shard.
 
     The result is what ``jax.jit(tx.init, out_shardings=...)`` and the train step's state
     shardings take::
@@ -134,9 +137,7 @@ def zero_shardings(tx: Any, params: Any, mesh: Any, axis: str = "data", *, uneve
             f"zero_shardings: axis {axis!r} is not an axis of mesh (its axes: {tuple(mesh.axis_names)})")
     if uneven not in _UNEVEN:
         raise ValueError(f"zero_shardings: uneven must be one of {_UNEVEN}, got {uneven!r}")
-    if not (callable(getattr(tx, "init", None))):
-        raise TypeError(
-            f"zero_shardings: tx must be an optax.GradientTransformation, got {type(tx).__name__}")
+    _validation.check_transformation("tx", tx, "zero_shardings")
     size = int(mesh.shape[axis])
 
     abstract = jax.tree_util.tree_map_with_path(lambda path, leaf: _abstract(mesh, path, leaf), params,
@@ -147,11 +148,15 @@ def zero_shardings(tx: Any, params: Any, mesh: Any, axis: str = "data", *, uneve
     flat, treedef = jax.tree_util.tree_flatten_with_path(shapes)
     natural = treedef.flatten_up_to(out_shardings)
 
-    # Quantized leaves: codes and scale under one parent; both split on a dimension < scale.ndim.
-    scale_ndim: dict[tuple[Any, ...], int] = {}
+    # Quantized leaves: codes and scale under one parent, split on the same dimension, one
+    # that both divide (dimension d < scale.ndim of the codes runs over whole blocks when the
+    # scale's dimension d, its blocks there, divides): a block never crosses a shard.
+    pairs: dict[tuple[Any, ...], dict[str, tuple[int, ...]]] = {}
     for path, leaf in flat:
-        if path and _key_name(path[-1]) == "scale":
-            scale_ndim[tuple(path[:-1])] = len(leaf.shape)
+        name = _key_name(path[-1]) if path else None
+        if name in ("codes", "scale"):
+            pairs.setdefault(tuple(path[:-1]), {})[name] = tuple(leaf.shape)
+    pairs = {parent: pair for parent, pair in pairs.items() if len(pair) == 2}
 
     result, skipped = [], []
     for (path, leaf), sharding in zip(flat, natural, strict=True):
@@ -160,9 +165,11 @@ def zero_shardings(tx: Any, params: Any, mesh: Any, axis: str = "data", *, uneve
         if not shape or _uses(spec, axis):
             result.append(NamedSharding(mesh, P(*spec)))
             continue
-        dims = range(len(shape))
-        if path and _key_name(path[-1]) == "codes" and tuple(path[:-1]) in scale_ndim:
-            dims = range(scale_ndim[tuple(path[:-1])])
+        dims = list(range(len(shape)))
+        pair = pairs.get(tuple(path[:-1])) if path else None
+        if pair is not None:
+            codes, scale = pair["codes"], pair["scale"]
+            dims = [d for d in range(len(scale)) if codes[d] % size == 0 and scale[d] % size == 0]
         chosen = next((d for d in dims if spec[d] is None and shape[d] % size == 0), None)
         if chosen is None:
             skipped.append(f"state{jax.tree_util.keystr(path)} {shape}")

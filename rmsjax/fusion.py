@@ -18,6 +18,8 @@ import jax
 import jax.core  # jax deletes its own alias; named here so type checkers see jax.core
 import optax
 
+from rmsjax import _validation
+
 __all__ = ["one_pass"]
 
 
@@ -50,6 +52,7 @@ def one_pass(inner: optax.GradientTransformation) -> optax.GradientTransformatio
       >>> updates.round(4)
       Array([-0.3162, -0.3162, -0.3162], dtype=float32)
     """
+    _validation.check_transformation("inner", inner, "one_pass")
     inner = optax.with_extra_args_support(inner)
 
     def update_fn(updates: Any, state: Any, params: Any = None, **extra_args: Any):

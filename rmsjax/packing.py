@@ -27,6 +27,8 @@ import numpy as np
 import optax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec, SingleDeviceSharding
 
+from rmsjax import _validation
+
 __all__ = ["PackedState", "PackingLayout", "pack", "packed", "state_layout", "unpack"]
 
 PyTree = Any
@@ -418,6 +420,7 @@ def packed(
       ...     rmsjax.rmsprop(0.1).init(params["w7"]))[0]).all())
       True
     """
+    _validation.check_transformation("tx", tx, "packed")
     leaf_size = _static_leaf_size(max_leaf_size)
     inner_tx = optax.with_extra_args_support(tx)
 

@@ -304,8 +304,9 @@ def _parameters(arguments: str) -> list[tuple[str, object, object]]:
     """[(argument, default or empty, kind)] of a written argument list (``*`` markers kept)."""
     fn = ast.parse(f"def f({arguments}): pass").body[0].args
     required = len(fn.args) - len(fn.defaults)
-    params = [(a.arg, inspect.Parameter.empty if i < required else ast.literal_eval(fn.defaults[i - required]),
-               inspect.Parameter.POSITIONAL_OR_KEYWORD) for i, a in enumerate(fn.args)]
+    empty, positional = inspect.Parameter.empty, inspect.Parameter.POSITIONAL_OR_KEYWORD
+    params = [(a.arg, empty if i < required else ast.literal_eval(fn.defaults[i - required]), positional)
+              for i, a in enumerate(fn.args)]
     params += [(a.arg, ast.literal_eval(d), inspect.Parameter.KEYWORD_ONLY)
                for a, d in zip(fn.kwonlyargs, fn.kw_defaults, strict=True)]
     return params

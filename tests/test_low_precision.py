@@ -274,5 +274,17 @@ def test_errors_are_loud():
         comp.update(params, state, params)
     with pytest.raises(TypeError, match="inner"):
         rmsjax.low_precision(0.1)  # pyright: ignore[reportArgumentType]
+    plain = rmsjax.low_precision(rmsjax.sgd(0.1))
+    state = plain.init(params)
+    # checked before the gradient is widened to float32: a complex gradient would lose its
+    # imaginary part, a shape mismatch would broadcast or fail inside jax
+    with pytest.raises(ValueError, match=r"updates\['w'\] is complex64\[3\], params\['w'\] is bfloat16"):
+        plain.update({"w": jnp.ones(3, jnp.complex64)}, state, params)
+    with pytest.raises(ValueError, match=r"updates\['w'\] is float32\[1\], params\['w'\] is bfloat16\[3\]"):
+        plain.update({"w": jnp.ones(1)}, state, params)
+    with pytest.raises(ValueError, match=r"updates\['x'\] has no counterpart"):
+        plain.update({"w": jnp.ones(3), "x": jnp.ones(1)}, state, params)
+    with pytest.raises(TypeError, match="low_precision: expected a LowPrecisionState"):
+        plain.update(params, optax.EmptyState(), params)
     with pytest.raises(TypeError, match="compensated"):
         rmsjax.low_precision(rmsjax.adam(1e-3), compensated="yes")  # pyright: ignore[reportArgumentType]

@@ -95,8 +95,30 @@ def test_bad_min_size_raise(min_size):
 
 
 def test_inner_must_be_a_transformation():
-    with pytest.raises(TypeError, match="inner"):
+    with pytest.raises(TypeError, match="inner .*got function .*call it"):
         rmsjax.quantized(rmsjax.adam)
+    for wrapper in (rmsjax.packed, rmsjax.one_pass, rmsjax.low_precision):
+        with pytest.raises(TypeError, match=f"{wrapper.__name__}: .* must be an optax.GradientTrans"):
+            wrapper(None)
+
+
+def test_state_that_is_not_its_own_raises():
+    """Another optimizer's state, a second quantized wrapper, and codes of the other map
+    (a checkpoint of another optimizer restored into this state) each fail by name instead
+    of running."""
+    params = {"w": jnp.ones((64, 64))}
+    tx = rmsjax.quantized(rmsjax.adam(1e-3), min_size=1)
+    with pytest.raises(TypeError, match="quantized: expected a QuantizedState"):
+        tx.update(params, rmsjax.adam(1e-3).init(params), params)
+    with pytest.raises(ValueError, match="already holds quantized moments"):
+        rmsjax.quantized(rmsjax.quantized(rmsjax.adam(1e-3)), bits=4).init(params)
+    state = tx.init(params)
+    restored = flax.serialization.to_state_dict(state)
+    mu = restored["inner"]["0"]["mu"]["w"]
+    mu["codes"] = np.asarray(mu["codes"]).astype(np.uint8)  # unsigned codes for Adam's mu
+    wrong = flax.serialization.from_state_dict(state, restored)
+    with pytest.raises(ValueError, match="signed moment is stored with uint8 codes"):
+        tx.update(params, wrong, params)
 
 
 # --------------------------------------------------------------------------- which leaves

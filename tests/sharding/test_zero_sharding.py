@@ -129,6 +129,31 @@ def test_quantized_codes_and_scales_split_on_the_same_dimension():
     assert tuple(mu["v"].codes.spec)[0] == "data" and tuple(mu["v"].scale.spec)[0] == "data"
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_a_quantized_leaf_is_split_only_between_whole_blocks(bits):
+    """A dimension of the codes is split only where its scale's dimension divides too: each
+    device then holds whole blocks and their scales. (3, 8 * 256) and (2, 3, 1024) have no
+    such dimension at 8 bits (3 blocks of 256 and 2 x 3 x 4 blocks over 8 devices), so they
+    stay replicated with the warning; before, the codes were split inside their blocks while
+    the scales stayed whole. (3, 2048) has 8 blocks of 256 (8 bits) or 16 of 128 (4 bits) per
+    row: split there."""
+    mesh = _mesh()
+    tx = rmsjax.quantized(rmsjax.adam(1e-3), bits=bits, min_size=1)
+    params = {"a": jnp.ones((3, 768)), "b": jnp.ones((2, 3, 1024)), "c": jnp.ones((3, 2048))}
+    with pytest.warns(UserWarning, match="stay replicated"):
+        sh = rmsjax.zero_shardings(tx, params, mesh)
+    state = tx.init(params)
+    for key in params:
+        q, spec = state.inner[0].mu[key], sh.inner[0].mu[key]
+        codes, scale = tuple(spec.codes.spec), tuple(spec.scale.spec)
+        assert codes[: len(scale)] == scale, (key, codes, scale)  # the same split, or none
+        if "data" in scale:
+            d = scale.index("data")
+            block_bytes = q.codes.shape[d] // q.scale.shape[d]
+            assert (q.codes.shape[d] // 8) % block_bytes == 0  # whole blocks on each device
+    assert "data" in tuple(sh.inner[0].mu["c"].codes.spec)
+
+
 def test_errors_name_the_argument_and_the_leaf():
     mesh = _mesh()
     tx = rmsjax.adam(1e-3)
