@@ -26,8 +26,9 @@ map                    Q    p    reserved codes
 
 4-bit codes are packed two to a byte: in each block of ``B`` elements, element ``j`` and
 element ``j + B/2`` share byte ``j`` (low and high nibble). Splitting a block into halves
-(rather than interleaving neighbours) keeps packing and unpacking a pair of slices, which
-XLA fuses into the surrounding loop.
+(rather than interleaving neighbours) lets packing be a sum over an axis of two and unpacking
+a broadcast shift, which XLA fuses into the surrounding loop (neighbours measured slower:
+4-bit Adam 65.8 against 57.8 ms at 4096 x 4096 on XLA:CPU).
 """
 
 from __future__ import annotations

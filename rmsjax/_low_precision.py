@@ -33,7 +33,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from rmsjax import _validation
+from rmsjax import _validation, averages
 from rmsjax._codec import uniform as _uniform  # the counter-based hash of the low-bit state
 
 __all__ = ["LowPrecisionState", "low_precision"]
@@ -217,7 +217,9 @@ def low_precision(inner: optax.GradientTransformation, *, compensated: bool = Fa
                 lambda p: jnp.zeros(jnp.shape(_value(p)), jnp.int8) if _is_low(_value(p).dtype) else None,
                 params, is_leaf=_is_variable)
         inner_state = inner.init(_widen(params))
-        return LowPrecisionState(count=jnp.zeros([], jnp.int32), inner=inner_state, error=error)
+        values = jax.tree.map(_value, params, is_leaf=_is_variable)
+        count = averages.replicated_like(jnp.zeros([], jnp.int32), values)
+        return LowPrecisionState(count=count, inner=inner_state, error=error)
 
     def update_fn(updates: Any, state: LowPrecisionState, params: Any = None, **extra_args: Any):
         if params is None:

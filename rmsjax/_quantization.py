@@ -575,9 +575,11 @@ def quantized(
     Blocking: blocks run along the last axis of the moment (along its last axes, flattened,
     when the last is shorter than a block). The block is the largest divisor of that row's
     length not above ``block_size`` (even for 4 bits), so no padding is stored; when ``init``
-    runs eagerly on sharded parameters, the per-shard length is used, so that a block never
-    crosses a shard boundary. A leaf whose row has no divisor of at least ``block_size / 4``,
-    or that would take as many bytes as it does now, stays in full precision.
+    runs eagerly on sharded parameters, or traced on a mesh with explicit axes, the per-shard
+    length is used, so that a block never crosses a shard boundary (with automatic axes under
+    ``jax.jit``, pass a ``block_size`` that divides it). A leaf whose row has no divisor of at
+    least ``block_size / 4``, or that would take as many bytes as it does now, stays in full
+    precision (docs/low_bit.md lists the other cases).
 
     Args:
       inner: the transformation whose state is stored in low precision (any rmsjax
@@ -665,7 +667,8 @@ def _wrap(inner: optax.GradientTransformation, bits: int, block: int, minimum: i
             return n._replace(**fields)
 
         inner_state = jax.tree.map(lambda n: node(n) if _is_declared(n) else n, state, is_leaf=_is_declared)
-        return QuantizedState(count=jnp.zeros([], jnp.int32), inner=inner_state)
+        return QuantizedState(count=averages.replicated_like(jnp.zeros([], jnp.int32), params),
+                              inner=inner_state)
 
     def update_fn(updates: Any, state: QuantizedState, params: Any = None, **extra_args: Any):
         _validation.check_state_type(state, QuantizedState, "quantized")

@@ -147,6 +147,20 @@ def test_explicit_mesh_axes(mesh):
             assert (mirrored_ok, scalars_ok) == (mirrored, scalars), misplaced
 
 
+@pytest.mark.parametrize("wrapper", ["quantized", "low_precision"])
+def test_wrapper_counters_are_replicated_over_the_mesh(wrapper, mesh):
+    """The step counters of ``quantized`` and ``low_precision`` sit on every device of the
+    parameters' mesh after an eager init, as the wrapped optimizer's do (they sat on the
+    default device alone)."""
+    wrap = {"quantized": rmsjax.quantized, "low_precision": rmsjax.low_precision}[wrapper]
+    params = sharded_tree(mesh)
+    state = wrap(rmsjax.adam(1e-3)).init(params)
+    counters = [leaf for leaf in jax.tree.leaves(state) if leaf.ndim == 0 and leaf.dtype == jnp.int32]
+    assert len(counters) == 2  # the wrapper's count and Adam's
+    for leaf in counters:
+        assert leaf.sharding.is_fully_replicated and leaf.sharding.device_set == set(mesh.devices.flat)
+
+
 # --------------------------------------------------------------------------- 1b. rmsjax.packed
 
 
