@@ -11,8 +11,8 @@ A code ``c`` of a map with ``Q`` levels on each side of zero and exponent ``p`` 
 
    x = s\,\operatorname{sign}(c)\,\left(\frac{|c|}{Q}\right)^{p}
 
-with ``s`` the block's scale (the power of two just above the block's largest finite
-magnitude). Codes outside ``[-Q, Q]`` are reserved for non-finite elements, so that an
+with ``s`` the block's scale (the smallest power of two at or above the block's largest
+finite magnitude). Codes outside ``[-Q, Q]`` are reserved for non-finite elements, so that an
 ``inf`` or ``NaN`` stays in its own element and never reaches its block's scale:
 
 =====================  ===  ===  =======================================================
@@ -104,11 +104,17 @@ def _mix(x: jax.Array) -> jax.Array:
 def uniform(shape: tuple[int, ...], count: jax.Array, leaf_id: int | jax.Array) -> jax.Array:
     """float32 numbers in [0, 1) for the rounding of one leaf at step ``count``.
 
-    Each element gets a fixed random phase, a hash of (leaf, row-major element index); at step
-    ``count`` its number is ``phase + count * (golden ratio)`` modulo 1 (a Weyl sequence in
-    32-bit fixed point): uniform over the elements at every step (unbiased rounding), and
-    evenly spread along the steps of one element, so consecutive rounding errors largely
-    cancel. A pure function of (leaf, element, step): bit-identical on resume and sharding.
+    Each number is a hash of (leaf, row-major element index, step): the key
+    ``(index * C) ^ salt(leaf) + count * (golden ratio)`` goes through an avalanche mixer, so
+    the numbers are uniform over the elements at every step and unrelated from one step to
+    the next. A pure function of (leaf, element, step): bit-identical on resume and sharding.
+
+    An earlier design added ``count * (golden ratio)`` *after* hashing (a Weyl sequence per
+    element: evenly spread along its steps). That made each element's number at one step a
+    function of its numbers at the steps before, on which the moment being rounded depends,
+    and the rounding of a moment that carries over from step to step was biased: a 4-bit
+    RMSprop second moment ended 3.9 % high after 200 steps (0.2727 against 0.2624; numbers
+    drawn with ``jax.random`` instead: 0.2624).
     """
     index = lax.iota(jnp.uint32, int(np.prod(shape, dtype=np.int64))).reshape(shape)
     step = jnp.asarray(count).astype(jnp.uint32)
@@ -116,8 +122,7 @@ def uniform(shape: tuple[int, ...], count: jax.Array, leaf_id: int | jax.Array) 
         salt = _u32(leaf_id * 0x85EBCA77 + 0x27D4EB2F)
     else:  # an array (a jitted init shared by leaves of one shape): the same bits, mod 2**32
         salt = jnp.asarray(leaf_id).astype(jnp.uint32) * _u32(0x85EBCA77) + _u32(0x27D4EB2F)
-    bits = _mix((index * _u32(0xC2B2AE3D)) ^ salt)
-    bits = bits + step * _u32(0x9E3779B9)
+    bits = _mix(((index * _u32(0xC2B2AE3D)) ^ salt) + step * _u32(0x9E3779B9))
     return (bits >> _u32(8)).astype(jnp.float32) * jnp.float32(2.0**-24)
 
 
@@ -282,6 +287,19 @@ def _biased_exponent(x: jax.Array, utype: Any, mantissa: int, mask: int) -> jax.
     return (raw >> jnp.asarray(mantissa, utype)) & jnp.asarray(mask, utype)
 
 
+def _exponent_below(x: jax.Array, utype: Any, mantissa: int, mask: int) -> jax.Array:
+    """The biased exponent of the largest float below ``|x|`` (of 0 for a zero ``x``), in
+    ``utype``: the same as ``|x|``'s own, except for an exact power of two ``2**k``, whose
+    scale is then ``2**k`` itself rather than ``2**(k + 1)``. (The top level of every map
+    decodes to exactly the scale, so a block re-encoded unchanged, as a running maximum or
+    a step skipped by ``optax.apply_if_finite`` is, must keep its scale; with the exponent of
+    ``|x|`` it doubled, and every element of the block was rounded again.)"""
+    sign = jnp.asarray(1 << (8 * jnp.dtype(utype).itemsize - 1), utype)
+    raw = lax.bitcast_convert_type(x, utype) & ~sign
+    below = raw - (raw > 0).astype(utype)
+    return (below >> jnp.asarray(mantissa, utype)) & jnp.asarray(mask, utype)
+
+
 _FUSED_WINDOW = 32
 """Elements per stage of a :func:`_block_max` reduction kept in XLA's own loop."""
 
@@ -349,8 +367,8 @@ def _finish(fresh: jax.Array, old: jax.Array | None, utype: Any, mantissa: int, 
 def block_scale(x: jax.Array, old: jax.Array | None, dtype: Any, *,
                 keep: jax.Array | None = None, blocked: tuple[int, ...] | None = None,
                 fused: bool = False) -> jax.Array:
-    """Each block's scale (last axis) from its values: the power of two just above its
-    largest *finite* magnitude, in ``dtype``. Only the biased exponents are reduced (one byte
+    """Each block's scale (last axis) from its values: the smallest power of two at or above
+    its largest *finite* magnitude, in ``dtype``. Only the biased exponents are reduced (one byte
     per element, or 32-bit lanes in XLA's own loop when ``fused``); non-finite elements
     (exponent all ones), and those where ``keep`` is false, are left out.
 
@@ -360,8 +378,8 @@ def block_scale(x: jax.Array, old: jax.Array | None, dtype: Any, *,
     elementwise part stays in the shape of the arrays it reads. ``fused``: see
     :func:`_block_max`."""
     utype, mantissa, mask, etype = _EXPONENT[jnp.dtype(x.dtype)]
-    exponent = _biased_exponent(x, utype, mantissa, mask).astype(etype)
-    drop = exponent == jnp.asarray(mask, etype)
+    drop = _biased_exponent(x, utype, mantissa, mask) == jnp.asarray(mask, utype)  # inf or NaN
+    exponent = _exponent_below(x, utype, mantissa, mask).astype(etype)
     if keep is not None:
         drop = drop | ~keep
     exponent = jnp.where(drop, jnp.zeros_like(exponent), exponent)
@@ -372,7 +390,7 @@ def block_scale(x: jax.Array, old: jax.Array | None, dtype: Any, *,
 def bound_scale(bound: jax.Array, old: jax.Array | None, dtype: Any) -> jax.Array:
     """:func:`block_scale` from an upper bound on each block's largest finite magnitude."""
     utype, mantissa, mask, _ = _EXPONENT[jnp.dtype(bound.dtype)]
-    biased = _biased_exponent(jnp.abs(bound), utype, mantissa, mask)
+    biased = _exponent_below(bound, utype, mantissa, mask)
     return _finish(_power_of_two_above(biased, utype, mantissa, mask), old, utype, mantissa,
                    bound.dtype, dtype)
 

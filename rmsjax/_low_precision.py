@@ -19,7 +19,9 @@ the difference of two nearby floating-point numbers of one format is exact in th
 (Sterbenz's lemma: whenever ``t / 2 <= p <= 2 t``), so optax's ``p + u`` gives back ``t`` bit
 for bit. Only an update that takes a parameter to less than half its magnitude (or across
 zero) can miss ``t``; it then lands within half an ulp *of the update* of it, as in plain
-low-precision arithmetic, and with ``compensated=True`` that miss too is carried forward.
+low-precision arithmetic. With ``compensated=True`` that miss is carried forward only as far
+as the record reaches: up to 127 units (half an ulp of the value landed on), and not at all
+when it lands on 0 (whose ulp is flushed to zero); the rest is lost, as without the record.
 """
 
 from __future__ import annotations
@@ -118,13 +120,18 @@ def _round_stochastic(s: jax.Array, dtype: Any, r: jax.Array) -> jax.Array:
 
     ``lo`` and ``hi`` are the neighbours of ``s`` in ``dtype``; ``s - lo`` and ``hi - lo`` are
     exact in float32 and their ratio has at most 16 significant bits, so comparing it with a
-    24-bit uniform ``r`` makes the rounding exactly unbiased. Beyond the largest finite
-    number it saturates to it; NaN stays NaN.
+    24-bit uniform ``r`` makes the rounding exactly unbiased. A finite ``s`` beyond the
+    largest finite number (on either side) saturates to it; an infinite one stays infinite and
+    NaN stays NaN.
     """
     # The nearest value of ``dtype``, computed in float32 by an op that XLA keeps: with
     # excess precision allowed (XLA:GPU's default) a round trip s -> dtype -> float32 is
     # simplified away, which made every element round to nearest.
     info = jnp.finfo(dtype)
+    # Finite values beyond the largest one saturate to it, on both sides (a value below -max
+    # had -inf as its nearest neighbour, and inf / inf made the rounding pick -inf).
+    big = jnp.float32(float(info.max))
+    s = jnp.where(jnp.isfinite(s), jnp.clip(s, -big, big), s)
     nf = lax.reduce_precision(s, exponent_bits=info.nexp, mantissa_bits=info.nmant)
     quantum = float(info.smallest_subnormal)
     if quantum >= float(np.finfo(np.float32).tiny):  # float16: its subnormals, by hand

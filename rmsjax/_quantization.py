@@ -19,8 +19,10 @@ that read the codes and write the new codes and parameters.
 
 Block scales at 8 bits come from a bound, not from a pass over the new moment, for declared
 moments with an update rule (leaky average, running sum, momentum, peak) whose input is the
-gradient ``quantized`` receives: the state of the first transformation of a chain, past the
-parts that declare they hand their input on unchanged (an absent optional part,
+gradient ``quantized`` receives (a centred second moment excepted: it is stored as a
+variance, which the leaky rule's bound does not cover): the state of the first
+transformation of a chain, past the parts that declare they hand their input on unchanged
+(an absent optional part,
 ``transforms.AbsentState``) and into declared wrappers (``optax.inject_hyperparams``); see
 :func:`rmsjax._moments.input_path`. The bound is
 ``|new| <= f(max|old|, max|g|)`` on each block (:mod:`rmsjax._moments` lists ``f``):
@@ -694,7 +696,11 @@ def _wrap(inner: optax.GradientTransformation, bits: int, block: int, minimum: i
                 if not any(is_quantized(x) for x in jax.tree.leaves(olds, is_leaf=_stop)):
                     continue
                 aux = {}
-                if bits == 8 and old is entry and moment.rule is not None:
+                # A centred second moment is stored as the variance nu - mu**2, which the
+                # leaky rule's bound does not cover: b*var + b*(1 - b)*(g - mu)**2 can exceed
+                # max(var, g**2) (after steady gradients that change sign), so its blocks are
+                # reduced exactly.
+                if bits == 8 and old is entry and moment.rule is not None and moment.centered is None:
                     grads = _matching(olds, updates)
                     if grads is not None:
                         aux["g"] = grads

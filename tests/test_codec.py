@@ -30,8 +30,8 @@ def np_levels(bits: int, signed: bool) -> np.ndarray:
 def np_scale(block: np.ndarray) -> float:
     finite = np.abs(block[np.isfinite(block)])
     m = float(np.max(finite)) if finite.size else 0.0
-    # the power of two above, at most 2**126 (whose float32 inverse is still normal)
-    return 0.0 if m == 0 else 2.0 ** min(math.floor(math.log2(m)) + 1, 126)
+    # the smallest power of two at or above, at most 2**126 (whose float32 inverse is normal)
+    return 0.0 if m == 0 else 2.0 ** min(math.ceil(math.log2(m)), 126)
 
 
 def roundtrip(x: np.ndarray, bits: int, signed: bool, count=None):
@@ -107,10 +107,10 @@ def test_non_finite_elements_keep_their_own_code_and_stay_out_of_the_scale(bits,
     x[0, 3], x[0, 10], x[0, 20] = np.inf, np.nan, -np.inf if signed else np.inf
     scale, got = roundtrip(x, bits, signed, count=2)
     finite = np.isfinite(x[0])
-    assert float(scale[0]) == np_scale(x[0]) == 2.0  # the block's scale ignores them
+    assert float(scale[0]) == np_scale(x[0]) == 1.0  # the block's scale ignores them
     assert np.all(np.isfinite(got[0, finite]))
     q, p = MAPS[(bits, signed)]
-    step = 2.0 * (1 - ((q - 1) / q) ** p)  # the largest level spacing at scale 2
+    step = 1.0 - ((q - 1) / q) ** p  # the largest level spacing at scale 1
     assert np.max(np.abs(got[0, finite] - x[0, finite])) <= step
     if signed:
         assert np.all(np.isnan(got[0, ~finite]))  # any non-finite signed moment: NaN
@@ -240,6 +240,39 @@ def test_rounding_is_unbiased_over_steps(bits):
     assert np.median(rel) < 0.01, np.median(rel)
     one = np.asarray(enc(jnp.int32(0)), np.float64)
     assert np.median(np.abs(one - x) / x) > 3 * np.median(rel)
+
+
+@pytest.mark.parametrize("bits,signed", [(8, True), (8, False), (4, True), (4, False)])
+def test_rounding_of_a_carried_moment_is_unbiased(bits, signed):
+    """A leaky average rounded at every step, each step starting from the last rounded value:
+    its mean over 65536 elements stays on the exact value (within 4 standard errors). With the
+    step added after the hash (a Weyl sequence per element) the numbers at one step depended
+    on those before, as the value being rounded does, and the mean drifted (8-bit signed:
+    -2.9e-3, 100 standard errors)."""
+    n, steps, b = 1 << 16, 200, 0.99
+    x, v0 = (0.2, 0.5) if signed else (0.3, 0.05)
+    one = jnp.ones((n,), jnp.float32)
+
+    def body(t, v):
+        s = b * v + (1 - b) * x
+        level = _codec.encode(s, one, _codec.uniform((n,), t + 1, 5), bits, signed)
+        return _codec.decode(level, one[0], bits, signed)
+
+    v = np.asarray(jax.jit(lambda v: jax.lax.fori_loop(0, steps, body, v))(jnp.full((n,), v0, jnp.float32)))
+    exact = x + (v0 - x) * b**steps
+    assert abs(v.mean() - exact) < 4 * v.std() / np.sqrt(n), (v.mean(), exact)
+
+
+def test_an_exact_power_of_two_keeps_its_scale():
+    """The top level decodes to exactly the scale, so a block re-encoded unchanged (a running
+    maximum, a step that optax.apply_if_finite skips) keeps its scale: the smallest power of
+    two at or above the maximum, from the values and from a bound alike."""
+    x = jnp.asarray([[1.0, 0.5, 0.25, 0.1], [0.75, 0.5, 0.25, 0.1], [0.25, 0.1, 0.1, 0.1]], jnp.float32)
+    old = jnp.ones(3, jnp.float32)
+    np.testing.assert_array_equal(_codec.block_scale(x, None, jnp.float32), [1.0, 1.0, 0.25])
+    np.testing.assert_array_equal(_codec.block_scale(x, old, jnp.float32), [1.0, 1.0, 0.25])
+    np.testing.assert_array_equal(_codec.bound_scale(jnp.asarray([1.0, 1.5, 0.25]), old, jnp.float32),
+                                  [1.0, 2.0, 0.25])
 
 
 def _roundtrip_traced(x, bits, count):

@@ -796,7 +796,6 @@ def test_the_bound_replaces_the_pass_over_new_moments():
     # optax.inject_hyperparams.
     bounded = (lambda: rmsjax.adam(1e-3), lambda: rmsjax.adagrad(1e-2),
                lambda: rmsjax.adamw(1e-3, weight_decay=0.1), lambda: rmsjax.rmsprop(1e-3),
-               lambda: rmsjax.rmsprop(1e-3, centered=True),
                lambda: optax.inject_hyperparams(rmsjax.rmsprop)(learning_rate=1e-3),
                lambda: optax.inject_hyperparams(rmsjax.adam)(learning_rate=optax.linear_schedule(1e-3, 0, 9)),
                lambda: rmsjax.compat.torch.RMSprop(1e-3), lambda: rmsjax.compat.torch.Adam(1e-3))
@@ -804,7 +803,13 @@ def test_the_bound_replaces_the_pass_over_new_moments():
         assert _reductions_over_new_moments(rmsjax.quantized(make(), bits=8), params) == 0
     # One exact pass for each moment whose input is not the gradient: the momentum buffer after
     # the scaling, AdaDelta's nu_delta, a second moment after L2 decay or clipping...
-    one_pass_each = (lambda: rmsjax.rmsprop(1e-3, centered=True, momentum=0.9), lambda: rmsjax.adadelta(),
+    # A centred second moment (stored as the variance) is reduced exactly too: the leaky
+    # bound does not cover it (test_the_centred_variance_is_not_clipped).
+    assert _reductions_over_new_moments(rmsjax.quantized(rmsjax.rmsprop(1e-3, centered=True), bits=8),
+                                        params) == 1
+    centred_momentum = rmsjax.quantized(rmsjax.rmsprop(1e-3, centered=True, momentum=0.9), bits=8)
+    assert _reductions_over_new_moments(centred_momentum, params) == 2  # and the momentum buffer
+    one_pass_each = (lambda: rmsjax.adadelta(),
                      lambda: rmsjax.rmsprop(1e-3, weight_decay=1e-4),
                      lambda: optax.chain(optax.clip_by_global_norm(1.0), rmsjax.rmsprop(1e-3)))
     for make in one_pass_each:
@@ -845,6 +850,62 @@ def test_the_bound_holds_when_the_gradient_shrinks(make):
         u8, s8 = step8(g, s8, params)
     a, b = np.asarray(u8["w"]), np.asarray(u32["w"])
     assert np.linalg.norm(a - b) / np.linalg.norm(b) < 0.1
+
+
+def test_the_centred_variance_is_not_clipped():
+    """Centred RMSprop stores nu - mu**2; after 150 steady gradients of -100 and two of +1 the
+    variance jumps from ~0 to 1570, past the leaky bound max(old, g**2) = 1 that it once took,
+    which clipped it to 8 (updates 41 % high). Reduced exactly, the 8-bit variance is within
+    3 % of float32's and the updates within 5 % (2 % at the median)."""
+    p = jnp.zeros(256)
+    plain = rmsjax.scale_by_stddev(decay=0.9)
+    tx = rmsjax.quantized(plain, min_size=0)
+    sq, sr = tx.init(p), plain.init(p)
+    step_q, step_r = jax.jit(tx.update), jax.jit(plain.update)
+    for g in [jnp.full(256, -100.0)] * 150 + [jnp.ones(256)] * 2:
+        uq, sq = step_q(g, sq, p)
+        ur, sr = step_r(g, sr, p)
+    decoded = qz.dequantize_state(sq.inner)
+    exact_var = float(sr.nu[0] - sr.mu[0] ** 2)
+    assert abs(float(decoded.nu[0] - decoded.mu[0] ** 2) / exact_var - 1) < 0.03
+    rel = np.abs(np.asarray(uq) / np.asarray(ur) - 1)
+    assert rel.max() < 0.05 and np.median(rel) < 0.02, (rel.max(), np.median(rel))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_a_skipped_step_leaves_the_stored_moments_as_they_were(bits):
+    """optax.apply_if_finite inside quantized hands the old moments back on a non-finite
+    gradient; they are re-encoded to the same codes and scales (a block whose largest element
+    sat on the top level used to get twice its scale, and all its elements rounded again)."""
+    p = jnp.zeros(256)
+    g = jnp.asarray(np.random.default_rng(0).normal(size=256), jnp.float32).at[0].set(9.999)
+    tx = rmsjax.quantized(optax.apply_if_finite(rmsjax.adam(1e-3), 5), bits=bits, min_size=0)
+    _, state = tx.update(g, tx.init(p), p)
+    _, after = tx.update(jnp.full(256, jnp.nan), state, p)
+    for a, b in zip(jax.tree.leaves(state.inner.inner_state), jax.tree.leaves(after.inner.inner_state),
+                    strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_carried_4_bit_second_moment_is_unbiased():
+    """200 steps of RMSprop's second moment (decay 0.99) at 4 bits, gradients sqrt(0.3) with
+    10 % noise: the mean stored moment ends within 0.5 % of float32's (it ended 3.9 % high
+    when each element's rounding numbers along the steps were a Weyl sequence)."""
+    shape = (512, 128)
+    p = jnp.zeros(shape)
+    plain = rmsjax.scale_by_rms(decay=0.99)
+
+    def run(tx):
+        def body(i, carry):
+            state, key = carry
+            key, k = jax.random.split(key)
+            g = jnp.sqrt(0.3) * (1 + 0.1 * jax.random.normal(k, shape))
+            return tx.update(g, state, p)[1], key
+        return jax.jit(lambda s: jax.lax.fori_loop(0, 200, body, (s, jax.random.PRNGKey(0)))[0])(tx.init(p))
+
+    exact = float(run(plain).nu.mean())
+    stored = float(qz.dequantize_state(run(rmsjax.quantized(plain, bits=4, min_size=0)).inner).nu.mean())
+    assert abs(stored / exact - 1) < 0.005, (stored, exact)
 
 
 def test_declare_rejects_what_it_cannot_read():
@@ -922,11 +983,12 @@ def peak_bytes_per_param(make, bits, n=2048):
 # reduced in XLA's own loop: _codec._block_max), the unpacked bytes of a 4-bit first moment that a
 # centred second moment reads too, and, for centred RMSprop with momentum and AdaDelta,
 # full-size float32 intermediates of the inner update shared by several loops (AdaDelta's
-# float32 step itself keeps 8 bytes of them).
+# float32 step itself keeps 8 bytes of them). Centred RMSprop's variance at 8 bits is reduced
+# exactly (the leaky bound does not cover it), one byte more than with the bound it once took.
 PEAK_TEMPORARIES = {
     ("adam", 8): 1.1, ("adam", 4): 0.7, ("rmsprop", 8): 1.1, ("rmsprop", 4): 0.6,
     ("adagrad", 8): 1.1, ("adagrad", 4): 0.6, ("adadelta", 8): 9.1, ("adadelta", 4): 8.7,
-    ("centered_momentum", 8): 6.1, ("centered_momentum", 4): 5.7,
+    ("centered_momentum", 8): 7.1, ("centered_momentum", 4): 5.7,
 }
 
 
