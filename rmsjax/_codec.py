@@ -296,7 +296,9 @@ def _exponent_below(x: jax.Array, utype: Any, mantissa: int, mask: int) -> jax.A
     ``|x|`` it doubled, and every element of the block was rounded again.)"""
     sign = jnp.asarray(1 << (8 * jnp.dtype(utype).itemsize - 1), utype)
     raw = lax.bitcast_convert_type(x, utype) & ~sign
-    below = raw - (raw > 0).astype(utype)
+    # Above the smallest normal number only: it (and anything smaller) keeps its own exponent,
+    # so that its block is not read as all zero.
+    below = raw - (raw > jnp.asarray(1 << mantissa, utype)).astype(utype)
     return (below >> jnp.asarray(mantissa, utype)) & jnp.asarray(mask, utype)
 
 
