@@ -273,6 +273,10 @@ def test_an_exact_power_of_two_keeps_its_scale():
     np.testing.assert_array_equal(_codec.block_scale(x, old, jnp.float32), [1.0, 1.0, 0.25])
     np.testing.assert_array_equal(_codec.bound_scale(jnp.asarray([1.0, 1.5, 0.25]), old, jnp.float32),
                                   [1.0, 2.0, 0.25])
+    # the smallest normal number keeps its own exponent: its block does not read as all zero
+    tiny = float(np.finfo(np.float32).tiny)
+    smallest = jnp.asarray([[tiny, 0.0]], jnp.float32)
+    np.testing.assert_array_equal(_codec.block_scale(smallest, None, jnp.float32), [2 * tiny])
 
 
 def _roundtrip_traced(x, bits, count):
