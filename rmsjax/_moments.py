@@ -22,10 +22,16 @@ A declaration says, for each moment field:
   ``None``        anything else (no bound)                      (reduced exactly)
   ==============  ============================================  ==========================
 
-  where ``M`` is the largest magnitude over a block. The bounds need no hyperparameter.
+  where ``M`` is the largest magnitude over a block. The bounds need no hyperparameter;
+  :func:`bound` is where they are computed.
 * ``centered``: the name of the first-moment field when the moment is a centred second moment
   (``nu`` of centred RMSprop); it is then stored as the variance ``nu - |mu|**2``, whose
-  relative precision does not collapse when ``nu`` and ``mu**2`` nearly cancel.
+  relative precision does not collapse when ``nu`` and ``mu**2`` nearly cancel. With the
+  ``"leaky"`` rule, the first moment a leaky average of ``x`` with the same ``keep``, the
+  variance moves by ``var' = keep*var + keep*take*(x - mu)**2``, so its bound is
+  ``max(M_var, (M_x + M_mu)**2)`` (``keep + keep*take <= 1``), with ``M_mu`` the first
+  moment's largest magnitude *before* the step. (``max(M_var, M_x**2)`` is no bound: after
+  steady gradients that change sign the variance jumps far above both.)
 * ``divided_by``: the second-moment field this moment is divided by in the step (``nu`` for
   Adam's ``mu``). Where that one is not finite (a gradient whose square overflows) the step
   does not depend on this moment's value, so the element is kept out of its block's scale
@@ -43,7 +49,9 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-__all__ = ["Moment", "declare", "declare_passes_input", "declared", "input_path"]
+import jax.numpy as jnp
+
+__all__ = ["Moment", "bound", "declare", "declare_passes_input", "declared", "input_path"]
 
 RULES = (None, "leaky", "sum", "momentum", "peak")
 
@@ -59,6 +67,29 @@ class Moment(NamedTuple):
 
 
 _DECLARED: dict[type, dict[str, Moment]] = {}
+
+
+def bound(moment: Moment, m_old: Any, m_x: Any, m_first: Any = None) -> Any:
+    """The declared rule's bound on the largest magnitude of the new moment over a block
+    (the table above), from the block's largest magnitudes: ``m_old`` of the stored moment,
+    ``m_x`` of the input (not yet raised to ``order``) and, for a centred moment, ``m_first``
+    of the first moment before the step. Arrays of any shape, broadcast together.
+
+    >>> float(bound(Moment(False, "leaky", 2), 3.0, 2.0)), float(bound(Moment(True, "sum"), 3.0, 2.0))
+    (4.0, 5.0)
+    """
+    if moment.rule is None:
+        raise ValueError(f"bound: {moment!r} declares no update rule, so it has no bound")
+    if moment.centered is not None:
+        if moment.rule != "leaky" or moment.order != 2 or m_first is None:
+            raise ValueError(f"bound: a centred moment's bound needs the leaky rule of order 2 and "
+                             f"the first moment's largest magnitude, got {moment!r}")
+        spread = m_x + m_first
+        return jnp.maximum(m_old, spread * spread)
+    m_in = m_x * m_x if moment.order == 2 else m_x
+    if moment.rule in ("leaky", "peak"):
+        return jnp.maximum(m_old, m_in)
+    return m_old + m_in  # "sum", "momentum"
 
 
 def declare(cls: type, **fields: Moment) -> None:
@@ -80,6 +111,9 @@ def declare(cls: type, **fields: Moment) -> None:
             raise ValueError(f"declare: {cls.__name__} has no field {name!r} (fields: {names})")
         if not isinstance(moment, Moment) or moment.rule not in RULES or moment.order not in (1, 2):
             raise ValueError(f"declare: {cls.__name__}.{name}: bad declaration {moment!r}")
+        if moment.centered is not None and (moment.order != 2 or moment.rule not in (None, "leaky")):
+            raise ValueError(f"declare: {cls.__name__}.{name}: a centred moment is a second moment "
+                             f"(order 2) with the leaky rule or none, got {moment!r}")
         for other in (moment.centered, moment.divided_by):
             if other is not None and other not in names:
                 raise ValueError(f"declare: {cls.__name__}.{name}: no field {other!r}")

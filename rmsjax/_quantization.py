@@ -19,15 +19,14 @@ that read the codes and write the new codes and parameters.
 
 Block scales at 8 bits come from a bound, not from a pass over the new moment, for declared
 moments with an update rule (leaky average, running sum, momentum, peak) whose input is the
-gradient ``quantized`` receives (a centred second moment excepted: it is stored as a
-variance, which the leaky rule's bound does not cover): the state of the first
-transformation of a chain, past the parts that declare they hand their input on unchanged
-(an absent optional part,
+gradient ``quantized`` receives: the state of the first transformation of a chain, past the
+parts that declare they hand their input on unchanged (an absent optional part,
 ``transforms.AbsentState``) and into declared wrappers (``optax.inject_hyperparams``); see
-:func:`rmsjax._moments.input_path`. The bound is
-``|new| <= f(max|old|, max|g|)`` on each block (:mod:`rmsjax._moments` lists ``f``):
-``max|old|`` is read from the stored codes (the maps are monotone in ``|code|``) and
-``max|g|`` from the gradient, so the encode runs in the same loop as the update. All other
+:func:`rmsjax._moments.input_path`. The bound is ``|new| <= f(max|old|, max|g|)`` on each
+block (:func:`rmsjax._moments.bound`; a centred variance's also takes the first moment's
+``max|old|``): ``max|old|`` is read from the stored codes (the maps are monotone in
+``|code|``) and ``max|g|`` from the gradient, so the encode runs in the same loop as the
+update. All other
 moments, and all moments at 4 bits, are reduced exactly: the bound ignores the rule's
 coefficients (a leaky average's ``take = 1 - b2`` included), so one large gradient element
 lifts its block's scale far above the new moment, which the 4-bit map's narrow range cannot
@@ -442,11 +441,14 @@ def _initial_codes(x: jax.Array, leaf_id: jax.Array, *, layout: _Layout, signed:
     return _encode(x, layout, signed, jnp.int32(0), leaf_id, nearest=nearest)
 
 
-def _bound(q: QuantizedArray, layout: _Layout, moment: _moments.Moment, x: jax.Array) -> jax.Array:
-    """The declared rule's bound on each block's largest finite magnitude of the new 8-bit
-    moment."""
+def _bound(q: QuantizedArray, layout: _Layout, moment: _moments.Moment, x: jax.Array,
+           first: QuantizedArray | None = None) -> jax.Array:
+    """The declared rule's bound (:func:`rmsjax._moments.bound`) on each block's largest
+    finite magnitude of the new 8-bit moment; ``first``: the stored first moment of a
+    centred one, before the step."""
     ct = _compute_dtype(q.scale.dtype)
     m_old = _decoded_max(q, layout)
+    m_first = None if first is None else _decoded_max(first, layout)
     # A moment divided by a second moment: elements whose gradient squared overflows take
     # no finite step (that second moment is +inf), so they are left out of the bound too.
     # A second moment's input term is the square of that same first-order term (at most 4x
@@ -454,14 +456,9 @@ def _bound(q: QuantizedArray, layout: _Layout, moment: _moments.Moment, x: jax.A
     # computation is then the same for Adam's two moments, and XLA makes one exponent pass
     # over the gradient for both instead of two (8-bit Adam on XLA:CPU: 1 B/param less peak,
     # a step about 15 % faster).
-    squared = moment.order == 2
-    m_x = _codec.finite_absmax(x, ct, square_finite=squared or moment.divided_by is not None,
+    m_x = _codec.finite_absmax(x, ct, square_finite=moment.order == 2 or moment.divided_by is not None,
                                blocked=layout.blocked())
-    if squared:
-        m_x = m_x * m_x
-    if moment.rule in ("leaky", "peak"):
-        return jnp.maximum(m_old, m_x)
-    return m_old + m_x  # "sum", "momentum"
+    return _moments.bound(moment, m_old, m_x, m_first)
 
 
 # --------------------------------------------------------------------------- state walks
@@ -696,14 +693,12 @@ def _wrap(inner: optax.GradientTransformation, bits: int, block: int, minimum: i
                 if not any(is_quantized(x) for x in jax.tree.leaves(olds, is_leaf=_stop)):
                     continue
                 aux = {}
-                # A centred second moment is stored as the variance nu - mu**2, which the
-                # leaky rule's bound does not cover: b*var + b*(1 - b)*(g - mu)**2 can exceed
-                # max(var, g**2) (after steady gradients that change sign), so its blocks are
-                # reduced exactly.
-                if bits == 8 and old is entry and moment.rule is not None and moment.centered is None:
+                if bits == 8 and old is entry and moment.rule is not None:
                     grads = _matching(olds, updates)
                     if grads is not None:
                         aux["g"] = grads
+                        if moment.centered is not None:  # its bound needs the old first moment
+                            aux["f"] = getattr(old, moment.centered)
                 if moment.centered is not None:
                     aux["m"] = getattr(new, moment.centered)
                 if moment.divided_by is not None:
@@ -733,9 +728,14 @@ def _wrap(inner: optax.GradientTransformation, bits: int, block: int, minimum: i
                     keep = jnp.isfinite(jnp.asarray(d))
                 bound = None
                 g = extra.get("g")
+                first = extra.get("f")
+                if first is not None:  # a centred moment: bounded only with an 8-bit first moment
+                    first = _plain(first) if isinstance(first, QuantizedArray) else None
+                    if first is None or _layout_of(first) != layout:
+                        g = None
                 if g is not None and tuple(jnp.shape(g)) == layout.shape \
                         and jnp.issubdtype(jnp.asarray(g).dtype, jnp.floating):
-                    bound = _bound(q, layout, moment, jnp.asarray(g))
+                    bound = _bound(q, layout, moment, jnp.asarray(g), first)
                 return _wrapped(x, _encode(value, layout, moment.signed, count, next(ids), old_scale=q.scale,
                                            bound=bound, keep=keep, nearest=nearest))
 
