@@ -767,12 +767,13 @@ def _wrap(inner: optax.GradientTransformation, bits: int, block: int, minimum: i
 
         new_stored = jax.tree.map(lambda o, n: node(o, n) if _is_declared(o) else n, stored, new_inner,
                                   is_leaf=_is_declared)
-        exact: dict[int, list[_Pending]] = {}
+        exact: dict[int | None, list[_Pending]] = {}
         for job in pending:
             if job.exact and job.position is not None:
                 exact.setdefault(job.position, []).append(job)
         new_stored = jax.tree.map(
-            lambda x: x.encode(exact.get(x.position, []), count, nearest) if isinstance(x, _Pending) else x,
+            lambda x: x.encode(exact.get(x.position, []) if x.position is not None else [], count, nearest)
+            if isinstance(x, _Pending) else x,
             new_stored, is_leaf=lambda x: isinstance(x, _Pending) or _stop(x))
         return updates_out, QuantizedState(count=_increment(state.count), inner=new_stored)
 
