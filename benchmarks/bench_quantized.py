@@ -11,6 +11,9 @@ float32 state.
   state), and state bytes per parameter on a transformer-block-like tree.
 * Speed: one leaf per run: 4096 x 4096 and a 20M-element 1-D leaf on CPU; 16384 x 16384 and
   the 20M leaf with ``--gpu`` (the default when JAX's default backend is a GPU).
+* On CPU, 8-bit state is also measured with the step compiled in place (``IN_PLACE``:
+  XLA:CPU's region-analysis copy insertion, docs/low_bit.md *In place on CPU*), the recipe for
+  8-bit state there; the JSON rows say which (``"in_place"``).
 
     python benchmarks/bench_quantized.py            # CPU: 4096 x 4096 and 20M, 9 trials
     python benchmarks/bench_quantized.py --quick    # a 1024 x 1024 leaf, 3 trials
@@ -48,6 +51,12 @@ OPTIMIZERS = {
 # Steps whose peak memory is reported (compile only) besides the timed optimizers.
 PEAK_ONLY = ("adadelta", "rmsprop_centered_momentum", "rmsprop_momentum")
 BITS = (32, 8, 4)
+IN_PLACE = {"xla_cpu_copy_insertion_use_region_analysis": True}
+
+
+def variants(backend: str) -> list[tuple[int, bool]]:
+    """(bits, compiled in place) of each step measured: in place only for 8-bit state on CPU."""
+    return [(32, False), (8, False), *([(8, True)] if backend == "cpu" else []), (4, False)]
 
 
 def large_tree():
@@ -72,12 +81,12 @@ def nbytes(tree) -> int:
     return sum(leaf.size * jnp.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(tree))
 
 
-def train_step(tx):
+def train_step(tx, in_place=False):
     def step(params, state, grads):
         updates, state = tx.update(grads, state, params)
         return optax.apply_updates(params, updates), state
 
-    return jax.jit(step, donate_argnums=(0, 1))
+    return jax.jit(step, donate_argnums=(0, 1), compiler_options=IN_PLACE if in_place else None)
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -101,13 +110,13 @@ def peak_rows(optimizers, shape):
     n = int(np.prod(shape))
     rows = []
     for name in optimizers:
-        for bits in BITS:
+        for bits, in_place in variants(jax.default_backend()):
             tx = make(name, bits)
             s = jax.eval_shape(tx.init, p)
-            m = train_step(tx).lower(p, s, p).compile().memory_analysis()
+            m = train_step(tx, in_place).lower(p, s, p).compile().memory_analysis()
             assert m is not None, "this backend reports no compile-time memory analysis"
             rows.append({
-                "optimizer": name, "bits": bits, "shape": list(shape),
+                "optimizer": name, "bits": bits, "in_place": in_place, "shape": list(shape),
                 "arguments": m.argument_size_in_bytes / n, "temporaries": m.temp_size_in_bytes / n,
                 "peak": (m.argument_size_in_bytes + m.temp_size_in_bytes) / n,
                 "allowed": (2 * 4 * n + nbytes(s)) / n,
@@ -119,19 +128,20 @@ def speed_rows(optimizers, shape, trials, steps):
     rng = np.random.default_rng(0)
     grads = {"w": jnp.asarray(rng.standard_normal(shape, np.float32))}
     rows = []
+    keys = variants(jax.default_backend())
     for name in optimizers:
         runs = {}
-        for bits in BITS:
+        for bits, in_place in keys:
             tx = make(name, bits)
             params = {"w": jnp.zeros(shape, jnp.float32)}
             state = tx.init(params)
-            step = train_step(tx)
+            step = train_step(tx, in_place)
             params, state = step(params, state, grads)  # compile
             jax.block_until_ready((params, state))
-            runs[bits] = [step, params, state, []]
+            runs[(bits, in_place)] = [step, params, state, []]
         for _ in range(trials):
-            for bits in BITS:
-                run = runs[bits]
+            for key in keys:
+                run = runs[key]
                 step, params, state = run[0], run[1], run[2]
                 start = time.perf_counter()
                 for _ in range(steps):
@@ -139,11 +149,11 @@ def speed_rows(optimizers, shape, trials, steps):
                 jax.block_until_ready((params, state))
                 run[3].append((time.perf_counter() - start) / steps)
                 run[1], run[2] = params, state
-        base = statistics.median(runs[32][3])
-        for bits in BITS:
-            median = statistics.median(runs[bits][3])
-            rows.append({"optimizer": name, "bits": bits, "shape": list(shape), "ms": 1e3 * median,
-                         "ratio": median / base})
+        base = statistics.median(runs[(32, False)][3])
+        for bits, in_place in keys:
+            median = statistics.median(runs[(bits, in_place)][3])
+            rows.append({"optimizer": name, "bits": bits, "in_place": in_place, "shape": list(shape),
+                         "ms": 1e3 * median, "ratio": median / base})
     return rows
 
 
@@ -154,27 +164,34 @@ def device_description() -> str:
 
 
 def markdown(result) -> str:
+    in_place = any(r.get("in_place") for r in result["peak"] + result["speed"])
+    extra = " | 8-bit in place" if in_place else ""
     lines = [f"# rmsjax.quantized on {result['device']}", "",
              f"jax {result['jax']}, {result['machine']}; train step (update + apply, donated), "
-             f"medians of {result['trials']} interleaved trials of {result['steps']} steps.", ""]
-    lines += ["## Step time", "", "| leaf | optimizer | float32 ms | 8-bit | 4-bit |",
-              "|---|---|---:|---:|---:|"]
-    by = {(r["optimizer"], tuple(r["shape"]), r["bits"]): r for r in result["speed"]}
-    for (name, shape, bits), row in by.items():
+             f"medians of {result['trials']} interleaved trials of {result['steps']} steps."
+             + (" In place: compiled with XLA:CPU's region-analysis copy insertion." if in_place else ""), ""]
+    lines += ["## Step time", "", f"| leaf | optimizer | float32 ms | 8-bit{extra} | 4-bit |",
+              "|---|---|---:|---:|" + ("---:|" if in_place else "") + "---:|"]
+    by = {(r["optimizer"], tuple(r["shape"]), r["bits"], r.get("in_place", False)): r
+          for r in result["speed"]}
+    for (name, shape, bits, _), row in by.items():
         if bits != 32:
             continue
         leaf = " x ".join(str(s) for s in shape)
-        lines.append(f"| {leaf} | {name} | {row['ms']:.3f} | {by[(name, shape, 8)]['ratio']:.2f}x | "
-                     f"{by[(name, shape, 4)]['ratio']:.2f}x |")
+        cells = [f"{by[(name, shape, 8, False)]['ratio']:.2f}x"]
+        if in_place:
+            cells.append(f"{by[(name, shape, 8, True)]['ratio']:.2f}x")
+        cells.append(f"{by[(name, shape, 4, False)]['ratio']:.2f}x")
+        lines.append(f"| {leaf} | {name} | {row['ms']:.3f} | " + " | ".join(cells) + " |")
     lines += ["", "## Peak memory of the step (arguments + temporaries, bytes per parameter)", "",
-              "| leaf | optimizer | float32 | 8-bit (allowed) | 4-bit (allowed) |",
-              "|---|---|---:|---:|---:|"]
-    peak = {(r["optimizer"], r["bits"]): r for r in result["peak"]}
+              f"| leaf | optimizer | float32 | 8-bit (allowed){extra} | 4-bit (allowed) |",
+              "|---|---|---:|---:|" + ("---:|" if in_place else "") + "---:|"]
+    peak = {(r["optimizer"], r["bits"], r.get("in_place", False)): r for r in result["peak"]}
     for name in dict.fromkeys(r["optimizer"] for r in result["peak"]):
-        leaf = " x ".join(str(s) for s in peak[(name, 32)]["shape"])
-        cells = [f"{peak[(name, 32)]['peak']:.2f}"]
-        for bits in (8, 4):
-            r = peak[(name, bits)]
+        leaf = " x ".join(str(s) for s in peak[(name, 32, False)]["shape"])
+        cells = [f"{peak[(name, 32, False)]['peak']:.2f}"]
+        for key in [(8, False), *([(8, True)] if in_place else []), (4, False)]:
+            r = peak[(name, *key)]
             cells.append(f"{r['peak']:.2f} ({r['allowed']:.2f}; temp {r['temporaries']:.2f})")
         lines.append(f"| {leaf} | {name} | " + " | ".join(cells) + " |")
     lines += ["", "## State bytes per parameter (transformer-block tree, ~25M parameters)", "",

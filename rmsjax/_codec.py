@@ -317,11 +317,10 @@ def _block_max(x: jax.Array, blocked: tuple[int, ...] | None, fused: bool) -> ja
     32-bit reduction over windows of at most 32 stays in XLA's own loop, fused with that
     producer. The values are the same either way. :func:`rmsjax.quantized` fuses the exact
     block maxima at 4 bits (donated train step, 4096 x 4096, XLA:CPU: 4-bit Adam 88 -> 61 ms
-    and 11.63 -> 9.69 B/param at its peak, RMSprop 35 -> 31 ms and 10.06 -> 9.09); at 8 bits
-    it measured no faster (centred RMSprop with momentum 120 against 121 ms) and, for the
-    gradient's bound, slower and higher (8-bit Adam 53 -> 63 ms, 11.10 -> 12.08 B/param: XLA
-    then schedules the copies of two donated code arrays to overlap), so 8 bits keeps the
-    byte reduction."""
+    and 11.63 -> 9.69 B/param at its peak, RMSprop 35 -> 31 ms and 10.06 -> 9.09) and the
+    gradient's maxima for the 8-bit bound (:func:`finite_absmax`); the exact maxima of new
+    8-bit moments keep the byte reduction (fused, they measured no faster: centred RMSprop
+    with momentum 120 against 121 ms)."""
     if fused and jnp.dtype(x.dtype).itemsize < 4:
         x = x.astype(jnp.uint32)  # widened before the reshape: a convert after it is not fused
     if blocked is not None:
@@ -404,12 +403,20 @@ def finite_absmax(x: jax.Array, ct: Any, *, square_finite: bool = False,
     elements whose ``x**2`` overflows are left out too: they give a non-finite second
     moment, stored in its own element. ``blocked``: as in :func:`block_scale`.
 
-    Only biased exponents are reduced, one byte per element (a plain, partitionable max),
-    so what comes back is the largest number with the block's largest exponent: at most
-    twice the true maximum, with the same power of two above it, hence the same scale for
-    the rules whose bound is a maximum. (A filtered float32 ``|x|`` took four bytes per
-    element, which XLA:CPU writes out before reducing; a custom reduction body that read
-    ``x`` in place could not be partitioned under ZeRO-1 or FSDP shardings.)
+    Only biased exponents are reduced (a plain, partitionable max), so what comes back is
+    the largest number with the block's largest exponent: at most twice the true maximum,
+    with the same power of two above it, hence the same scale for the rules whose bound is a
+    maximum. (A filtered float32 ``|x|`` took four bytes per element, which XLA:CPU writes out
+    before reducing; a custom reduction body that read ``x`` in place could not be
+    partitioned under ZeRO-1 or FSDP shardings.)
+
+    The reduction runs in XLA's own loop (:func:`_block_max`, ``fused``), so nothing is
+    written out. With the byte reduction XLA:CPU wrote the exponents out first (1 B/param),
+    and no step could get within 0.15 B/param of its stored state: with the loop reduction
+    and XLA:CPU's region-analysis copy insertion (docs/low_bit.md, *In place on CPU*), the
+    donated 8-bit Adam step peaks at 10.11 B/param (10.03 allowed) and runs faster (4096 x
+    4096: 48.5 against 56.3 ms, one process). Without that compiler option XLA:CPU copies two
+    donated code arrays at once: 8-bit Adam 12.08 (11.10 with the byte reduction) and 64 ms.
     """
     utype, mantissa, mask, etype = _EXPONENT[jnp.dtype(ct)]
     a = jnp.abs(x.astype(ct))
@@ -422,7 +429,7 @@ def finite_absmax(x: jax.Array, ct: Any, *, square_finite: bool = False,
     if square_finite:
         drop = drop | (exponent_of(a * a) == jnp.asarray(mask, etype))
     exponent = jnp.where(drop, jnp.zeros_like(exponent), exponent)
-    top = _block_max(exponent, blocked, False).astype(utype)
+    top = _block_max(exponent, blocked, True).astype(utype)
     # The largest number of that exponent (all mantissa bits set); 0 for an all-zero block.
     ones = jnp.asarray((1 << mantissa) - 1, utype)
     bits = jnp.where(top > 0, (top << jnp.asarray(mantissa, utype)) | ones, jnp.zeros_like(top))
