@@ -454,6 +454,15 @@ def test_benchmark_smoke(tmp_path):
     assert all(row["ratio"] > 0 for row in result["speed"])
 
 
+def test_centred_bound_quality_script(tmp_path):
+    """benchmarks/centred_bound_quality.py runs end to end; after 30 steps the 8-bit state's
+    loss (its variance scaled by the centred bound) is within 5 % of float32 state's."""
+    script = _load(ROOT / "benchmarks" / "centred_bound_quality.py")
+    rows = script.main(["--steps", "30", "--seeds", "1", "--json", str(tmp_path / "c.json")])
+    assert (tmp_path / "c.json").exists() and len(rows) == 2
+    assert all(abs(row["ratio_8"] - 1) < 0.05 for row in rows), rows
+
+
 # --------------------------------------------------------------------------- declared moments only
 
 import jax.extend.core as jex_core  # noqa: E402
