@@ -306,27 +306,27 @@ _FUSED_WINDOW = 32
 """Elements per stage of a :func:`_block_max` reduction kept in XLA's own loop."""
 
 
-def _block_max(x: jax.Array, blocked: tuple[int, ...] | None, fused: bool) -> jax.Array:
+def _block_max(x: jax.Array, blocked: tuple[int, ...] | None) -> jax.Array:
     """The maximum of each block (last axis, after reshaping to ``blocked`` when given) of
-    unsigned integers ``x``.
+    unsigned integers ``x``, reduced in 32-bit lanes, in stages of :data:`_FUSED_WINDOW`
+    elements.
 
-    ``fused``: reduce in 32-bit lanes, in stages of :data:`_FUSED_WINDOW` elements. XLA:CPU
-    hands a reduction over bytes to its YNNPACK library, which reads its operand from memory,
-    so the elementwise loop that feeds it (at 4 bits: unpack, decode, update, exponent of the
-    new moment) is written out first, one byte per element, and run as a loop of its own; a
+    XLA:CPU hands a reduction over bytes to its YNNPACK library, which reads its operand from
+    memory, so the elementwise loop that feeds it (decode, update, exponent of each new
+    element) was written out first, one byte per element, and run as a loop of its own. A
     32-bit reduction over windows of at most 32 stays in XLA's own loop, fused with that
-    producer. The values are the same either way. :func:`rmsjax.quantized` fuses the exact
-    block maxima at 4 bits (donated train step, 4096 x 4096, XLA:CPU: 4-bit Adam 88 -> 61 ms
-    and 11.63 -> 9.69 B/param at its peak, RMSprop 35 -> 31 ms and 10.06 -> 9.09) and the
-    gradient's maxima for the 8-bit bound (:func:`finite_absmax`); the exact maxima of new
-    8-bit moments keep the byte reduction (fused, they measured no faster: centred RMSprop
-    with momentum 120 against 121 ms)."""
-    if fused and jnp.dtype(x.dtype).itemsize < 4:
+    producer, and nothing is written out; the values are the same. Donated train step,
+    4096 x 4096, XLA:CPU, both ways in one process: 4-bit Adam 88 -> 61 ms and 11.63 -> 9.69
+    B/param at its peak, RMSprop 35 -> 31 ms and 10.06 -> 9.09; at 8 bits RMSprop with momentum
+    114 -> 103 ms, AdaDelta 153 -> 135 ms and 20.08 -> 19.09 B/param, and, compiled in place
+    (docs/low_bit.md), every 8-bit step 1 B/param lower (the gradient's maxima for the bound
+    included: 8-bit Adam 11.07 -> 10.11)."""
+    if jnp.dtype(x.dtype).itemsize < 4:
         x = x.astype(jnp.uint32)  # widened before the reshape: a convert after it is not fused
     if blocked is not None:
         x = x.reshape(blocked)
     n = x.shape[-1]
-    if fused and n > _FUSED_WINDOW and n % _FUSED_WINDOW == 0:
+    if n > _FUSED_WINDOW and n % _FUSED_WINDOW == 0:
         x = jnp.max(x.reshape(*x.shape[:-1], n // _FUSED_WINDOW, _FUSED_WINDOW), axis=-1)
     return jnp.max(x, axis=-1)
 
@@ -366,25 +366,23 @@ def _finish(fresh: jax.Array, old: jax.Array | None, utype: Any, mantissa: int, 
 
 
 def block_scale(x: jax.Array, old: jax.Array | None, dtype: Any, *,
-                keep: jax.Array | None = None, blocked: tuple[int, ...] | None = None,
-                fused: bool = False) -> jax.Array:
+                keep: jax.Array | None = None, blocked: tuple[int, ...] | None = None) -> jax.Array:
     """Each block's scale (last axis) from its values: the smallest power of two at or above
-    its largest *finite* magnitude, in ``dtype``. Only the biased exponents are reduced (one byte
-    per element, or 32-bit lanes in XLA's own loop when ``fused``); non-finite elements
-    (exponent all ones), and those where ``keep`` is false, are left out.
+    its largest *finite* magnitude, in ``dtype``. Only the biased exponents are reduced, in
+    XLA's own loop (:func:`_block_max`); non-finite elements (exponent all ones), and those
+    where ``keep`` is false, are left out.
 
-    ``blocked``: when given, ``x`` (and ``keep``) are in their own shape and the exponent
-    bytes are reshaped to ``blocked`` just before the reduction. XLA:CPU runs an elementwise
-    loop whose output shape differs from its operands' several times slower, so the
-    elementwise part stays in the shape of the arrays it reads. ``fused``: see
-    :func:`_block_max`."""
+    ``blocked``: when given, ``x`` (and ``keep``) are in their own shape and the exponents are
+    reshaped to ``blocked`` just before the reduction. XLA:CPU runs an elementwise loop whose
+    output shape differs from its operands' several times slower, so the elementwise part
+    stays in the shape of the arrays it reads."""
     utype, mantissa, mask, etype = _EXPONENT[jnp.dtype(x.dtype)]
     drop = _biased_exponent(x, utype, mantissa, mask) == jnp.asarray(mask, utype)  # inf or NaN
     exponent = _exponent_below(x, utype, mantissa, mask).astype(etype)
     if keep is not None:
         drop = drop | ~keep
     exponent = jnp.where(drop, jnp.zeros_like(exponent), exponent)
-    fresh = _power_of_two_above(_block_max(exponent, blocked, fused), utype, mantissa, mask)
+    fresh = _power_of_two_above(_block_max(exponent, blocked), utype, mantissa, mask)
     return _finish(fresh, old, utype, mantissa, x.dtype, dtype)
 
 
@@ -410,8 +408,8 @@ def finite_absmax(x: jax.Array, ct: Any, *, square_finite: bool = False,
     before reducing; a custom reduction body that read ``x`` in place could not be
     partitioned under ZeRO-1 or FSDP shardings.)
 
-    The reduction runs in XLA's own loop (:func:`_block_max`, ``fused``), so nothing is
-    written out. With the byte reduction XLA:CPU wrote the exponents out first (1 B/param),
+    The reduction runs in XLA's own loop (:func:`_block_max`), so nothing is written out.
+    With XLA:CPU's byte-reduction library the exponents were written out first (1 B/param),
     and no step could get within 0.15 B/param of its stored state: with the loop reduction
     and XLA:CPU's region-analysis copy insertion (docs/low_bit.md, *In place on CPU*), the
     donated 8-bit Adam step peaks at 10.11 B/param (10.03 allowed) and runs faster (4096 x
@@ -429,7 +427,7 @@ def finite_absmax(x: jax.Array, ct: Any, *, square_finite: bool = False,
     if square_finite:
         drop = drop | (exponent_of(a * a) == jnp.asarray(mask, etype))
     exponent = jnp.where(drop, jnp.zeros_like(exponent), exponent)
-    top = _block_max(exponent, blocked, True).astype(utype)
+    top = _block_max(exponent, blocked).astype(utype)
     # The largest number of that exponent (all mantissa bits set); 0 for an all-zero block.
     ones = jnp.asarray((1 << mantissa) - 1, utype)
     bits = jnp.where(top > 0, (top << jnp.asarray(mantissa, utype)) | ones, jnp.zeros_like(top))

@@ -406,8 +406,7 @@ def _new_scale(x: jax.Array, layout: _Layout, *, old_scale: jax.Array | None = N
     ct = _compute_dtype(x.dtype)
     old = None if old_scale is None else old_scale.reshape(layout.blocked()[:-1])
     if bound is None:
-        return _codec.block_scale(x.astype(ct), old, x.dtype, keep=keep, blocked=layout.blocked(),
-                                  fused=layout.bits == 4)
+        return _codec.block_scale(x.astype(ct), old, x.dtype, keep=keep, blocked=layout.blocked())
     return _codec.bound_scale(bound.astype(ct), old, x.dtype)
 
 

@@ -1038,17 +1038,15 @@ def peak_bytes_per_param(make, bits, n=2048, options=None):
 # peak table). What is left: XLA:CPU's copy of each donated code array that the parameter update
 # reads (1 byte per moment at 8 bits, half a byte at 4: that loop is the user's apply_updates,
 # which nothing orders before the encode; the encodes of a chain's earlier moments wait for the
-# exact maxima of its later ones, so no other loop forces a copy); 8-bit Adam and AdaDelta copy
-# two at once (one each compiled IN_PLACE, below, where 8-bit Adam, RMSprop and AdaGrad meet the
-# target); at 8 bits the exponent bytes of a new moment's exact maxima, which XLA:CPU writes out
-# before its library reduces them (the gradient's maxima for the bound and the 4-bit maxima are
-# reduced in XLA's own loop: _codec._block_max); the unpacked bytes of a 4-bit first moment that
-# a centred second moment reads too; and, for the momentum variants and AdaDelta, full-size
+# exact maxima of its later ones, so no other loop forces a copy; 8-bit Adam copies two at once;
+# compiled IN_PLACE, below, no 8-bit step copies any, and 8-bit Adam, RMSprop and AdaGrad meet
+# the target); the unpacked bytes of a 4-bit first moment that a centred second moment reads
+# too; and, for the momentum variants and AdaDelta, full-size
 # float32 intermediates of the inner update shared by several loops (AdaDelta's float32 step
 # itself keeps 8 bytes of them).
 PEAK_TEMPORARIES = {
     ("adam", 8): 2.1, ("adam", 4): 0.7, ("rmsprop", 8): 1.1, ("rmsprop", 4): 0.6,
-    ("adagrad", 8): 1.1, ("adagrad", 4): 0.6, ("adadelta", 8): 10.1, ("adadelta", 4): 8.7,
+    ("adagrad", 8): 1.1, ("adagrad", 4): 0.6, ("adadelta", 8): 9.1, ("adadelta", 4): 8.7,
     ("centered_momentum", 8): 5.1, ("centered_momentum", 4): 5.2, ("momentum", 8): 5.1, ("momentum", 4): 4.6,
 }
 
