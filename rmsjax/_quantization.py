@@ -411,18 +411,16 @@ def _new_scale(x: jax.Array, layout: _Layout, *, old_scale: jax.Array | None = N
 
 
 def _encode(x: jax.Array, layout: _Layout, signed: bool, count: jax.Array | None, leaf_id: int | jax.Array, *,
-            old_scale: jax.Array | None = None, bound: jax.Array | None = None,
-            keep: jax.Array | None = None, nearest: bool = False,
-            scale: jax.Array | None = None) -> QuantizedArray | PackedQuantizedArray:
+            nearest: bool = False, scale: jax.Array | None = None) -> QuantizedArray | PackedQuantizedArray:
     """Encode ``x`` (the moment's shape and dtype) with ``layout``; ``count=None`` or
-    ``nearest``: round to nearest. ``scale``: each block's scale, else :func:`_new_scale`
-    of ``old_scale``, ``bound`` and ``keep``."""
+    ``nearest``: round to nearest. ``scale``: each block's scale (:func:`_new_scale`), else
+    the exact scales of ``x``."""
     dtype = x.dtype
     ct = _compute_dtype(dtype)
     wide = x.astype(ct)
     blocked = wide.reshape(layout.blocked())
     if scale is None:
-        scale = _new_scale(x, layout, old_scale=old_scale, bound=bound, keep=keep)
+        scale = _new_scale(x, layout)
     # The inverse is taken on the blocks and then spread over their elements: dividing the
     # spread scale made XLA:CPU divide once per element (8-bit Adam's step 73 ms against
     # 56 ms at 4096 x 4096, one process).
@@ -777,8 +775,7 @@ def _wrap(inner: optax.GradientTransformation, bits: int, block: int, minimum: i
             if job.exact and job.position is not None:
                 exact.setdefault(job.position, []).append(job)
         new_stored = jax.tree.map(
-            lambda x: x.encode(exact.get(x.position, []) if x.position is not None else [], count, nearest)
-            if isinstance(x, _Pending) else x,
+            lambda x: x.encode(exact.get(x.position, []), count, nearest) if isinstance(x, _Pending) else x,
             new_stored, is_leaf=lambda x: isinstance(x, _Pending) or _stop(x))
         return updates_out, QuantizedState(count=_increment(state.count), inner=new_stored)
 
