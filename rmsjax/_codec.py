@@ -50,9 +50,13 @@ __all__ = [
     "inverse_scale",
     "largest_level",
     "levels_of",
+    "half_levels",
     "pack",
+    "pack_halves",
     "to_bytes",
+    "half_indices",
     "uniform",
+    "uniform_at",
 ]
 
 MAPS = {(8, True): (127, 4), (8, False): (253, 4), (4, True): (7, 2), (4, False): (14, 4)}
@@ -116,7 +120,25 @@ def uniform(shape: tuple[int, ...], count: jax.Array, leaf_id: int | jax.Array) 
     RMSprop second moment ended 3.9 % high after 200 steps (0.2727 against 0.2624; numbers
     drawn with ``jax.random`` instead: 0.2624).
     """
-    index = lax.iota(jnp.uint32, int(np.prod(shape, dtype=np.int64))).reshape(shape)
+    return uniform_at(_indices(shape), count, leaf_id)
+
+
+def _indices(shape: tuple[int, ...]) -> jax.Array:
+    return lax.iota(jnp.uint32, int(np.prod(shape, dtype=np.int64))).reshape(shape)
+
+
+def half_indices(shape: tuple[int, ...], half: int, high: bool) -> jax.Array:
+    """The row-major element indices (uint32) of the low (``high=False``) or high half of each
+    block of ``2 * half`` elements, laid out like the packed codes (shape ``shape``): byte ``c``
+    holds elements ``c + (c // half) * half`` and ``half`` after it."""
+    c = _indices(shape)
+    h = _u32(half)
+    first = c + (c // h) * h
+    return first + h if high else first
+
+
+def uniform_at(index: jax.Array, count: jax.Array, leaf_id: int | jax.Array) -> jax.Array:
+    """:func:`uniform`'s numbers at the row-major element indices ``index`` (uint32)."""
     step = jnp.asarray(count).astype(jnp.uint32)
     if isinstance(leaf_id, int):
         salt = _u32(leaf_id * 0x85EBCA77 + 0x27D4EB2F)
@@ -223,6 +245,27 @@ def pack(level: jax.Array, signed: bool) -> jax.Array:
     nib = nib.reshape(*level.shape[:-1], 2, half)
     byte = jnp.sum(nib << _nibble_shifts(), axis=-2, dtype=jnp.uint8)
     return lax.bitcast_convert_type(byte, jnp.int8) if signed else byte
+
+
+def pack_halves(low: jax.Array, high: jax.Array, signed: bool) -> jax.Array:
+    """Levels of the low and the high half of each block (each ``(..., B/2)``) to bytes
+    ``(..., B/2)``: the same bytes as :func:`pack` of the whole blocks, computed element by
+    element, so that XLA can write them over the bytes they were decoded from
+    (:mod:`rmsjax._halves`)."""
+    def nibble(level: jax.Array) -> jax.Array:
+        return to_bytes(level + jnp.asarray(7, level.dtype) if signed else level, False)
+
+    byte = nibble(low) | (nibble(high) << jnp.uint8(4))
+    return lax.bitcast_convert_type(byte, jnp.int8) if signed else byte
+
+
+def half_levels(codes: jax.Array, high: bool, signed: bool, ct: Any) -> jax.Array:
+    """Levels (in ``ct``) of the low (``high=False``) or high nibbles of packed 4-bit codes:
+    the first or second half of each block, read element by element from its bytes."""
+    raw = lax.bitcast_convert_type(codes, jnp.uint8)
+    nib = (raw >> jnp.uint8(4)) if high else (raw & jnp.uint8(15))
+    level = nib.astype(ct)
+    return level - jnp.asarray(7, ct) if signed else level
 
 
 def levels_of(codes: jax.Array, bits: int, signed: bool, ct: Any, *, fuse: bool = True) -> jax.Array:

@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rmsjax import _codec, _moments, _validation, averages
+from rmsjax import _codec, _halves, _moments, _validation, averages
 
 __all__ = [
     "PackedQuantizedArray",
@@ -72,6 +72,11 @@ CODE_MAPS = _codec.MAPS
 # float32's time and 18 B/param (0.2, traced once: 1.09x, 10.1), so it is off.
 # `benchmarks/bench_quantized.py --second-trace` measures the step with it, to compare.
 _TRACE_NEW_STATE_AGAIN = False
+
+# Whether a traced 4-bit update recomputes each new moment on the halves of its blocks
+# (:mod:`rmsjax._halves`), so that XLA writes the new codes over the old ones. Off only to
+# compare against packing the whole new moment (tests, benchmarks).
+_ENCODE_ON_HALVES = True
 
 # A block smaller than this fraction of block_size (when the row is longer than a block) would
 # cost more in scales than it saves; such a leaf stays in full precision.
@@ -388,6 +393,12 @@ def _spread(scale: jax.Array, layout: _Layout) -> jax.Array:
     return jnp.broadcast_to(blocks, layout.blocked()).reshape(layout.shape)
 
 
+def _spread_over_codes(scale: jax.Array, layout: _Layout) -> jax.Array:
+    """Each block's scale at each byte of its packed 4-bit codes, in the codes' shape."""
+    blocks = scale.reshape(layout.blocked()[:-1])[..., None]
+    return jnp.broadcast_to(blocks, layout.blocked_codes()).reshape(layout.code_shape())
+
+
 def _decoded_max(q: QuantizedArray, layout: _Layout) -> jax.Array:
     """Largest finite decoded magnitude of each block of a stored 8-bit moment, from its codes."""
     signed = _signed(q)
@@ -411,10 +422,13 @@ def _new_scale(x: jax.Array, layout: _Layout, *, old_scale: jax.Array | None = N
 
 
 def _encode(x: jax.Array, layout: _Layout, signed: bool, count: jax.Array | None, leaf_id: int | jax.Array, *,
-            nearest: bool = False, scale: jax.Array | None = None) -> QuantizedArray | PackedQuantizedArray:
+            nearest: bool = False, scale: jax.Array | None = None,
+            halves: _halves.Pair | None = None) -> QuantizedArray | PackedQuantizedArray:
     """Encode ``x`` (the moment's shape and dtype) with ``layout``; ``count=None`` or
     ``nearest``: round to nearest. ``scale``: each block's scale (:func:`_new_scale`), else
-    the exact scales of ``x``."""
+    the exact scales of ``x``. ``halves`` (4 bits): ``x`` as the low and high halves of its
+    blocks (:func:`_halves.split`), computed element by element from the old codes; the codes
+    are then packed from them (the same bytes), so that XLA writes them in place."""
     dtype = x.dtype
     ct = _compute_dtype(dtype)
     wide = x.astype(ct)
@@ -430,9 +444,21 @@ def _encode(x: jax.Array, layout: _Layout, signed: bool, count: jax.Array | None
         level = _codec.encode(wide, _spread(inverse, layout), u, 8, signed)
         codes = _codec.to_bytes(level, signed)
         return QuantizedArray(codes=codes, scale=scale.reshape(layout.scale_shape()))
+    scale = scale.reshape(layout.scale_shape())
+    if halves is not None:
+        # The rounding noise is drawn in the codes' shape: cutting the blocks' noise in halves
+        # made XLA:CPU's step 2.5x slower.
+        noise = (None, None) if nearest or count is None else tuple(
+            _codec.uniform_at(_codec.half_indices(layout.code_shape(), layout.block // 2, high),
+                              count, leaf_id)
+            for high in (False, True))
+        spread = _spread_over_codes(inverse, layout)
+        low, high = (_codec.encode(h.astype(ct), spread, n, layout.bits, signed)
+                     for h, n in zip(halves, noise, strict=True))
+        codes = _codec.pack_halves(low, high, signed)
+        return PackedQuantizedArray(codes=codes, scale=scale)
     u = None if (nearest or count is None) else _codec.uniform(layout.blocked(), count, leaf_id)
     level = _codec.encode(blocked, inverse[..., None], u, layout.bits, signed)
-    scale = scale.reshape(layout.scale_shape())
     codes = _codec.pack(level, signed).reshape(layout.code_shape())
     return PackedQuantizedArray(codes=codes, scale=scale)
 
@@ -484,6 +510,12 @@ def _centered_pairs(node: Any) -> dict[str, str]:
     return {name: m.centered for name, m in decl.items() if m.centered is not None}
 
 
+def _variance(nu: jax.Array, mu: Any) -> jax.Array:
+    """What a centred second moment is stored as: ``max(nu - |mu|**2, 0)``, in ``nu``'s dtype."""
+    ct = _compute_dtype(nu.dtype)
+    return jnp.maximum(nu.astype(ct) - _sq(mu), jnp.zeros((), ct)).astype(nu.dtype)
+
+
 def _sq(m: Any) -> jax.Array:
     m = jnp.asarray(_value(m))
     ct = _compute_dtype(averages.real_dtype(m.dtype))
@@ -492,12 +524,20 @@ def _sq(m: Any) -> jax.Array:
     return jnp.square(m.astype(ct))
 
 
-def _decoded(x: Any, *, fuse: bool = True) -> Any:
-    return _like(x.codes, _dequantize(_plain(x), fuse=fuse)) if is_quantized(x) else x
+Decoder = Any  # (stored quantized node, fuse) -> its decoded array
 
 
-def _decode_node(node: Any) -> Any:
-    """A declared state node with its quantized moments decoded (centred ones back to ``nu``)."""
+def _decode(x: Any, fuse: bool) -> jax.Array:
+    return _dequantize(_plain(x), fuse=fuse)
+
+
+def _decoded(x: Any, decode: Decoder, *, fuse: bool = True) -> Any:
+    return _like(x.codes, decode(x, fuse)) if is_quantized(x) else x
+
+
+def _decode_node(node: Any, decode: Decoder = _decode) -> Any:
+    """A declared state node with its quantized moments decoded (by ``decode``), centred ones
+    back to ``nu``."""
     decl = _moments.declared(node) or {}
     pairs = _centered_pairs(node)
     # A first moment that a centred second moment's encode reads too is unpacked so that
@@ -506,7 +546,7 @@ def _decode_node(node: Any) -> Any:
     fields = {}
     for name in decl:
         fuse = name not in read_by_another
-        fields[name] = jax.tree.map(lambda x, fuse=fuse: _decoded(x, fuse=fuse), getattr(node, name),
+        fields[name] = jax.tree.map(lambda x, fuse=fuse: _decoded(x, decode, fuse=fuse), getattr(node, name),
                                     is_leaf=_stop)
     for name, first in pairs.items():
         stored = getattr(node, name)
@@ -529,7 +569,68 @@ def dequantize_state(tree: Any) -> Any:
     centred second moment (stored as the variance) is given back as ``nu``. Leaves that are
     not quantized are returned as they are.
     """
-    return jax.tree.map(lambda n: _decode_node(n) if _is_declared(n) else n, tree, is_leaf=_is_declared)
+    return _decode_state(tree, _decode)
+
+
+def _decode_state(tree: Any, decode: Decoder) -> Any:
+    return jax.tree.map(lambda n: _decode_node(n, decode) if _is_declared(n) else n, tree,
+                        is_leaf=_is_declared)
+
+
+class _OnHalves:
+    """The wrapped update traced to a jaxpr, to recompute each new 4-bit moment on the two
+    halves of its blocks (:mod:`rmsjax._halves`), from the two nibbles of its old codes."""
+
+    def __init__(self, inner: optax.GradientTransformation, updates: Any, stored: Any, params: Any,
+                 extra_args: dict[str, Any]):
+        decoded: dict[int, tuple[Any, jax.Array]] = {}
+
+        def remember(x: Any, fuse: bool) -> jax.Array:
+            value = _decode(x, fuse)
+            decoded[id(x)] = (_plain(x), value)
+            return value
+
+        _decode_state(stored, remember)
+        keys = list(decoded)
+
+        def update(updates: Any, params: Any, values: list[jax.Array]) -> Any:
+            table = dict(zip(keys, values, strict=True))
+            state = _decode_state(stored, lambda x, fuse: table[id(x)])
+            return inner.update(updates, state, params, **extra_args)
+
+        self.closed, out_tree, self.args = _halves.traced(
+            update, updates, params, [decoded[k][1] for k in keys])
+        first = len(self.args) - len(keys)  # the decoded moments are the last arguments
+        self.stored = {first + i: decoded[k][0] for i, k in enumerate(keys)}
+        self.index = jax.tree.unflatten(out_tree, range(out_tree.num_leaves))
+        self.memo = _halves.Memo()
+
+    def outputs(self) -> Any:
+        """The update's output tree (updates, new state) with each leaf's output index."""
+        return self.index
+
+    def halves(self, output: int, layout: _Layout, dtype: Any) -> _halves.Pair | None:
+        """The halves of the blocks of output ``output`` (a new moment stored with ``layout``
+        in ``dtype``), or None when they cannot be computed element by element."""
+        given = {i: functools.partial(_decoded_halves, q, layout) for i, q in self.stored.items()
+                 if _layout_of(q) == layout}
+        pair = _halves.halves(self.closed, self.args, [output], layout.blocked(), layout.code_shape(),
+                              given, self.memo)[0]
+        return None if pair is None else (pair[0].astype(dtype), pair[1].astype(dtype))
+
+
+def _decoded_halves(q: PackedQuantizedArray, layout: _Layout) -> _halves.Pair:
+    """The decoded low and high halves of each block of a stored 4-bit moment, read from its
+    nibbles in the codes' own shape (the same values as :func:`dequantize`'s, cut with
+    :func:`_halves.split`)."""
+    ct = _compute_dtype(q.scale.dtype)
+    scale = _spread_over_codes(q.scale.astype(ct), layout)
+
+    def half(high: bool) -> jax.Array:
+        level = _codec.half_levels(q.codes, high, _signed(q), ct)
+        return _codec.decode(level, scale, layout.bits, _signed(q)).astype(q.scale.dtype)
+
+    return half(False), half(True)
 
 
 def _increment(count: jax.Array) -> jax.Array:
@@ -667,8 +768,7 @@ def _wrap(inner: optax.GradientTransformation, bits: int, block: int, minimum: i
                         return x
                     value = jnp.asarray(value)
                     if centered:  # stored as the variance nu - |mu|**2
-                        ct = _compute_dtype(value.dtype)
-                        value = jnp.maximum(value.astype(ct) - _sq(m), jnp.zeros((), ct)).astype(value.dtype)
+                        value = _variance(value, m)
                     return _wrapped(x, _initial_codes(value, jnp.uint32(next(ids)), layout=layout,
                                                       signed=moment.signed, nearest=nearest))
 
@@ -685,7 +785,14 @@ def _wrap(inner: optax.GradientTransformation, bits: int, block: int, minimum: i
     def update_fn(updates: Any, state: QuantizedState, params: Any = None, **extra_args: Any):
         _validation.check_state_type(state, QuantizedState, "quantized")
         stored = state.inner
-        updates_out, new_inner = inner.update(updates, dequantize_state(stored), params, **extra_args)
+        traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((updates, stored)))
+        on_halves = _OnHalves(inner, updates, stored, params, extra_args) \
+            if bits == 4 and traced and _ENCODE_ON_HALVES else None
+        outputs = None if on_halves is None else on_halves.outputs()[1]
+        # Encoded on halves, a centred moment reads its first moment's nibbles itself, so every
+        # moment is unpacked for the update the same way (see _codec.levels_of).
+        decode = _decode if on_halves is None else (lambda x, fuse: _decode(x, True))
+        updates_out, new_inner = inner.update(updates, _decode_state(stored, decode), params, **extra_args)
         if _TRACE_NEW_STATE_AGAIN and any(isinstance(x, jax.core.Tracer)
                                           for x in jax.tree.leaves((updates, stored))):
             # Traced again, from copies XLA may not merge with the first trace: the loop that
@@ -705,7 +812,7 @@ def _wrap(inner: optax.GradientTransformation, bits: int, block: int, minimum: i
 
         stages = iter(range(1 << 30))
 
-        def node(old: Any, new: Any) -> Any:
+        def node(old: Any, new: Any, out: Any = None) -> Any:
             decl = _moments.declared(old) or {}
             stage = next(stages)
             fields = {}
@@ -727,6 +834,16 @@ def _wrap(inner: optax.GradientTransformation, bits: int, block: int, minimum: i
                 where = _matching(olds, positions)
                 if where is not None:
                     aux["i"] = where
+                if out is not None:
+                    index = _matching(olds, getattr(out, name))
+                    if index is not None:
+                        aux["o"] = index
+                        if moment.centered is not None:
+                            first = _matching(olds, getattr(out, moment.centered))
+                            if first is None:
+                                del aux["o"]
+                            else:
+                                aux["mo"] = first
                 fields[name] = _encode_field(olds, news, aux, moment, count, ids, stage)
             return new._replace(**fields)
 
@@ -744,8 +861,7 @@ def _wrap(inner: optax.GradientTransformation, bits: int, block: int, minimum: i
                 value = jnp.asarray(_value(x)).astype(q.scale.dtype)
                 m = extra.get("m")
                 if m is not None:
-                    ct = _compute_dtype(value.dtype)
-                    value = jnp.maximum(value.astype(ct) - _sq(m), jnp.zeros((), ct)).astype(value.dtype)
+                    value = _variance(value, m)
                 keep = None
                 d = extra.get("d")
                 if d is not None and tuple(jnp.shape(d)) == layout.shape:
@@ -761,15 +877,26 @@ def _wrap(inner: optax.GradientTransformation, bits: int, block: int, minimum: i
                         and jnp.issubdtype(jnp.asarray(g).dtype, jnp.floating):
                     bound = _bound(q, layout, moment, jnp.asarray(g), first)
                 scale = _new_scale(value, layout, old_scale=q.scale, bound=bound, keep=keep)
+                pair = None
+                if on_halves is not None and "o" in extra:
+                    pair = on_halves.halves(extra["o"], layout, value.dtype)
+                    if pair is not None and m is not None:
+                        firsts = on_halves.halves(extra["mo"], layout, value.dtype)
+                        pair = None if firsts is None else (_variance(pair[0], firsts[0]),
+                                                            _variance(pair[1], firsts[1]))
                 job = _Pending(x, value, layout, moment.signed, next(ids), scale, exact=bound is None,
-                               position=extra.get("i"), stage=stage)
+                               position=extra.get("i"), stage=stage, halves=pair)
                 pending.append(job)
                 return job
 
             return jax.tree.map(leaf, olds, news, *aux.values(), is_leaf=_stop)
 
-        new_stored = jax.tree.map(lambda o, n: node(o, n) if _is_declared(o) else n, stored, new_inner,
-                                  is_leaf=_is_declared)
+        if outputs is None:
+            new_stored = jax.tree.map(lambda o, n: node(o, n) if _is_declared(o) else n, stored, new_inner,
+                                      is_leaf=_is_declared)
+        else:
+            new_stored = jax.tree.map(lambda o, n, i: node(o, n, i) if _is_declared(o) else n, stored,
+                                      new_inner, outputs, is_leaf=_is_declared)
         exact: dict[int | None, list[_Pending]] = {}
         for job in pending:
             if job.exact and job.position is not None:
@@ -800,16 +927,19 @@ class _Pending:
     """
 
     def __init__(self, leaf: Any, value: jax.Array, layout: _Layout, signed: bool, leaf_id: int,
-                 scale: jax.Array, *, exact: bool, position: int | None, stage: int):
+                 scale: jax.Array, *, exact: bool, position: int | None, stage: int,
+                 halves: _halves.Pair | None = None):
         self.leaf, self.value, self.layout, self.signed, self.leaf_id = leaf, value, layout, signed, leaf_id
         self.scale, self.exact, self.position, self.stage = scale, exact, position, stage
+        self.halves = halves
 
     def encode(self, exact: list[_Pending], count: jax.Array, nearest: bool) -> Any:
         scale = self.scale
         for other in exact:
             if other.stage > self.stage:
                 scale = _after(scale, other.scale)
-        q = _encode(self.value, self.layout, self.signed, count, self.leaf_id, nearest=nearest, scale=scale)
+        q = _encode(self.value, self.layout, self.signed, count, self.leaf_id, nearest=nearest, scale=scale,
+                    halves=self.halves)
         return _wrapped(self.leaf, q)
 
 

@@ -323,3 +323,30 @@ def test_finite_absmax_gives_the_scale_of_the_true_maximum():
     assert np.all(bound >= exact) and np.all(bound < 2 * exact)
     np.testing.assert_array_equal(np.asarray(_codec.bound_scale(jnp.asarray(bound), None, jnp.float32)),
                                   np.asarray(_codec.bound_scale(jnp.asarray(exact), None, jnp.float32)))
+
+
+# --------------------------------------------------------------------------- 4-bit halves
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_halves_pack_and_unpack_like_whole_blocks(signed):
+    """Packing the low and high halves of each block separately gives the bytes of packing the
+    whole blocks, and reading one nibble of each byte gives that half of the levels; the row-major
+    element index of each half matches, so the rounding noise is the same number per element."""
+    q = 7 if signed else 14
+    rng = np.random.default_rng(5)
+    blocked, code_shape = (3, 4, 16), (3, 32)
+    level = jnp.asarray(rng.integers(-q if signed else 0, q + 1, blocked), jnp.float32)
+    whole = _codec.pack(level, signed).reshape(code_shape)
+    low, high = (level[..., :8].reshape(code_shape), level[..., 8:].reshape(code_shape))
+    np.testing.assert_array_equal(np.asarray(_codec.pack_halves(low, high, signed)), np.asarray(whole))
+    for h, part in ((False, low), (True, high)):
+        np.testing.assert_array_equal(np.asarray(_codec.half_levels(whole, h, signed, jnp.float32)),
+                                      np.asarray(part))
+        index = np.arange(np.prod(blocked)).reshape(blocked)
+        index = (index[..., 8:] if h else index[..., :8]).reshape(code_shape)
+        np.testing.assert_array_equal(np.asarray(_codec.half_indices(code_shape, 8, h)), index)
+    u = _codec.uniform(blocked, jnp.int32(3), 9)
+    np.testing.assert_array_equal(
+        np.asarray(_codec.uniform_at(_codec.half_indices(code_shape, 8, True), jnp.int32(3), 9)),
+        np.asarray(u[..., 8:]).reshape(code_shape))
