@@ -11,9 +11,9 @@ float32 state.
   state), and state bytes per parameter on a transformer-block-like tree.
 * Speed: one leaf per run: 4096 x 4096 and a 20M-element 1-D leaf on CPU; 16384 x 16384 and
   the 20M leaf with ``--gpu`` (the default when JAX's default backend is a GPU).
-* On CPU, 8-bit state is also measured with the step compiled in place (``IN_PLACE``:
+* On CPU, low-bit state is also measured with the step compiled in place (``IN_PLACE``:
   XLA:CPU's region-analysis copy insertion, docs/low_bit.md *In place on CPU*), the recipe for
-  8-bit state there; the JSON rows say which (``"in_place"``).
+  low-bit state there; the JSON rows say which (``"in_place"``).
 
     python benchmarks/bench_quantized.py            # CPU: 4096 x 4096 and 20M, 9 trials
     python benchmarks/bench_quantized.py --quick    # a 1024 x 1024 leaf, 3 trials
@@ -55,8 +55,12 @@ IN_PLACE = {"xla_cpu_copy_insertion_use_region_analysis": True}
 
 
 def variants(backend: str) -> list[tuple[int, bool]]:
-    """(bits, compiled in place) of each step measured: in place only for 8-bit state on CPU."""
-    return [(32, False), (8, False), *([(8, True)] if backend == "cpu" else []), (4, False)]
+    """(bits, compiled in place) of each step measured: in place only for low-bit state on CPU."""
+    cpu = backend == "cpu"
+    return [(32, False), (8, False), *([(8, True)] if cpu else []), (4, False), *([(4, True)] if cpu else [])]
+
+
+COLUMNS = {(8, False): "8-bit", (8, True): "8-bit in place", (4, False): "4-bit", (4, True): "4-bit in place"}
 
 
 def large_tree():
@@ -164,33 +168,31 @@ def device_description() -> str:
 
 
 def markdown(result) -> str:
-    in_place = any(r.get("in_place") for r in result["peak"] + result["speed"])
-    extra = " | 8-bit in place" if in_place else ""
+    keys = [k for k in COLUMNS if any((r["bits"], r.get("in_place", False)) == k for r in result["speed"])]
+    in_place = any(k[1] for k in keys)
     lines = [f"# rmsjax.quantized on {result['device']}", "",
              f"jax {result['jax']}, {result['machine']}; train step (update + apply, donated), "
              f"medians of {result['trials']} interleaved trials of {result['steps']} steps."
              + (" In place: compiled with XLA:CPU's region-analysis copy insertion." if in_place else ""), ""]
-    lines += ["## Step time", "", f"| leaf | optimizer | float32 ms | 8-bit{extra} | 4-bit |",
-              "|---|---|---:|---:|" + ("---:|" if in_place else "") + "---:|"]
+    lines += ["## Step time", "",
+              "| leaf | optimizer | float32 ms | " + " | ".join(COLUMNS[k] for k in keys) + " |",
+              "|---|---|---:|" + "---:|" * len(keys)]
     by = {(r["optimizer"], tuple(r["shape"]), r["bits"], r.get("in_place", False)): r
           for r in result["speed"]}
     for (name, shape, bits, _), row in by.items():
         if bits != 32:
             continue
         leaf = " x ".join(str(s) for s in shape)
-        cells = [f"{by[(name, shape, 8, False)]['ratio']:.2f}x"]
-        if in_place:
-            cells.append(f"{by[(name, shape, 8, True)]['ratio']:.2f}x")
-        cells.append(f"{by[(name, shape, 4, False)]['ratio']:.2f}x")
+        cells = [f"{by[(name, shape, *k)]['ratio']:.2f}x" for k in keys]
         lines.append(f"| {leaf} | {name} | {row['ms']:.3f} | " + " | ".join(cells) + " |")
     lines += ["", "## Peak memory of the step (arguments + temporaries, bytes per parameter)", "",
-              f"| leaf | optimizer | float32 | 8-bit (allowed){extra} | 4-bit (allowed) |",
-              "|---|---|---:|---:|" + ("---:|" if in_place else "") + "---:|"]
+              "| leaf | optimizer | float32 | " + " | ".join(f"{COLUMNS[k]} (allowed)" for k in keys) + " |",
+              "|---|---|---:|" + "---:|" * len(keys)]
     peak = {(r["optimizer"], r["bits"], r.get("in_place", False)): r for r in result["peak"]}
     for name in dict.fromkeys(r["optimizer"] for r in result["peak"]):
         leaf = " x ".join(str(s) for s in peak[(name, 32, False)]["shape"])
         cells = [f"{peak[(name, 32, False)]['peak']:.2f}"]
-        for key in [(8, False), *([(8, True)] if in_place else []), (4, False)]:
+        for key in keys:
             r = peak[(name, *key)]
             cells.append(f"{r['peak']:.2f} ({r['allowed']:.2f}; temp {r['temporaries']:.2f})")
         lines.append(f"| {leaf} | {name} | " + " | ".join(cells) + " |")
