@@ -10,23 +10,24 @@ per moment at the step's peak).
 
 :func:`halves` recomputes that new moment on each half of the blocks separately,
 ``new[..., :B/2]`` from the low nibbles and ``new[..., B/2:]`` from the high ones, by
-re-running the operations of the update's jaxpr that lead to it on half-sized arrays. That is
-possible where those operations are elementwise (every RMSprop-family rule is: a leaky average,
-a running sum, a momentum buffer, bias corrections computed on scalars), and it gives the same
-bits, since each element goes through the same operations on the same values. Anything else on
-the way (a reduction over the moment's elements, a reshape, a broadcast along an axis) makes it
-give up, and :func:`rmsjax.quantized` packs the new moment as before.
+re-running the operations of the update's jaxpr that lead to it: on half-sized arrays for the
+operations that depend on a stored moment, which must be elementwise (every RMSprop-family
+rule is: a leaky average, a running sum, a momentum buffer); whole, as in the update itself,
+for those that do not (bias corrections, learning rates, a global norm of the gradient), whose
+results are then cut in halves where needed. It gives the same bits, since each element goes
+through the same operations on the same values. An operation that is not elementwise on a
+value that depends on a stored moment (a norm of the moment, a reshape, a broadcast along an
+axis) makes it give up, and :func:`rmsjax.quantized` packs the whole new moment as before.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.core  # jax deletes its own alias; named here so type checkers see jax.core
 import jax.extend.core as jex
-from jax import lax
 
 __all__ = ["Memo", "halves", "split", "traced"]
 
@@ -68,12 +69,12 @@ def _shape(v: Any) -> tuple[int, ...] | None:
 
 
 class Memo:
-    """What :func:`halves` keeps between the moments of one update: the rank-0 values computed
-    so far (they do not depend on the moment) and, for each jaxpr, which equation computes
-    each variable and in what order."""
+    """What :func:`halves` keeps between the moments of one update: the whole values computed
+    so far of variables that do not depend on any stored moment (they are the same for every
+    moment), and, for each jaxpr, which equation computes each variable and in what order."""
 
     def __init__(self) -> None:
-        self.scalars: dict[Any, Any] = {}
+        self.whole: dict[Any, Any] = {}
         self._programs: dict[int, tuple[Any, dict[Any, Any], dict[int, int]]] = {}
 
     def program(self, jaxpr: Any) -> tuple[dict[Any, Any], dict[int, int]]:
@@ -84,72 +85,106 @@ class Memo:
         return self._programs[id(jaxpr)][1:]
 
 
-class _Evaluator:
-    """Values of one jaxpr's variables on halves (a :data:`Pair` for a variable shaped like
-    the moment, the whole value for a rank-0 one, ``None`` where neither is known). ``inputs``:
-    the jaxpr's inputs, each computed when first read."""
+class _Whole(NamedTuple):
+    """A variable that depends on no stored moment: its whole value (any shape)."""
 
-    def __init__(self, jaxpr: Any, shape: tuple[int, ...], half: tuple[int, ...],
-                 inputs: dict[Any, Callable[[], Any]], scalars: dict[Any, Any], memo: Memo):
-        self.jaxpr, self.shape, self.half, self.memo = jaxpr, shape, half, memo
-        self.inputs = inputs
-        self.values: dict[Any, Any] = {}
-        self.scalars = scalars
+    value: Any
+
+
+class _Halves(NamedTuple):
+    """A variable that depends on a stored moment: its halves (shaped like the moment)."""
+
+    pair: Pair
+
+
+Value = _Whole | _Halves | None  # None: depends on a stored moment, halves not computable
+
+
+class _Evaluator:
+    """The values of one jaxpr's variables, computed on demand.
+
+    A variable that depends on no stored moment is computed whole, by the same operation as in
+    the update (XLA merges the two), whatever the operation: a global norm of the gradient is
+    fine. A variable that depends on one is computed on halves, which only elementwise
+    operations allow; anything else makes it (and what depends on it) unknown.
+
+    ``inputs``: the jaxpr's input variables, each with a function giving its :data:`Value`.
+    ``whole``: the whole values known so far (shared between moments for the update's jaxpr).
+    """
+
+    def __init__(self, jaxpr: Any, shape: tuple[int, ...], blocked: tuple[int, ...], half: tuple[int, ...],
+                 inputs: dict[Any, Callable[[], Value]], whole: dict[Any, Any], memo: Memo):
+        self.shape, self.blocked, self.half, self.memo = shape, blocked, half, memo
+        self.inputs, self.whole = inputs, whole
+        self.values: dict[Any, Value] = {}
+        self.splits: dict[Any, Pair] = {}
         self.producer, self.order = memo.program(jaxpr)
 
-    def read(self, v: Any) -> Any:
+    def known(self, v: Any) -> bool:
+        return _literal(v) or v in self.values or v in self.whole or v in self.inputs
+
+    def read(self, v: Any) -> Value:
         if _literal(v):
-            return v.val
+            return _Whole(v.val)
+        if v in self.whole:
+            return _Whole(self.whole[v])
         if v not in self.values and v in self.inputs:
             self.values[v] = self.inputs[v]()
-        if v in self.values:
-            return self.values[v]
-        return self.scalars.get(v)
+        return self.values.get(v)
 
-    def run(self, targets: Sequence[Any]) -> list[Any]:
+    def pair(self, v: Any, value: Value) -> Any:
+        """An operand of an operation on halves: its halves, or a rank-0 value itself."""
+        if isinstance(value, _Halves):
+            return value.pair
+        assert isinstance(value, _Whole)
+        if _shape(v) == ():
+            return (value.value, value.value)
+        if v not in self.splits:
+            self.splits[v] = split(value.value, self.blocked, self.half)
+        return self.splits[v]
+
+    def run(self, targets: Sequence[Any]) -> list[Value]:
         needed: list[Any] = []
         seen: set[int] = set()
-        stack = [v for v in targets if not _literal(v)]
+        stack = [v for v in targets if not self.known(v)]
         while stack:
             v = stack.pop()
             eqn = self.producer.get(v)
-            if eqn is None or id(eqn) in seen or v in self.values or v in self.scalars or v in self.inputs:
+            if eqn is None or id(eqn) in seen:
                 continue
             seen.add(id(eqn))
             needed.append(eqn)
-            stack.extend(x for x in eqn.invars if not _literal(x))
+            stack.extend(x for x in eqn.invars if not self.known(x))
         for eqn in sorted(needed, key=lambda e: self.order[id(e)]):
-            outs = self.apply(eqn)
-            for v, value in zip(eqn.outvars, outs, strict=True):
-                if _shape(v) == ():
-                    self.scalars[v] = value
+            for v, value in zip(eqn.outvars, self.apply(eqn), strict=True):
+                if isinstance(value, _Whole):
+                    self.whole[v] = value.value
                 else:
                     self.values[v] = value
         return [self.read(v) for v in targets]
 
-    def apply(self, eqn: Any) -> list[Any]:
-        unknown = [None] * len(eqn.outvars)
+    def apply(self, eqn: Any) -> list[Value]:
         args = [self.read(v) for v in eqn.invars]
-        shapes = [() if _literal(v) else _shape(v) for v in eqn.invars]
+        if all(isinstance(a, _Whole) for a in args):
+            return [_Whole(x) for x in _bind(eqn, [a.value for a in args])]  # pyright: ignore
+        unknown: list[Value] = [None] * len(eqn.outvars)
         if any(a is None for a in args):
             return unknown
-        if all(s == () for s in shapes) and all(_shape(v) == () for v in eqn.outvars):
-            return _bind(eqn, args)
-        if any(s not in ((), self.shape) for s in shapes) \
+        if any(_shape(v) not in ((), self.shape) for v in eqn.invars if not _literal(v)) \
                 or any(_shape(v) != self.shape for v in eqn.outvars):
             return unknown
-        name = eqn.primitive.name
-        if name in ELEMENTWISE and eqn.params.get("sharding") is None:
-            return [tuple(eqn.primitive.bind(*(a[k] if s else a for a, s in zip(args, shapes, strict=True)),
-                                             **eqn.params) for k in (0, 1))]
-        if name == "broadcast_in_dim" and shapes == [()]:
-            return [tuple(lax.broadcast_in_dim(args[0], self.half, ()) for _ in (0, 1))]
+        pairs = [self.pair(v, a) for v, a in zip(eqn.invars, args, strict=True)]
+        if eqn.primitive.name in ELEMENTWISE and eqn.params.get("sharding") is None:
+            return [_Halves(tuple(eqn.primitive.bind(*(p[k] for p in pairs), **eqn.params)
+                                  for k in (0, 1)))]  # pyright: ignore[reportArgumentType]
         called = [eqn.params[k] for k in _CALLED if isinstance(eqn.params.get(k), jex.ClosedJaxpr)]
         if len(called) == 1:
             sub = called[0]
-            values = zip((*sub.jaxpr.constvars, *sub.jaxpr.invars), (*sub.consts, *args), strict=True)
-            inputs = {v: (lambda value=value: value) for v, value in values}
-            return _Evaluator(sub.jaxpr, self.shape, self.half, inputs, {}, self.memo).run(sub.jaxpr.outvars)
+            inputs: dict[Any, Callable[[], Value]] = {
+                v: (lambda c=c: _Whole(c)) for v, c in zip(sub.jaxpr.constvars, sub.consts, strict=True)}
+            inputs.update({v: (lambda a=a: a) for v, a in zip(sub.jaxpr.invars, args, strict=True)})
+            sub_evaluator = _Evaluator(sub.jaxpr, self.shape, self.blocked, self.half, inputs, {}, self.memo)
+            return sub_evaluator.run(sub.jaxpr.outvars)
         return unknown
 
 
@@ -163,9 +198,10 @@ def _bind(eqn: Any, args: Sequence[Any]) -> list[Any]:
 
 
 def halves(closed: Any, args: Sequence[Any], targets: Sequence[int], blocked: tuple[int, ...],
-           half: tuple[int, ...], given: dict[int, Callable[[], Pair]], memo: Memo) -> list[Pair | None]:
+           half: tuple[int, ...], given: dict[int, Callable[[], Pair]], stored: set[int],
+           memo: Memo) -> list[Pair | None]:
     """The low and high halves of the blocks of outputs ``targets`` of the jaxpr ``closed``,
-    evaluated at ``args``, re-running only elementwise operations on halves.
+    evaluated at ``args``.
 
     Args:
       closed: a ``ClosedJaxpr``.
@@ -174,29 +210,39 @@ def halves(closed: Any, args: Sequence[Any], targets: Sequence[int], blocked: tu
       blocked: the moment's blocked shape (its leading axes, blocks, elements per block).
       half: the shape each half is computed in (that of the packed codes).
       given: how to compute the halves of some arguments (by index), from the caller (the
-        decoded stored moments, straight from their codes); every other argument shaped like
-        the moment is cut with :func:`split`.
+        decoded stored moments of this layout, straight from their codes).
+      stored: the indices of every argument that is a decoded stored moment (those not in
+        ``given`` have no halves here: what depends on them is unknown).
       memo: a :class:`Memo`, shared between calls on the same ``closed``.
 
     Returns:
-      Each target's halves, or ``None`` where an operation on its way is not elementwise.
+      Each target's halves, or ``None`` where an operation that depends on a stored moment is
+      not elementwise.
     """
     jaxpr = closed.jaxpr
     shape = _shape(jaxpr.outvars[targets[0]]) if targets else None
     if not shape:  # no target, or not an array: nothing to compute
         return [None] * len(targets)
-    inputs: dict[Any, Callable[[], Any]] = {}
+    inputs: dict[Any, Callable[[], Value]] = {}
+    n_const = len(jaxpr.constvars)
     for i, (v, a) in enumerate(zip((*jaxpr.constvars, *jaxpr.invars), (*closed.consts, *args), strict=True)):
-        j = i - len(jaxpr.constvars)
+        j = i - n_const
         if j in given:
-            inputs[v] = given[j]
-        elif _shape(v) == shape:
-            inputs[v] = lambda a=a: split(a, blocked, half)
-        elif _shape(v) == ():
-            memo.scalars.setdefault(v, a)
-    evaluator = _Evaluator(jaxpr, shape, half, inputs, memo.scalars, memo)
-    out = evaluator.run([jaxpr.outvars[t] for t in targets])
-    return [o if isinstance(o, tuple) else None for o in out]
+            inputs[v] = lambda j=j: _Halves(given[j]())
+        elif j in stored:
+            inputs[v] = lambda: None
+        else:
+            memo.whole.setdefault(v, a)
+    evaluator = _Evaluator(jaxpr, shape, blocked, half, inputs, memo.whole, memo)
+    out: list[Pair | None] = []
+    for value in evaluator.run([jaxpr.outvars[t] for t in targets]):
+        if isinstance(value, _Halves):
+            out.append(value.pair)
+        elif isinstance(value, _Whole):  # a new moment that does not depend on the stored ones
+            out.append(split(value.value, blocked, half))
+        else:
+            out.append(None)
+    return out
 
 
 def traced(fn: Callable[..., Any], *args: Any) -> tuple[Any, Any, list[Any]]:

@@ -615,7 +615,7 @@ class _OnHalves:
         given = {i: functools.partial(_decoded_halves, q, layout) for i, q in self.stored.items()
                  if _layout_of(q) == layout}
         pair = _halves.halves(self.closed, self.args, [output], layout.blocked(), layout.code_shape(),
-                              given, self.memo)[0]
+                              given, set(self.stored), self.memo)[0]
         return None if pair is None else (pair[0].astype(dtype), pair[1].astype(dtype))
 
 

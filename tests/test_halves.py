@@ -17,43 +17,56 @@ from rmsjax import _quantization as qz
 BLOCKED, HALF = (4, 2, 8), (4, 8)
 
 
-def _halves_of(fn, *args, given=None):
+def _halves_of(fn, *args):
+    """The halves of ``fn(*args)``, its first argument standing for a stored moment (its halves
+    cut from it, as the caller would decode them from the codes)."""
     closed, _, flat = _halves.traced(fn, *args)
-    thunks = {i: (lambda pair=pair: pair) for i, pair in (given or {}).items()}
-    return _halves.halves(closed, flat, [0], BLOCKED, HALF, thunks, _halves.Memo())[0]
+    given = {0: lambda: _halves.split(args[0], BLOCKED, HALF)}
+    return _halves.halves(closed, flat, [0], BLOCKED, HALF, given, {0}, _halves.Memo())[0]
 
 
-def test_elementwise_operations_are_rerun_on_each_half():
-    x = jnp.linspace(-2.0, 3.0, 64).reshape(4, 16)
-    count = jnp.int32(3)
-
-    def fn(x, count):  # scalars computed from the count, a nested jit (jnp.where), a broadcast scalar
-        correction = 1.0 - 0.9 ** count.astype(jnp.float32)
-        y = jnp.where(x > 0, jnp.sqrt(jnp.abs(x)) / correction, jnp.zeros_like(x) + 0.5)
-        return 0.9 * y + 0.1 * x**2
-
-    pair = _halves_of(fn, x, count)
+def _check(fn, *args):
+    pair = _halves_of(fn, *args)
     assert pair is not None
-    want = _halves.split(fn(x, count), BLOCKED, HALF)
+    want = _halves.split(fn(*args), BLOCKED, HALF)
     for got, w in zip(pair, want, strict=True):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(w))
 
 
+def test_operations_on_the_moment_are_rerun_on_each_half():
+    m = jnp.linspace(0.0, 3.0, 64).reshape(4, 16)
+    g = jnp.cos(jnp.arange(64.0)).reshape(4, 16)
+    count = jnp.int32(3)
+
+    def fn(m, g, count):  # scalars from the count, a nested jit (jnp.where), a broadcast scalar
+        correction = 1.0 - 0.9 ** count.astype(jnp.float32)
+        y = jnp.where(m > 1, jnp.sqrt(m) / correction, jnp.zeros_like(m) + 0.5)
+        return 0.9 * y + 0.1 * g**2
+
+    _check(fn, m, g, count)
+
+
+def test_what_does_not_depend_on_the_moment_is_computed_whole():
+    """A global norm of the gradient (optax.clip_by_global_norm ahead of the moment), a
+    broadcast along an axis, elements moving: all on the gradient, computed as in the update."""
+    m = jnp.linspace(0.0, 3.0, 64).reshape(4, 16)
+    g = jnp.cos(jnp.arange(64.0)).reshape(4, 16)
+    _check(lambda m, g: 0.9 * m + 0.1 * (g / jnp.linalg.norm(g) * jnp.arange(16.0))[:, ::-1] ** 2, m, g)
+
+
 @pytest.mark.parametrize("fn", [
-    lambda x: x / jnp.sum(x),  # a reduction over the moment's elements
-    lambda x: x[:, ::-1],  # elements move
-    lambda x: x * jnp.arange(16.0),  # a broadcast along an axis
+    lambda m: m / jnp.sum(m),  # a reduction over the moment's elements
+    lambda m: m[:, ::-1],  # its elements move
+    lambda m: m * jnp.arange(16.0),  # a broadcast along an axis
 ])
-def test_anything_else_gives_up(fn):
+def test_anything_else_on_the_moment_gives_up(fn):
     assert _halves_of(fn, jnp.ones((4, 16))) is None
 
 
-def test_given_halves_replace_an_argument():
-    x = jnp.arange(64.0).reshape(4, 16)
-    low, high = jnp.full(HALF, 1.0), jnp.full(HALF, 2.0)
-    pair = _halves_of(lambda x: 2 * x, x, given={0: (low, high)})
-    np.testing.assert_array_equal(np.asarray(pair[0]), 2.0)
-    np.testing.assert_array_equal(np.asarray(pair[1]), 4.0)
+def test_a_stored_moment_without_halves_is_unknown():
+    closed, _, flat = _halves.traced(lambda m, other: 0.5 * m + other, jnp.ones((4, 16)), jnp.ones((4, 16)))
+    given = {0: lambda: _halves.split(jnp.ones((4, 16)), BLOCKED, HALF)}
+    assert _halves.halves(closed, flat, [0], BLOCKED, HALF, given, {0, 1}, _halves.Memo()) == [None]
 
 
 import registry  # noqa: E402  (tests/ is on the path: conftest.py)
@@ -104,10 +117,11 @@ def test_codes_encoded_on_halves_are_the_same_bits(name, monkeypatch):
     lambda: rmsjax.adam(1e-3), lambda: rmsjax.rmsprop(1e-3), lambda: rmsjax.adagrad(1e-2),
     lambda: rmsjax.adadelta(),
     lambda: rmsjax.rmsprop(1e-3, centered=True, momentum=0.9), lambda: optax.adam(1e-3),
+    lambda: optax.chain(optax.clip_by_global_norm(1.0), rmsjax.adamw(1e-3, weight_decay=0.1)),
     lambda: optax.inject_hyperparams(optax.adam)(learning_rate=1e-3),
     lambda: rmsjax.compat.torch.RMSprop(1e-2, momentum=0.9, centered=True),
-], ids=["adam", "rmsprop", "adagrad", "adadelta", "centred_momentum", "optax_adam", "inject",
-        "torch_centred"])
+], ids=["adam", "rmsprop", "adagrad", "adadelta", "centred_momentum", "optax_adam", "clipped_adamw",
+        "inject", "torch_centred"])
 def test_the_family_is_encoded_on_halves(make, monkeypatch):
     """Every stored moment of these optimizers is encoded on halves (none falls back to packing
     the whole moment, which makes XLA copy the codes)."""
