@@ -138,3 +138,30 @@ def test_the_family_is_encoded_on_halves(make, monkeypatch):
     with jax.numpy_dtype_promotion("standard"):  # optax's bias correction mixes a float and an int32
         jax.jit(tx.update).lower(_PARAMS, tx.init(_PARAMS), _PARAMS)
     assert results and all(results), results
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_narrow_moments_on_halves(dtype, monkeypatch):
+    """Moments in the parameters' 16-bit dtype: float16 codes are the same bits on halves as
+    packed whole; with bfloat16, XLA:CPU may keep an intermediate in float32 in one program and
+    round it in the other, so a rare element rounds to the neighbouring code (1 in 8192 after
+    three steps when measured); at most 0.2 % may."""
+    params = {"w": jnp.linspace(-1, 1, 64 * 256).reshape(64, 256).astype(dtype)}
+
+    def run():
+        tx = rmsjax.quantized(rmsjax.rmsprop(1e-2, centered=True, momentum=0.9), bits=4)
+        step = jax.jit(lambda p, s, g: (lambda u, s: (optax.apply_updates(p, u), s))(*tx.update(g, s, p)))
+        p, s = params, tx.init(params)
+        for i in range(3):
+            grads = jax.tree.map(lambda x, i=i: jnp.cos((i + 2) * x.astype(jnp.float32)).astype(dtype), p)
+            p, s = step(p, s, grads)
+        return [x for x in jax.tree.leaves(s, is_leaf=qz.is_quantized) if qz.is_quantized(x)]
+
+    on = run()
+    monkeypatch.setattr(qz, "_ENCODE_ON_HALVES", False)
+    off = run()
+    assert len(on) == len(off) == 3
+    for a, b in zip(on, off, strict=True):
+        differ = np.mean(np.asarray(a.codes) != np.asarray(b.codes))
+        assert differ == 0 if dtype == jnp.float16 else differ <= 0.002, differ
+        np.testing.assert_array_equal(np.asarray(a.scale, np.float32), np.asarray(b.scale, np.float32))
