@@ -583,6 +583,8 @@ class _OnHalves:
 
     def __init__(self, inner: optax.GradientTransformation, updates: Any, stored: Any, params: Any,
                  extra_args: dict[str, Any]):
+        # Each stored node's decoded value, keyed by the node's identity: the nodes are held by
+        # ``stored`` for the whole call, so no two share an id.
         decoded: dict[int, tuple[Any, jax.Array]] = {}
 
         def remember(x: Any, fuse: bool) -> jax.Array:
@@ -794,8 +796,7 @@ def _wrap(inner: optax.GradientTransformation, bits: int, block: int, minimum: i
         # moment is unpacked for the update the same way (see _codec.levels_of).
         decode = _decode if on_halves is None else (lambda x, fuse: _decode(x, True))
         updates_out, new_inner = inner.update(updates, _decode_state(stored, decode), params, **extra_args)
-        if _TRACE_NEW_STATE_AGAIN and any(isinstance(x, jax.core.Tracer)
-                                          for x in jax.tree.leaves((updates, stored))):
+        if _TRACE_NEW_STATE_AGAIN and traced:
             # Traced again, from copies XLA may not merge with the first trace: the loop that
             # writes the new parameters and the one that writes the new codes each compute
             # the moments they need from the stored codes and the gradient, instead of
