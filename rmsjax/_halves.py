@@ -149,14 +149,16 @@ class _Evaluator:
     ``inputs``: the jaxpr's input variables, each with a function giving its value.
     ``whole``: the whole values known so far (shared between moments for the update's jaxpr).
     ``tainted``: the variables that depend on a stored moment; ``reduced``: those that depend on
-    a reduction (:func:`_reduced`).
+    a reduction (:func:`_reduced`). ``whole_inputs``: for a nested jaxpr, how to get the whole
+    value of an input given as halves that depends on no stored moment.
     """
 
     def __init__(self, jaxpr: Any, shape: tuple[int, ...], blocked: tuple[int, ...], half: tuple[int, ...],
                  inputs: dict[Any, Callable[[], Value]], whole: dict[Any, Any], tainted: set[Any],
-                 reduced: set[Any], memo: Memo):
+                 reduced: set[Any], memo: Memo, whole_inputs: dict[Any, Callable[[], Any]] | None = None):
         self.shape, self.blocked, self.half, self.memo = shape, blocked, half, memo
         self.inputs, self.whole, self.tainted, self.reduced = inputs, whole, tainted, reduced
+        self.whole_inputs = whole_inputs or {}
         self.resolved: dict[Any, Value] = {}
         self.pairs: dict[Any, Pair | None] = {}
         self.producer, self.order = memo.program(jaxpr)
@@ -191,8 +193,10 @@ class _Evaluator:
             return v.val
         if v in self.inputs:
             value = self.input(v)
-            assert isinstance(value, _Whole)
-            return value.value
+            if isinstance(value, _Whole):
+                return value.value
+            if v not in self.whole:  # given as halves, and depends on no stored moment
+                self.whole[v] = self.whole_inputs[v]()
         return self.whole[v]
 
     def pair(self, v: Any) -> Pair | None:
@@ -209,7 +213,7 @@ class _Evaluator:
             return None if value is None else value.pair
         eqn = self.producer.get(v)
         if eqn is None or (v in self.reduced and v not in self.tainted):  # an argument, or cut
-            return split(self.whole[v] if v in self.whole else self.whole_value(v), self.blocked, self.half)
+            return split(self.whole_of(v), self.blocked, self.half)
         shapes = [() if _literal(x) else _shape(x) for x in eqn.invars]
         eligible = all(s in ((), self.shape) for s in shapes) \
             and all(_shape(x) == self.shape for x in eqn.outvars)
@@ -219,8 +223,7 @@ class _Evaluator:
                 if s == ():
                     if not _literal(x) and x in self.tainted:
                         return None
-                    whole = self.read_whole(x) if (_literal(x) or x in self.whole or x in self.inputs) \
-                        else self.whole_value(x)
+                    whole = self.whole_of(x)
                     operands.append((whole, whole))
                 else:
                     pair = self.pair(x)
@@ -240,15 +243,19 @@ class _Evaluator:
                              if not _literal(outer) and outer in self.tainted}
             inner_reduced = {x for x, outer in zip(sub.jaxpr.invars, eqn.invars, strict=True)
                              if not _literal(outer) and outer in self.reduced}
+            whole_inputs = {x: functools.partial(self.whole_of, outer)
+                            for x, outer in zip(sub.jaxpr.invars, eqn.invars, strict=True)
+                            if not _literal(outer) and outer not in self.tainted}
             evaluator = _Evaluator(sub.jaxpr, self.shape, self.blocked, self.half, inputs, {},
                                    _tainted(sub.jaxpr, inner_tainted),
-                                   _tainted(sub.jaxpr, inner_reduced) | _reduced(sub.jaxpr), self.memo)
+                                   _tainted(sub.jaxpr, inner_reduced) | _reduced(sub.jaxpr), self.memo,
+                                   whole_inputs)
             for x, inner in zip(eqn.outvars, sub.jaxpr.outvars, strict=True):
                 self.pairs[x] = evaluator.pair(inner) if not _literal(inner) else \
                     split(jnp.broadcast_to(inner.val, self.shape), self.blocked, self.half)
             return self.pairs[v]
         if v not in self.tainted:
-            return split(self.whole_value(v), self.blocked, self.half)
+            return split(self.whole_of(v), self.blocked, self.half)
         return None
 
     def value(self, v: Any) -> Value:
@@ -261,7 +268,12 @@ class _Evaluator:
             return None if pair is None else _Halves(pair)
         if v in self.tainted:
             return None
-        return _Whole(self.read_whole(v) if (v in self.whole or v in self.inputs) else self.whole_value(v))
+        return _Whole(self.whole_of(v))
+
+    def whole_of(self, v: Any) -> Any:
+        """The whole value of ``v``, which depends on no stored moment."""
+        known = _literal(v) or v in self.whole or v in self.inputs
+        return self.read_whole(v) if known else self.whole_value(v)
 
 
 def _bind(eqn: Any, args: Sequence[Any]) -> list[Any]:
