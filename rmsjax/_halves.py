@@ -10,14 +10,16 @@ per moment at the step's peak).
 
 :func:`halves` recomputes that new moment on each half of the blocks separately,
 ``new[..., :B/2]`` from the low nibbles and ``new[..., B/2:]`` from the high ones, by
-re-running the operations of the update's jaxpr that lead to it: on half-sized arrays for the
-operations that depend on a stored moment, which must be elementwise (every RMSprop-family
-rule is: a leaky average, a running sum, a momentum buffer); whole, as in the update itself,
-for those that do not (bias corrections, learning rates, a global norm of the gradient), whose
-results are then cut in halves where needed. It gives the same bits, since each element goes
-through the same operations on the same values. An operation that is not elementwise on a
-value that depends on a stored moment (a norm of the moment, a reshape, a broadcast along an
-axis) makes it give up, and :func:`rmsjax.quantized` packs the whole new moment as before.
+re-running the operations of the update's jaxpr that lead to it: on half-sized arrays where
+they are elementwise, which those that depend on a stored moment must be (every
+RMSprop-family rule is: a leaky average, a running sum, a momentum buffer); whole, as in the
+update itself, for the others, which depend on no stored moment (bias corrections, learning
+rates, a global norm of the gradient), cut in halves where needed. Each element goes through
+the same operations on the same values, so the codes are those of packing the whole moment
+(up to XLA contracting a multiply-add in one loop and not the other). An operation that is
+not elementwise on a value that depends on a stored moment (a norm of the moment, a reshape,
+a broadcast along an axis) makes it give up, and :func:`rmsjax.quantized` packs the whole new
+moment as before.
 """
 
 from __future__ import annotations
