@@ -30,7 +30,7 @@ Dtype rules, shared by every function in this module:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.core  # jax deletes its own alias; named here so type checkers see jax.core
@@ -59,6 +59,7 @@ __all__ = [
     "update_leaky_average",
     "update_momentum_buffer",
     "update_running_sum",
+    "update_step_average",
 ]
 
 PyTree = Any
@@ -345,16 +346,25 @@ def update_leaky_average(average: PyTree, x: PyTree, decay: Scalar, *, order: in
     >>> update_leaky_average(jnp.zeros(2), jnp.array([1.0, 2.0]), 0.9, order=2).round(4)
     Array([0.1, 0.4], dtype=float32)
     """
-    keep, take = decay, _complement(decay)
-    keep_as, take_as = _scalar(keep), _scalar(take)
+    leaky = _leaky(decay)
 
     def leaf(s, g):
-        value = _moment(g, order)
-        dtype = common_compute_dtype(s.dtype, real_dtype(value.dtype))
-        new = take_as(dtype) * _cast(value, dtype) + keep_as(dtype) * _cast(s, dtype)
-        return _saturate(new, s.dtype) if order == 2 else _cast(new, s.dtype)
+        return leaky(s, _moment(g, order), saturate=order == 2)
 
     return jax.tree.map(leaf, average, x)
+
+
+def _leaky(decay: Scalar) -> Callable[..., jax.Array]:
+    """``(s, value) -> decay*s + (1-decay)*value`` in ``s``'s dtype (the one leaky-average
+    formula), saturating with :func:`_saturate` when ``value`` is a second moment."""
+    keep_as, take_as = _scalar(decay), _scalar(_complement(decay))
+
+    def step(s: jax.Array, value: jax.Array, *, saturate: bool) -> jax.Array:
+        dtype = common_compute_dtype(s.dtype, real_dtype(value.dtype))
+        new = take_as(dtype) * _cast(value, dtype) + keep_as(dtype) * _cast(s, dtype)
+        return _saturate(new, s.dtype) if saturate else _cast(new, s.dtype)
+
+    return step
 
 
 def update_running_sum(total: PyTree, x: PyTree, *, order: int = 1) -> PyTree:
@@ -527,6 +537,39 @@ def multiply_by_root_ratio(x: PyTree, top: PyTree, bottom: PyTree, *, eps: Scala
         return _cast(_cast(g, dtype) * _cast(ratio, dtype), g.dtype)
 
     return jax.tree.map(leaf, x, top, bottom)
+
+
+def update_step_average(
+    average: PyTree, x: PyTree, top: PyTree, bottom: PyTree, decay: Scalar, *, eps: Scalar
+) -> PyTree:
+    """AdaDelta's leaky average of squared steps, ``s <- decay*s + (1-decay)*|u|**2`` for
+    the step ``u = x * sqrt(top + eps) / sqrt(bottom + eps)`` of :func:`multiply_by_root_ratio`.
+
+    For real ``x`` and an ``eps`` known to be positive, ``|u|**2`` is formed without the
+    roots, as ``(x / (bottom + eps)) * x * (top + eps)`` in the compute dtype: the square of
+    the step up to rounding (a few float32 ulps), 0 where ``x**2`` overflows (``bottom`` is
+    then ``inf``), as the step is. Its one expensive operation is then a division that a
+    compiler can repeat in each loop that reads the new average, where the square of the
+    step shares two square roots with the parameter update, which XLA:CPU writes out instead
+    (AdaDelta's donated float32 step: 24 -> 16 bytes per parameter at its peak, compiled in
+    place; under ``rmsjax.quantized`` at 4 bits, 17.1 -> 9.2). Otherwise (complex ``x``,
+    ``eps`` traced or 0) it is the square of that step, whose 0/0 rule it then shares.
+    """
+    leaky = _leaky(decay)
+    guarded = not _is_positive(eps)
+    eps_as = _scalar(eps)
+
+    def leaf(s, g, a, b):
+        if guarded or jnp.iscomplexobj(g):
+            (step,) = jax.tree.leaves(multiply_by_root_ratio(g, a, b, eps=eps))
+            return leaky(s, squared_magnitude(step), saturate=True)
+        dtype = compute_dtype(g.dtype)
+        e = eps_as(dtype)
+        g = _cast(g, dtype)
+        square = (g / (_cast(b, dtype) + e)) * g * (_cast(a, dtype) + e)
+        return leaky(s, square, saturate=True)
+
+    return jax.tree.map(leaf, average, x, top, bottom)
 
 
 def add_scaled(x: PyTree, y: PyTree, factor: Scalar) -> PyTree:

@@ -519,8 +519,8 @@ def scale_by_adadelta(rho: Scalar = 0.9, eps: Scalar = 1e-6) -> optax.GradientTr
             updates, state, params, expected=ScaleByAdaDeltaState, who="scale_by_adadelta", moment="nu"
         )
         nu = averages.update_leaky_average(state.nu, updates, rho, order=2)
+        nu_delta = averages.update_step_average(state.nu_delta, updates, state.nu_delta, nu, rho, eps=eps)
         updates = averages.multiply_by_root_ratio(updates, state.nu_delta, nu, eps=eps)
-        nu_delta = averages.update_leaky_average(state.nu_delta, updates, rho, order=2)
         count = averages.increment_count(state.count)
         return updates, ScaleByAdaDeltaState(count=count, nu=nu, nu_delta=nu_delta)
 
