@@ -419,14 +419,31 @@ def block_scale(x: jax.Array, old: jax.Array | None, dtype: Any, *,
     reshaped to ``blocked`` just before the reduction. XLA:CPU runs an elementwise loop whose
     output shape differs from its operands' several times slower, so the elementwise part
     stays in the shape of the arrays it reads."""
+    utype, mantissa, mask, _ = _EXPONENT[jnp.dtype(x.dtype)]
+    fresh = _power_of_two_above(_largest_exponent(x, keep, blocked), utype, mantissa, mask)
+    return _finish(fresh, old, utype, mantissa, x.dtype, dtype)
+
+
+def _largest_exponent(x: jax.Array, keep: jax.Array | None, blocked: tuple[int, ...] | None) -> jax.Array:
+    """Each block's largest :func:`_exponent_below` of its finite elements (and those where
+    ``keep`` is true), reduced in XLA's own loop (:func:`_block_max`)."""
     utype, mantissa, mask, etype = _EXPONENT[jnp.dtype(x.dtype)]
     drop = _biased_exponent(x, utype, mantissa, mask) == jnp.asarray(mask, utype)  # inf or NaN
     exponent = _exponent_below(x, utype, mantissa, mask).astype(etype)
     if keep is not None:
         drop = drop | ~keep
     exponent = jnp.where(drop, jnp.zeros_like(exponent), exponent)
-    fresh = _power_of_two_above(_block_max(exponent, blocked), utype, mantissa, mask)
-    return _finish(fresh, old, utype, mantissa, x.dtype, dtype)
+    return _block_max(exponent, blocked)
+
+
+def halves_scale(low: jax.Array, high: jax.Array, old: jax.Array | None, dtype: Any,
+                 blocked: tuple[int, ...]) -> jax.Array:
+    """:func:`block_scale` of blocks given as their low and high halves (each reshaped to
+    ``blocked``, of ``B/2`` elements per block, just before the reduction): the larger of
+    the two halves' exponents."""
+    utype, mantissa, mask, _ = _EXPONENT[jnp.dtype(low.dtype)]
+    top = jnp.maximum(_largest_exponent(low, None, blocked), _largest_exponent(high, None, blocked))
+    return _finish(_power_of_two_above(top, utype, mantissa, mask), old, utype, mantissa, low.dtype, dtype)
 
 
 def bound_scale(bound: jax.Array, old: jax.Array | None, dtype: Any) -> jax.Array:

@@ -33,7 +33,7 @@ import jax.core  # jax deletes its own alias; named here so type checkers see ja
 import jax.extend.core as jex
 import jax.numpy as jnp
 
-__all__ = ["Memo", "halves", "split", "traced"]
+__all__ = ["Memo", "ancestors", "halves", "split", "traced"]
 
 # Primitives that apply one scalar function to each element (their operands: the same shape,
 # or rank 0). Only these are re-run on halves.
@@ -114,6 +114,23 @@ def _tainted(jaxpr: Any, inputs: set[Any]) -> set[Any]:
         if any(not _literal(v) and v in tainted for v in eqn.invars):
             tainted.update(eqn.outvars)
     return tainted
+
+
+def ancestors(jaxpr: Any, outputs: Sequence[Any]) -> set[Any]:
+    """The variables of ``jaxpr`` that ``outputs`` (some of its variables) are computed from,
+    themselves included."""
+    producer = {v: eqn for eqn in jaxpr.eqns for v in eqn.outvars}
+    found: set[Any] = set()
+    stack = [v for v in outputs if not _literal(v)]
+    while stack:
+        v = stack.pop()
+        if v in found:
+            continue
+        found.add(v)
+        eqn = producer.get(v)
+        if eqn is not None:
+            stack.extend(x for x in eqn.invars if not _literal(x))
+    return found
 
 
 def _reduced(jaxpr: Any) -> set[Any]:

@@ -43,6 +43,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.core  # jax deletes its own alias; named here so type checkers see jax.core
+import jax.extend.core as jex
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -607,16 +608,27 @@ class _OnHalves:
         self.index = jax.tree.unflatten(out_tree, range(out_tree.num_leaves))
         self.memo = _halves.Memo()
 
+    def feeds_updates(self, output: int) -> bool:
+        """Whether the update's output updates are computed from output ``output``."""
+        jaxpr = self.closed.jaxpr
+        v = jaxpr.outvars[output]
+        if isinstance(v, jex.Literal):
+            return False
+        needed = _halves.ancestors(jaxpr, [jaxpr.outvars[i] for i in jax.tree.leaves(self.index[0])])
+        return v in needed
+
     def outputs(self) -> Any:
         """The update's output tree (updates, new state) with each leaf's output index."""
         return self.index
 
     def halves(self, output: int, layout: _Layout, dtype: Any) -> _halves.Pair | None:
         """The halves of the blocks of output ``output`` (a new moment stored with ``layout``
-        in ``dtype``), or None when they cannot be computed element by element."""
+        in ``dtype``), or None when they cannot be computed element by element. At 4 bits
+        each half is in the packed codes' shape; at 8 bits in the blocked shape, one half
+        block per row."""
         given = {i: functools.partial(_decoded_halves, q, layout) for i, q in self.stored.items()
                  if _layout_of(q) == layout}
-        pair = _halves.halves(self.closed, self.args, [output], layout.blocked(), layout.code_shape(),
+        pair = _halves.halves(self.closed, self.args, [output], layout.blocked(), _half_shape(layout),
                               given, set(self.stored), self.memo)[0]
         return None if pair is None else (pair[0].astype(dtype), pair[1].astype(dtype))
 
@@ -626,6 +638,11 @@ def _decoded_halves(q: PackedQuantizedArray, layout: _Layout) -> _halves.Pair:
     nibbles in the codes' own shape (the same values as :func:`dequantize`'s, cut with
     :func:`_halves.split`)."""
     ct = _compute_dtype(q.scale.dtype)
+    if layout.bits == 8:
+        shape = _half_shape(layout)
+        scale8 = _spread_over_codes(q.scale.astype(ct), layout._replace(bits=4))
+        return tuple(_codec.decode(c.astype(ct), scale8, 8, _signed(q)).astype(q.scale.dtype)
+                     for c in _halves.split(q.codes, layout.blocked(), shape))  # pyright: ignore[reportReturnType]
     scale = _spread_over_codes(q.scale.astype(ct), layout)
 
     def half(high: bool) -> jax.Array:
@@ -633,6 +650,31 @@ def _decoded_halves(q: PackedQuantizedArray, layout: _Layout) -> _halves.Pair:
         return _codec.decode(level, scale, layout.bits, _signed(q)).astype(q.scale.dtype)
 
     return half(False), half(True)
+
+
+def _has_unbounded(stored: Any, entry: Any, bits: int) -> bool:
+    """Whether ``stored`` holds a moment stored in low bits whose block scales may come from
+    its new values (every 4-bit moment; an 8-bit one without a bound from its rule): only then
+    is the update traced a second time, for :class:`_OnHalves`."""
+    found = False
+
+    def visit(node: Any) -> Any:
+        nonlocal found
+        for name, moment in (_moments.declared(node) or {}).items():
+            if bits == 8 and node is entry and moment.rule is not None and moment.centered is None:
+                continue
+            if any(is_quantized(x) for x in jax.tree.leaves(getattr(node, name), is_leaf=_stop)):
+                found = True
+        return node
+
+    jax.tree.map(lambda n: visit(n) if _is_declared(n) else n, stored, is_leaf=_is_declared)
+    return found
+
+
+def _half_shape(layout: _Layout) -> tuple[int, ...]:
+    """The shape each half of a block is computed in (:meth:`_OnHalves.halves`)."""
+    axis = len(layout.lead)
+    return (*layout.shape[:axis], layout.shape[axis] // 2, *layout.shape[axis + 1 :])
 
 
 def _increment(count: jax.Array) -> jax.Array:
@@ -789,12 +831,13 @@ def _wrap(inner: optax.GradientTransformation, bits: int, block: int, minimum: i
         _validation.check_state_type(state, QuantizedState, "quantized")
         stored = state.inner
         traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((updates, stored)))
+        entry = _entry(stored)
         on_halves = _OnHalves(inner, updates, stored, params, extra_args) \
-            if bits == 4 and traced and _ENCODE_ON_HALVES else None
+            if traced and _ENCODE_ON_HALVES and _has_unbounded(stored, entry, bits) else None
         outputs = None if on_halves is None else on_halves.outputs()[1]
         # Encoded on halves, a centred moment reads its first moment's nibbles itself, so every
         # moment is unpacked for the update the same way (see _codec.levels_of).
-        decode = _decode if on_halves is None else (lambda x, fuse: _decode(x, True))
+        decode = _decode if on_halves is None or bits == 8 else (lambda x, fuse: _decode(x, True))
         updates_out, new_inner = inner.update(updates, _decode_state(stored, decode), params, **extra_args)
         if _TRACE_NEW_STATE_AGAIN and traced:
             # Traced again, from copies XLA may not merge with the first trace: the loop that
@@ -803,7 +846,6 @@ def _wrap(inner: optax.GradientTransformation, bits: int, block: int, minimum: i
             # sharing one full-size float32 copy of the new moments.
             updates, stored, params = jax.lax.optimization_barrier((updates, stored, params))
             _, new_inner = inner.update(updates, dequantize_state(stored), params, **extra_args)
-        entry = _entry(stored)
         count = state.count + jnp.int32(1)
         ids = iter(range(1 << 30))
         # Each stored moment leaf's parameter (its position among the update's leaves), to
@@ -878,9 +920,17 @@ def _wrap(inner: optax.GradientTransformation, bits: int, block: int, minimum: i
                 if g is not None and tuple(jnp.shape(g)) == layout.shape \
                         and jnp.issubdtype(jnp.asarray(g).dtype, jnp.floating):
                     bound = _bound(q, layout, moment, jnp.asarray(g), first)
-                scale = _new_scale(value, layout, old_scale=q.scale, bound=bound, keep=keep)
                 pair = None
-                if on_halves is not None and "o" in extra:
+                if bits == 8 and on_halves is not None and "o" in extra and bound is None and keep is None \
+                        and m is None and layout.block % 2 == 0 and not on_halves.feeds_updates(extra["o"]):
+                    pair = on_halves.halves(extra["o"], layout, value.dtype)
+                if pair is not None:
+                    scale = _codec.halves_scale(*pair, q.scale.reshape(layout.blocked()[:-1]), q.scale.dtype,
+                                                (*layout.blocked()[:-1], layout.block // 2))
+                    pair = None
+                else:
+                    scale = _new_scale(value, layout, old_scale=q.scale, bound=bound, keep=keep)
+                if bits == 4 and on_halves is not None and "o" in extra:
                     pair = on_halves.halves(extra["o"], layout, value.dtype)
                     if pair is not None and m is not None:
                         firsts = on_halves.halves(extra["mo"], layout, value.dtype)
