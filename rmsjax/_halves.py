@@ -33,7 +33,7 @@ import jax.core  # jax deletes its own alias; named here so type checkers see ja
 import jax.extend.core as jex
 import jax.numpy as jnp
 
-__all__ = ["Memo", "ancestors", "halves", "split", "traced"]
+__all__ = ["EXPENSIVE", "Memo", "ancestors", "costly", "halves", "split", "traced"]
 
 # Primitives that apply one scalar function to each element (their operands: the same shape,
 # or rank 0). Only these are re-run on halves.
@@ -131,6 +131,36 @@ def ancestors(jaxpr: Any, outputs: Sequence[Any]) -> set[Any]:
         if eqn is not None:
             stack.extend(x for x in eqn.invars if not _literal(x))
     return found
+
+
+# Primitives that XLA counts as expensive: it computes one once and writes it out rather than
+# repeat it in each loop that reads it.
+EXPENSIVE = frozenset({
+    "acos", "acosh", "asin", "asinh", "atan", "atan2", "atanh", "cbrt", "cos", "cosh", "div",
+    "erf", "erf_inv", "erfc", "exp", "exp2", "expm1", "log", "log1p", "logistic", "pow", "rem",
+    "rsqrt", "sin", "sinh", "sqrt", "tan", "tanh",
+})
+
+
+def costly(jaxpr: Any, v: Any, tainted: set[Any]) -> bool:
+    """Whether ``v`` (a variable of ``jaxpr``) is computed through an :data:`EXPENSIVE`
+    operation on a value in ``tainted`` (one that depends on a stored moment), nested jits
+    included."""
+    producer = {x: eqn for eqn in jaxpr.eqns for x in eqn.outvars}
+    for x in ancestors(jaxpr, [v]):
+        eqn = producer.get(x)
+        if eqn is None or x not in tainted:
+            continue
+        if eqn.primitive.name in EXPENSIVE:
+            return True
+        for k in _CALLED:
+            sub = eqn.params.get(k)
+            if isinstance(sub, jex.ClosedJaxpr):
+                inner = _tainted(sub.jaxpr, {i for i, o in zip(sub.jaxpr.invars, eqn.invars, strict=True)
+                                             if not _literal(o) and o in tainted})
+                if any(costly(sub.jaxpr, out, inner) for out in sub.jaxpr.outvars if not _literal(out)):
+                    return True
+    return False
 
 
 def _reduced(jaxpr: Any) -> set[Any]:

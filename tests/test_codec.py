@@ -341,8 +341,9 @@ def test_halves_pack_and_unpack_like_whole_blocks(signed):
     low, high = (level[..., :8].reshape(code_shape), level[..., 8:].reshape(code_shape))
     np.testing.assert_array_equal(np.asarray(_codec.pack_halves(low, high, signed)), np.asarray(whole))
     for h, part in ((False, low), (True, high)):
-        np.testing.assert_array_equal(np.asarray(_codec.half_levels(whole, h, signed, jnp.float32)),
-                                      np.asarray(part))
+        for wide in (False, True):
+            np.testing.assert_array_equal(
+                np.asarray(_codec.half_levels(whole, h, signed, jnp.float32, wide=wide)), np.asarray(part))
         index = np.arange(np.prod(blocked)).reshape(blocked)
         index = (index[..., 8:] if h else index[..., :8]).reshape(code_shape)
         np.testing.assert_array_equal(np.asarray(_codec.half_indices(code_shape, 8, h)), index)
@@ -350,3 +351,20 @@ def test_halves_pack_and_unpack_like_whole_blocks(signed):
     np.testing.assert_array_equal(
         np.asarray(_codec.uniform_at(_codec.half_indices(code_shape, 8, True), jnp.int32(3), 9)),
         np.asarray(u[..., 8:]).reshape(code_shape))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64, jnp.bfloat16])
+def test_inverse_scale_by_bits_is_the_quotient(dtype):
+    """The inverse formed from the bit pattern is ``1 / scale`` for 0 and every power of two a
+    scale can take (``2**-125`` to ``2**126``; float64's whole normal range), written in
+    NumPy as ``2.0**-k``."""
+    top = 1022 if dtype == jnp.float64 else 126
+    k = np.arange(-top + 1, top + 1)
+    scale = np.concatenate([[0.0], 2.0 ** k])
+    expected = np.concatenate([[1.0], 2.0 ** -k])
+    with jax.enable_x64(dtype == jnp.float64):
+        wide = jnp.asarray(scale, dtype).astype(jnp.float32 if dtype == jnp.bfloat16 else dtype)
+        got = _codec.inverse_scale(wide, by_bits=True)
+        assert got.dtype == wide.dtype
+        np.testing.assert_array_equal(np.asarray(got, np.float64), expected)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(_codec.inverse_scale(wide)))

@@ -772,7 +772,8 @@ def _count(jaxpr, marks, sizes):
     """(reductions over full-size operands tagged both "grad" and "codes", tags of the
     outputs); tags follow data flow, through sub-jaxprs and element by element through
     optimization barriers. Full-size: as many elements as a gradient leaf (the later stages
-    of a reduction made in stages read partial maxima, not a new moment)."""
+    of a reduction made in stages read partial maxima, not a new moment); a reduction over
+    half as many counts one half (a moment's maxima reduced over the halves of its blocks)."""
     found = 0
     for eqn in jaxpr.eqns:
         tags = set().union(*[_tags(v, marks) for v in eqn.invars]) if eqn.invars else set()
@@ -791,8 +792,9 @@ def _count(jaxpr, marks, sizes):
                     marks[out] = t
                 continue
         if eqn.primitive.name in ("reduce_max", "reduce_min", "argmax", "argmin", "reduce") \
-                and {"grad", "codes"} <= tags and int(np.size(eqn.invars[0].aval)) in sizes:
-            found += 1
+                and {"grad", "codes"} <= tags:
+            size = int(np.size(eqn.invars[0].aval))
+            found += 1 if size in sizes else 0.5 if 2 * size in sizes else 0
         for v in eqn.outvars:
             marks[v] = tags
     return found, [_tags(v, marks) for v in jaxpr.outvars]
@@ -1046,7 +1048,7 @@ def peak_bytes_per_param(make, bits, n=2048, options=None):
 PEAK_TEMPORARIES = {
     ("adam", 8): 2.1, ("adam", 4): 0.7, ("rmsprop", 8): 1.1, ("rmsprop", 4): 0.6,
     ("adagrad", 8): 1.1, ("adagrad", 4): 0.6, ("adadelta", 8): 1.1, ("adadelta", 4): 1.1,
-    ("centered_momentum", 8): 5.1, ("centered_momentum", 4): 4.6, ("momentum", 8): 5.1, ("momentum", 4): 4.6,
+    ("centered_momentum", 8): 5.1, ("centered_momentum", 4): 0.7, ("momentum", 8): 5.1, ("momentum", 4): 0.7,
 }
 
 
@@ -1091,7 +1093,7 @@ _NOT_MET = pytest.mark.xfail(
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="measured on XLA:CPU only in this release; "
                     "benchmarks/bench_quantized.py prints the peaks on any backend")
 @pytest.mark.parametrize("name,bits", [
-    pytest.param(name, bits, marks=_NOT_MET if name == "centered_momentum" else ())
+    pytest.param(name, bits, marks=_NOT_MET if (name, bits) == ("centered_momentum", 8) else ())
     for bits in (8, 4) for name in ACCEPTANCE
 ])
 def test_peak_memory_meets_the_acceptance_target(name, bits):
