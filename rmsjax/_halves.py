@@ -51,6 +51,7 @@ ELEMENTWISE = frozenset({
 _CALLED = ("jaxpr", "call_jaxpr")
 
 Pair = tuple[jax.Array, jax.Array]
+Pieces = tuple[jax.Array, ...]  # the halves of a moment's blocks, or the whole moment alone
 
 
 def split(x: jax.Array, blocked: tuple[int, ...], shape: tuple[int, ...]) -> Pair:
@@ -99,9 +100,10 @@ class _Whole(NamedTuple):
 
 
 class _Halves(NamedTuple):
-    """A variable that depends on a stored moment: its halves (shaped like the moment)."""
+    """A variable that depends on a stored moment: its halves (shaped like the moment), or the
+    whole of it as one piece."""
 
-    pair: Pair
+    pair: Pieces
 
 
 Value = _Whole | _Halves | None  # None: depends on a stored moment, halves not computable
@@ -202,14 +204,16 @@ class _Evaluator:
     value of an input given as halves that depends on no stored moment.
     """
 
-    def __init__(self, jaxpr: Any, shape: tuple[int, ...], blocked: tuple[int, ...], half: tuple[int, ...],
-                 inputs: dict[Any, Callable[[], Value]], whole: dict[Any, Any], tainted: set[Any],
-                 reduced: set[Any], memo: Memo, whole_inputs: dict[Any, Callable[[], Any]] | None = None):
+    def __init__(self, jaxpr: Any, shape: tuple[int, ...], blocked: tuple[int, ...],
+                 half: tuple[int, ...] | None, inputs: dict[Any, Callable[[], Value]],
+                 whole: dict[Any, Any], tainted: set[Any], reduced: set[Any], memo: Memo,
+                 whole_inputs: dict[Any, Callable[[], Any]] | None = None):
         self.shape, self.blocked, self.half, self.memo = shape, blocked, half, memo
         self.inputs, self.whole, self.tainted, self.reduced = inputs, whole, tainted, reduced
         self.whole_inputs = whole_inputs or {}
         self.resolved: dict[Any, Value] = {}
-        self.pairs: dict[Any, Pair | None] = {}
+        self.pairs: dict[Any, Pieces | None] = {}
+        self.n = 1 if half is None else 2
         self.producer, self.order = memo.program(jaxpr)
 
     def input(self, v: Any) -> Value:
@@ -248,21 +252,26 @@ class _Evaluator:
                 self.whole[v] = self.whole_inputs[v]()
         return self.whole[v]
 
-    def pair(self, v: Any) -> Pair | None:
+    def cut(self, x: Any) -> Pieces:
+        """A value shaped like the moment (or with as many elements) in pieces: its halves, or
+        itself alone when ``half`` is None."""
+        return (jnp.reshape(x, self.shape),) if self.half is None else split(x, self.blocked, self.half)
+
+    def pair(self, v: Any) -> Pieces | None:
         """The halves of ``v`` (shaped like the moment), or None where they are unknown."""
         if v not in self.pairs:
             self.pairs[v] = self._pair(v)
         return self.pairs[v]
 
-    def _pair(self, v: Any) -> Pair | None:
+    def _pair(self, v: Any) -> Pieces | None:
         if v in self.inputs:
             value = self.input(v)
             if isinstance(value, _Whole):
-                return split(value.value, self.blocked, self.half)
+                return self.cut(value.value)
             return None if value is None else value.pair
         eqn = self.producer.get(v)
         if eqn is None or (v in self.reduced and v not in self.tainted):  # an argument, or cut
-            return split(self.whole_of(v), self.blocked, self.half)
+            return self.cut(self.whole_of(v))
         shapes = [() if _literal(x) else _shape(x) for x in eqn.invars]
         eligible = all(s in ((), self.shape) for s in shapes) \
             and all(_shape(x) == self.shape for x in eqn.outvars)
@@ -273,14 +282,14 @@ class _Evaluator:
                     if not _literal(x) and x in self.tainted:
                         return None
                     whole = self.whole_of(x)
-                    operands.append((whole, whole))
+                    operands.append((whole,) * self.n)
                 else:
                     pair = self.pair(x)
                     if pair is None:
                         return None
                     operands.append(pair)
             return tuple(eqn.primitive.bind(*(o[k] for o in operands), **eqn.params)
-                         for k in (0, 1))  # pyright: ignore[reportReturnType]
+                         for k in range(self.n))
         called = [eqn.params[k] for k in _CALLED if isinstance(eqn.params.get(k), jex.ClosedJaxpr)]
         if eligible and len(called) == 1:
             sub = called[0]
@@ -301,10 +310,10 @@ class _Evaluator:
                                    whole_inputs)
             for x, inner in zip(eqn.outvars, sub.jaxpr.outvars, strict=True):
                 self.pairs[x] = evaluator.pair(inner) if not _literal(inner) else \
-                    split(jnp.broadcast_to(inner.val, self.shape), self.blocked, self.half)
+                    self.cut(jnp.broadcast_to(inner.val, self.shape))
             return self.pairs[v]
         if v not in self.tainted:
-            return split(self.whole_of(v), self.blocked, self.half)
+            return self.cut(self.whole_of(v))
         return None
 
     def value(self, v: Any) -> Value:
@@ -335,8 +344,8 @@ def _bind(eqn: Any, args: Sequence[Any]) -> list[Any]:
 
 
 def halves(closed: Any, args: Sequence[Any], targets: Sequence[int], blocked: tuple[int, ...],
-           half: tuple[int, ...], given: dict[int, Callable[[], Pair]], stored: set[int],
-           memo: Memo) -> list[Pair | None]:
+           half: tuple[int, ...] | None, given: dict[int, Callable[[], Pieces]], stored: set[int],
+           memo: Memo) -> list[Pieces | None]:
     """The low and high halves of the blocks of outputs ``targets`` of the jaxpr ``closed``,
     evaluated at ``args``.
 
@@ -345,7 +354,8 @@ def halves(closed: Any, args: Sequence[Any], targets: Sequence[int], blocked: tu
       args: its arguments.
       targets: indices of its outputs, each shaped like the moment.
       blocked: the moment's blocked shape (its leading axes, blocks, elements per block).
-      half: the shape each half is computed in (that of the packed codes).
+      half: the shape each half is computed in (that of the packed codes); None: the outputs are
+        computed whole, as one piece each (from whole arguments in ``given``).
       given: how to compute the halves of some arguments (by index), from the caller (the
         decoded stored moments of this layout, straight from their codes).
       stored: the indices of every argument that is a decoded stored moment (those not in
@@ -376,10 +386,10 @@ def halves(closed: Any, args: Sequence[Any], targets: Sequence[int], blocked: tu
     if memo.tainted is None or memo.reduced is None:
         memo.tainted, memo.reduced = _tainted(jaxpr, stored_vars), _reduced(jaxpr)
     evaluator = _Evaluator(jaxpr, shape, blocked, half, inputs, memo.whole, memo.tainted, memo.reduced, memo)
-    out: list[Pair | None] = []
+    out: list[Pieces | None] = []
     for t in targets:
         v = jaxpr.outvars[t]
-        out.append(split(jnp.broadcast_to(v.val, shape), blocked, half) if _literal(v) else evaluator.pair(v))
+        out.append(evaluator.cut(jnp.broadcast_to(v.val, shape)) if _literal(v) else evaluator.pair(v))
     return out
 
 

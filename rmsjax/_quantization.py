@@ -635,7 +635,8 @@ class _OnHalves:
         """The update's output tree (updates, new state) with each leaf's output index."""
         return self.index
 
-    def halves(self, output: int, layout: _Layout, dtype: Any, *, separate: bool = False) -> _halves.Pair | None:
+    def halves(self, output: int, layout: _Layout, dtype: Any, *,
+               separate: bool = False) -> _halves.Pair | None:
         """The halves of the blocks of output ``output`` (a new moment stored with ``layout``
         in ``dtype``), or None when they cannot be computed element by element. Each half is
         in the shape of the moment with its blocked axis halved (the packed codes' shape at 4
@@ -646,6 +647,17 @@ class _OnHalves:
         pair = _halves.halves(self.closed, self.args, [output], layout.blocked(), _half_shape(layout),
                               given, set(self.stored), self.memo)[0]
         return None if pair is None else (pair[0].astype(dtype), pair[1].astype(dtype))
+
+    def separate_whole(self, output: int, layout: _Layout, dtype: Any) -> jax.Array | None:
+        """Output ``output`` (a new 8-bit moment stored with ``layout``, in ``dtype``) computed
+        again, whole, from the stored 8-bit moments of its layout decoded by other operations
+        than :func:`dequantize`'s (the same values), so that XLA cannot merge it with the
+        update's own computation; None when it cannot be computed element by element."""
+        given = {i: functools.partial(_decoded_separately, q, layout)
+                 for i, q in self.stored.items() if _layout_of(q) == layout}
+        pieces = _halves.halves(self.closed, self.args, [output], layout.blocked(), None,
+                                given, set(self.stored), self.memo)[0]
+        return None if pieces is None else pieces[0].astype(dtype)
 
 
 def _decoded_halves(q: QuantizedArray | PackedQuantizedArray, layout: _Layout, *,
@@ -674,33 +686,51 @@ def _decoded_halves(q: QuantizedArray | PackedQuantizedArray, layout: _Layout, *
     return half(False), half(True)
 
 
-def _halves_for_maxima(on_halves: _OnHalves, output: int, layout: _Layout, dtype: Any) -> _halves.Pair | None:
-    """The halves of the new moment (update output ``output``) to reduce its block maxima over,
-    where that saves XLA a full-size float32 copy of a value several loops would share; else
-    None (the maxima are then reduced over the new moment itself).
+def _separate_computations(on_halves: _OnHalves, output: int, layout: _Layout,
+                           dtype: Any) -> tuple[_halves.Pair | None, jax.Array | None]:
+    """Computations of the new moment (update output ``output``) of its own for the reduction
+    of its block maxima and, at 8 bits, for its encode, where they save XLA a full-size float32
+    copy of a value several loops would otherwise share: (the halves to reduce the maxima
+    over, or None to reduce the new moment itself; the value to encode, or None for the new
+    moment itself).
 
     * 8 bits, a moment the step does not read (AdaDelta's ``nu_delta``): the reduction and the
       encode would share the whole new moment; reduced over halves, each computes its own.
-    * 4 bits, a moment the step reads and that comes through a square root or a division of a
-      stored moment (a momentum buffer after ``g / (sqrt(nu') + eps)``): the parameter loop
-      and the reduction would share that quotient (the encode already runs on halves), so the
-      reduction gets halves of its own (``separate``).
+    * A moment the step reads that comes through a square root or a division of a stored
+      moment (a momentum buffer after ``g / (sqrt(nu') + eps)``): the parameter loop, the
+      reduction and the encode would share that quotient. The reduction gets halves of its
+      own; at 4 bits the encode already runs on halves, so the reduction's are decoded apart
+      (``separate``); at 8 bits the encode gets a whole computation of its own.
     """
     if layout.block % 2:
-        return None
-    if layout.bits == 8:
-        return None if on_halves.feeds_updates(output) else on_halves.halves(output, layout, dtype)
-    if not on_halves.shares_costly(output):
-        return None
-    return on_halves.halves(output, layout, dtype, separate=True)
+        return None, None
+    reads = on_halves.feeds_updates(output)
+    if layout.bits == 8 and not reads:
+        return on_halves.halves(output, layout, dtype), None
+    if not (reads and on_halves.shares_costly(output)):
+        return None, None
+    if layout.bits == 4:
+        return on_halves.halves(output, layout, dtype, separate=True), None
+    whole = on_halves.separate_whole(output, layout, dtype)
+    return (None, None) if whole is None else (on_halves.halves(output, layout, dtype), whole)
 
 
 def _new_scale_of_halves(pair: _halves.Pair, layout: _Layout, old_scale: jax.Array) -> jax.Array:
     """:func:`_new_scale` of a new moment given as the halves of its blocks (each in
     :func:`_half_shape`)."""
     ct = _compute_dtype(pair[0].dtype)
-    return _codec.halves_scale(pair[0].astype(ct), pair[1].astype(ct), old_scale.reshape(layout.blocked()[:-1]),
-                               pair[0].dtype, (*layout.blocked()[:-1], layout.block // 2))
+    old = old_scale.reshape(layout.blocked()[:-1])
+    return _codec.halves_scale(pair[0].astype(ct), pair[1].astype(ct), old, pair[0].dtype,
+                               (*layout.blocked()[:-1], layout.block // 2))
+
+
+def _decoded_separately(q: QuantizedArray, layout: _Layout) -> tuple[jax.Array]:
+    """A stored 8-bit moment decoded whole (the values of :func:`dequantize`), its codes
+    widened to 32-bit integers before they become floats: other operations than
+    :func:`dequantize`'s, which XLA does not merge with them (:meth:`_OnHalves.separate_whole`)."""
+    ct = _compute_dtype(q.scale.dtype)
+    level = q.codes.astype(jnp.int32).astype(ct)
+    return (_codec.decode(level, _spread(q.scale.astype(ct), layout), 8, _signed(q)).astype(q.scale.dtype),)
 
 
 def _has_unbounded(stored: Any, entry: Any, bits: int) -> bool:
@@ -973,7 +1003,9 @@ def _wrap(inner: optax.GradientTransformation, bits: int, block: int, minimum: i
                     bound = _bound(q, layout, moment, jnp.asarray(g), first)
                 maxima = None  # the new moment's halves to reduce its block maxima over
                 if on_halves is not None and "o" in extra and bound is None and keep is None and m is None:
-                    maxima = _halves_for_maxima(on_halves, extra["o"], layout, value.dtype)
+                    maxima, separate = _separate_computations(on_halves, extra["o"], layout, value.dtype)
+                    if separate is not None:
+                        value = separate
                 if maxima is not None:
                     scale = _new_scale_of_halves(maxima, layout, q.scale)
                 else:

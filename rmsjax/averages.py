@@ -30,7 +30,8 @@ Dtype rules, shared by every function in this module:
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.core  # jax deletes its own alias; named here so type checkers see jax.core

@@ -48,6 +48,27 @@ def test_operations_on_the_moment_are_rerun_on_each_half():
     _check(fn, m, g, count)
 
 
+def test_the_whole_moment_as_one_piece():
+    """With no half shape the evaluator re-runs the same operations on the whole moment, given as
+    one piece (the 8-bit encode's computation of its own): the update's result, to float32
+    rounding."""
+    m = jnp.linspace(0.0, 3.0, 64).reshape(4, 16)
+    g = jnp.cos(jnp.arange(64.0)).reshape(4, 16)
+
+    def fn(m, g):
+        nu = 0.99 * m + 0.01 * g * g
+        return 0.9 * m + g / (jnp.sqrt(nu) + 1e-8) + jnp.sum(g)
+
+    def both(m, g):
+        closed, _, flat = _halves.traced(fn, m, g)
+        pieces = _halves.halves(closed, flat, [0], BLOCKED, None, {0: lambda: (m,)}, {0}, _halves.Memo())[0]
+        return pieces, fn(m, g)
+
+    pieces, want = jax.jit(both)(m, g)
+    assert pieces is not None and len(pieces) == 1
+    np.testing.assert_allclose(np.asarray(pieces[0]), np.asarray(want), rtol=2.5e-7, atol=0)
+
+
 def test_what_does_not_depend_on_the_moment_is_computed_whole():
     """A global norm of the gradient (optax.clip_by_global_norm ahead of the moment), a
     broadcast along an axis, elements moving: all on the gradient, computed as in the update."""
@@ -158,7 +179,7 @@ def test_the_family_is_encoded_on_halves(make, monkeypatch):
 @pytest.mark.parametrize("make,bits,expected", [
     (lambda: rmsjax.adadelta(), 8, 1),  # nu_delta: no bound, and the step does not read it
     (lambda: rmsjax.adam(1e-3), 8, 0),  # both bounded
-    (lambda: rmsjax.rmsprop(1e-3, momentum=0.9), 8, 0),  # the momentum is the step itself
+    (lambda: rmsjax.rmsprop(1e-3, momentum=0.9), 8, 1),  # the step reads g / (sqrt(nu') + eps)
     (lambda: rmsjax.rmsprop(1e-3, momentum=0.9), 4, 1),  # ... its own copy of g / (sqrt(nu') + eps)
     (lambda: rmsjax.rmsprop(1e-3, centered=True, momentum=0.9), 4, 1),
     (lambda: rmsjax.adam(1e-3), 4, 0),  # no root or division on the way to the moments
@@ -167,10 +188,11 @@ def test_maxima_on_halves_where_they_save_a_float32_copy(make, bits, expected, m
     """The block maxima of a new moment are reduced over the halves of its blocks, recomputed
     from the old codes' halves, where XLA would otherwise write a full-size float32 value out for
     several loops to share: at 8 bits for a moment without a bound that the step does not read
-    (8-bit AdaDelta compiled in place: 14.11 -> 10.13 B/param at its peak; where the step reads
-    it, it is written out anyway); at 4 bits for a moment the step reads and that comes through
-    a square root or a division of a stored moment, from halves that XLA cannot merge with the
-    encode's (4-bit RMSprop with momentum: 13.09 -> 9.16)."""
+    (8-bit AdaDelta compiled in place: 14.11 -> 10.13 B/param at its peak), and at both widths
+    for a moment the step reads that comes through a square root or a division of a stored
+    moment (RMSprop with momentum: 14.09 -> 10.11 at 8 bits, where the encode gets a whole
+    computation of its own too; 13.09 -> 9.16 at 4, from halves XLA cannot merge with the
+    encode's)."""
     calls = []
     real = _codec.halves_scale
     monkeypatch.setattr(_codec, "halves_scale", lambda *a, **k: calls.append(1) or real(*a, **k))
