@@ -201,6 +201,24 @@ def test_maxima_on_halves_where_they_save_a_float32_copy(make, bits, expected, m
     assert len(calls) == expected * 2  # two leaves
 
 
+@pytest.mark.parametrize("make,bits,traces", [
+    (lambda: optax.chain(optax.clip_by_global_norm(1.0), rmsjax.adamw(1e-3, weight_decay=0.1)), 8, 0),
+    (lambda: rmsjax.adam(1e-3), 8, 0),
+    (lambda: rmsjax.adadelta(), 8, 1),
+    (lambda: rmsjax.rmsprop(1e-3, momentum=0.9), 8, 1),
+    (lambda: rmsjax.adam(1e-3), 4, 1),
+], ids=["clipped_adamw-8", "adam-8", "adadelta-8", "momentum-8", "adam-4"])
+def test_the_update_is_traced_again_only_where_a_moment_may_use_it(make, bits, traces, monkeypatch):
+    """The second trace of the wrapped update (to a jaxpr) costs as much as the first; it is
+    made only when some stored moment may be computed from it."""
+    calls = []
+    real = _halves.traced
+    monkeypatch.setattr(_halves, "traced", lambda *a, **k: calls.append(1) or real(*a, **k))
+    tx = rmsjax.quantized(make(), bits=bits, min_size=1)
+    jax.jit(tx.update).lower(_PARAMS, tx.init(_PARAMS), _PARAMS)
+    assert len(calls) == traces
+
+
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
 def test_narrow_moments_on_halves(dtype, monkeypatch):
     """Moments in the parameters' 16-bit dtype: float16 codes are the same bits on halves as
