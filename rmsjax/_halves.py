@@ -144,10 +144,11 @@ EXPENSIVE = frozenset({
 })
 
 
-def costly(jaxpr: Any, v: Any, tainted: set[Any]) -> bool:
+def costly(jaxpr: Any, v: Any, inputs: set[Any]) -> bool:
     """Whether ``v`` (a variable of ``jaxpr``) is computed through an :data:`EXPENSIVE`
-    operation on a value in ``tainted`` (one that depends on a stored moment), nested jits
-    included."""
+    operation on a value that depends on the variables ``inputs`` (the stored moments), nested
+    jits included."""
+    tainted = _tainted(jaxpr, inputs)
     producer = {x: eqn for eqn in jaxpr.eqns for x in eqn.outvars}
     for x in ancestors(jaxpr, [v]):
         eqn = producer.get(x)
@@ -158,8 +159,8 @@ def costly(jaxpr: Any, v: Any, tainted: set[Any]) -> bool:
         for k in _CALLED:
             sub = eqn.params.get(k)
             if isinstance(sub, jex.ClosedJaxpr):
-                inner = _tainted(sub.jaxpr, {i for i, o in zip(sub.jaxpr.invars, eqn.invars, strict=True)
-                                             if not _literal(o) and o in tainted})
+                inner = {i for i, o in zip(sub.jaxpr.invars, eqn.invars, strict=True)
+                         if not _literal(o) and o in tainted}
                 if any(costly(sub.jaxpr, out, inner) for out in sub.jaxpr.outvars if not _literal(out)):
                     return True
     return False

@@ -394,10 +394,11 @@ def _spread(scale: jax.Array, layout: _Layout) -> jax.Array:
     return jnp.broadcast_to(blocks, layout.blocked()).reshape(layout.shape)
 
 
-def _spread_over_codes(scale: jax.Array, layout: _Layout) -> jax.Array:
-    """Each block's scale at each byte of its packed 4-bit codes, in the codes' shape."""
+def _spread_over_halves(scale: jax.Array, layout: _Layout) -> jax.Array:
+    """Each block's scale at each element of a half of its block, in :func:`_half_shape` (at 4
+    bits, each byte of its packed codes, in the codes' shape)."""
     blocks = scale.reshape(layout.blocked()[:-1])[..., None]
-    return jnp.broadcast_to(blocks, layout.blocked_codes()).reshape(layout.code_shape())
+    return jnp.broadcast_to(blocks, (*layout.blocked()[:-1], layout.block // 2)).reshape(_half_shape(layout))
 
 
 def _decoded_max(q: QuantizedArray, layout: _Layout) -> jax.Array:
@@ -454,7 +455,7 @@ def _encode(x: jax.Array, layout: _Layout, signed: bool, count: jax.Array | None
             _codec.uniform_at(_codec.half_indices(layout.code_shape(), layout.block // 2, high),
                               count, leaf_id)
             for high in (False, True))
-        spread = _spread_over_codes(inverse, layout)
+        spread = _spread_over_halves(inverse, layout)
         low, high = (_codec.encode(h.astype(ct), spread, n, layout.bits, signed)
                      for h, n in zip(halves, noise, strict=True))
         codes = _codec.pack_halves(low, high, signed)
@@ -628,8 +629,7 @@ class _OnHalves:
         v = jaxpr.outvars[output]
         if isinstance(v, jex.Literal) or not self.feeds_updates(output):
             return False
-        stored = {jaxpr.invars[i] for i in self.stored}
-        return _halves.costly(jaxpr, v, _halves._tainted(jaxpr, stored))
+        return _halves.costly(jaxpr, v, {jaxpr.invars[i] for i in self.stored})
 
     def outputs(self) -> Any:
         """The update's output tree (updates, new state) with each leaf's output index."""
@@ -674,10 +674,10 @@ def _decoded_halves(q: QuantizedArray | PackedQuantizedArray, layout: _Layout, *
     ct = _compute_dtype(q.scale.dtype)
     if layout.bits == 8:
         shape = _half_shape(layout)
-        scale8 = _spread_over_codes(q.scale.astype(ct), layout._replace(bits=4))
-        return tuple(_codec.decode(c.astype(ct), scale8, 8, _signed(q)).astype(q.scale.dtype)
+        spread = _spread_over_halves(q.scale.astype(ct), layout)
+        return tuple(_codec.decode(c.astype(ct), spread, 8, _signed(q)).astype(q.scale.dtype)
                      for c in _halves.split(q.codes, layout.blocked(), shape))  # pyright: ignore[reportReturnType]
-    scale = _spread_over_codes(q.scale.astype(ct), layout)
+    scale = _spread_over_halves(q.scale.astype(ct), layout)
 
     def half(high: bool) -> jax.Array:
         level = _codec.half_levels(q.codes, high, _signed(q), ct, wide=separate)
