@@ -670,7 +670,7 @@ def _decoded_halves(q: QuantizedArray | PackedQuantizedArray, layout: _Layout, *
     values by other operations, so that XLA computes what depends on them as a computation of
     its own, not merged with the one on the plain halves: a reduction over the new moment then
     repeats its square roots and divisions instead of reading a float32 copy written out for
-    the parameter loop (4-bit RMSprop with momentum compiled in place: 13.09 -> 9.19 B/param)."""
+    the parameter loop (4-bit RMSprop with momentum compiled in place: 13.09 -> 9.16 B/param)."""
     ct = _compute_dtype(q.scale.dtype)
     if layout.bits == 8:
         shape = _half_shape(layout)
@@ -815,9 +815,12 @@ def quantized(
     On CPU, compile the donated train step in place, ``jax.jit(step, donate_argnums=(0, 1),
     compiler_options={"xla_cpu_copy_insertion_use_region_analysis": True})``: XLA:CPU then
     overwrites the codes instead of copying them first (Adam's step: 10.11 B/param at its peak
-    against 12.08 at 8 bits, 9.19 against 9.69 at 4; docs/low_bit.md, *In place on CPU*). At 4
+    against 12.08 at 8 bits, 9.13 against 9.66 at 4; docs/low_bit.md, *In place on CPU*). At 4
     bits each new moment is recomputed on the two halves of its blocks from the old codes'
-    two nibbles (``rmsjax._halves``), so that the new bytes can overwrite the old ones.
+    two nibbles (``rmsjax._halves``), so that the new bytes can overwrite the old ones; where
+    several loops would share a full-size float32 value (a momentum buffer's
+    ``g / (sqrt(nu') + eps)``, AdaDelta's new ``nu_delta`` at 8 bits), each gets a computation
+    of its own from the codes (docs/low_bit.md, *Nothing full-size shared between loops*).
 
     Args:
       inner: the transformation whose state is stored in low precision (any rmsjax
