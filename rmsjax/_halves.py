@@ -20,6 +20,12 @@ the same operations on the same values, so the codes are those of packing the wh
 not elementwise on a value that depends on a stored moment (a norm of the moment, a reshape,
 a broadcast along an axis) makes it give up, and :func:`rmsjax.quantized` packs the whole new
 moment as before.
+
+The same evaluator gives :func:`rmsjax.quantized` computations of a new moment that XLA does
+not merge with the update's own, so that two loops do not share a full-size float32 value: the
+halves of an 8-bit moment's blocks (sliced from its codes) for the reduction of its block
+maxima, and, with ``half=None``, the whole moment as one piece, from codes decoded by other
+operations, for an 8-bit encode.
 """
 
 from __future__ import annotations
@@ -56,8 +62,8 @@ Pieces = tuple[jax.Array, ...]  # the halves of a moment's blocks, or the whole 
 
 def split(x: jax.Array, blocked: tuple[int, ...], shape: tuple[int, ...]) -> Pair:
     """``x`` (any shape with ``prod(blocked)`` elements) cut into the low and the high half of
-    each block, each reshaped to ``shape`` (that of the packed codes: the halves are computed
-    in it, since a loop that reshapes the codes it reads cannot write them in place)."""
+    each block, each reshaped to ``shape`` (at 4 bits that of the packed codes: the halves are
+    computed in it, since a loop that reshapes the codes it reads cannot write them in place)."""
     half = blocked[-1] // 2
     b = x.reshape(blocked)
     return b[..., :half].reshape(shape), b[..., half:].reshape(shape)

@@ -74,9 +74,11 @@ CODE_MAPS = _codec.MAPS
 # `benchmarks/bench_quantized.py --second-trace` measures the step with it, to compare.
 _TRACE_NEW_STATE_AGAIN = False
 
-# Whether a traced 4-bit update recomputes each new moment on the halves of its blocks
-# (:mod:`rmsjax._halves`), so that XLA writes the new codes over the old ones. Off only to
-# compare against packing the whole new moment (tests, benchmarks).
+# Whether a traced update recomputes new moments from the update's jaxpr (:mod:`rmsjax._halves`):
+# each 4-bit one on the halves of its blocks, so that XLA writes the new codes over the old ones,
+# and, where loops would share a full-size float32 value, their own computations for the block
+# maxima and the 8-bit encode (:func:`_separate_computations`). Off only to compare against
+# computing each new moment once (tests, benchmarks).
 _ENCODE_ON_HALVES = True
 
 # A block smaller than this fraction of block_size (when the row is longer than a block) would
@@ -581,8 +583,10 @@ def _decode_state(tree: Any, decode: Decoder) -> Any:
 
 
 class _OnHalves:
-    """The wrapped update traced to a jaxpr, to recompute each new 4-bit moment on the two
-    halves of its blocks (:mod:`rmsjax._halves`), from the two nibbles of its old codes."""
+    """The wrapped update traced to a jaxpr, to compute new moments again from their old
+    codes (:mod:`rmsjax._halves`): each new 4-bit moment on the two halves of its blocks, from
+    the two nibbles of its old codes, and the computations of its own that
+    :func:`_separate_computations` gives a moment at either width."""
 
     def __init__(self, inner: optax.GradientTransformation, updates: Any, stored: Any, params: Any,
                  extra_args: dict[str, Any]):
@@ -640,8 +644,8 @@ class _OnHalves:
         """The halves of the blocks of output ``output`` (a new moment stored with ``layout``
         in ``dtype``), or None when they cannot be computed element by element. Each half is
         in the shape of the moment with its blocked axis halved (the packed codes' shape at 4
-        bits). ``separate``: decoded so that XLA cannot merge them with the halves computed
-        without it (:func:`_decoded_halves`)."""
+        bits). ``separate`` (4 bits; ignored at 8): decoded so that XLA cannot merge them with
+        the halves computed without it (:func:`_decoded_halves`)."""
         given = {i: functools.partial(_decoded_halves, q, layout, separate=separate)
                  for i, q in self.stored.items() if _layout_of(q) == layout}
         pair = _halves.halves(self.closed, self.args, [output], layout.blocked(), _half_shape(layout),
@@ -702,7 +706,7 @@ def _separate_computations(on_halves: _OnHalves, output: int, layout: _Layout,
       own; at 4 bits the encode already runs on halves, so the reduction's are decoded apart
       (``separate``); at 8 bits the encode gets a whole computation of its own.
     """
-    if layout.block % 2:
+    if layout.block % 2 or layout.shape[len(layout.lead)] % 2:  # no halves in _half_shape
         return None, None
     reads = on_halves.feeds_updates(output)
     if layout.bits == 8 and not reads:

@@ -546,22 +546,24 @@ def update_step_average(
     """AdaDelta's leaky average of squared steps, ``s <- decay*s + (1-decay)*|u|**2`` for
     the step ``u = x * sqrt(top + eps) / sqrt(bottom + eps)`` of :func:`multiply_by_root_ratio`.
 
-    For real ``x`` and an ``eps`` known to be positive, ``|u|**2`` is formed without the
-    roots, as ``(x / (bottom + eps)) * x * (top + eps)`` in the compute dtype: the square of
-    the step up to rounding (a few float32 ulps), 0 where ``x**2`` overflows (``bottom`` is
-    then ``inf``), as the step is. Its one expensive operation is then a division that a
-    compiler can repeat in each loop that reads the new average, where the square of the
-    step shares two square roots with the parameter update, which XLA:CPU writes out instead
-    (AdaDelta's donated float32 step: 24 -> 16 bytes per parameter at its peak, compiled in
-    place; under ``rmsjax.quantized`` at 4 bits, 17.1 -> 9.2). Otherwise (complex ``x``,
-    ``eps`` traced or 0) it is the square of that step, whose 0/0 rule it then shares.
+    For ``x`` in its own compute dtype (float32, float64) and an ``eps`` known to be
+    positive, ``|u|**2`` is formed without the roots, as ``(x / (bottom + eps)) * x * (top +
+    eps)``: the square of the step up to rounding (a few ulps), 0 where ``x**2`` overflows a
+    float32 or float64 ``bottom`` (it is then ``inf``), as the step is. Its one expensive
+    operation is then a division that a compiler can repeat in each loop that reads the new
+    average, where the square of the step shares two square roots with the parameter update,
+    which XLA:CPU writes out instead (AdaDelta's donated float32 step: 24 -> 16 bytes per
+    parameter at its peak, compiled in place; under ``rmsjax.quantized`` at 4 bits, 17.1 ->
+    9.2). Otherwise (complex or 16-bit ``x``, whose step is rounded to ``x``'s dtype before it
+    is squared; ``eps`` traced or 0) it is the square of that step, whose 0/0 rule it then
+    shares.
     """
     leaky = _leaky(decay)
     guarded = not _is_positive(eps)
     eps_as = _scalar(eps)
 
     def leaf(s, g, a, b):
-        if guarded or jnp.iscomplexobj(g):
+        if guarded or jnp.iscomplexobj(g) or compute_dtype(g.dtype) != g.dtype:
             (step,) = jax.tree.leaves(multiply_by_root_ratio(g, a, b, eps=eps))
             return leaky(s, squared_magnitude(step), saturate=True)
         dtype = compute_dtype(g.dtype)

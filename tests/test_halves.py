@@ -201,6 +201,30 @@ def test_maxima_on_halves_where_they_save_a_float32_copy(make, bits, expected, m
     assert len(calls) == expected * 2  # two leaves
 
 
+@pytest.mark.parametrize("make", [lambda: rmsjax.adadelta(), lambda: rmsjax.rmsprop(1e-3, momentum=0.9)],
+                         ids=["adadelta", "momentum"])
+@pytest.mark.parametrize("shape", [(1001, 2), (999, 3, 8)])
+def test_8_bit_rows_over_an_odd_axis(make, shape, monkeypatch):
+    """An 8-bit row may span several axes whose first is odd (blocks along the flattened row),
+    where the halves of _half_shape do not exist: such a moment is computed once, as before
+    (the same codes as with no computation of its own anywhere)."""
+    params = {"w": jnp.cos(jnp.arange(np.prod(shape), dtype=jnp.float32)).reshape(shape)}
+
+    def run():
+        tx = rmsjax.quantized(make(), bits=8, min_size=16)
+        step = jax.jit(lambda p, s: tx.update(jax.tree.map(lambda x: jnp.sin(3 * x), p), s, p))
+        _, state = step(params, tx.init(params))
+        return [x for x in jax.tree.leaves(state, is_leaf=qz.is_quantized) if qz.is_quantized(x)]
+
+    on = run()
+    monkeypatch.setattr(qz, "_ENCODE_ON_HALVES", False)
+    off = run()
+    assert len(on) == len(off) == 2
+    for a, b in zip(on, off, strict=True):
+        np.testing.assert_array_equal(np.asarray(a.codes), np.asarray(b.codes))
+        np.testing.assert_array_equal(np.asarray(a.scale), np.asarray(b.scale))
+
+
 @pytest.mark.parametrize("make,bits,traces", [
     (lambda: optax.chain(optax.clip_by_global_norm(1.0), rmsjax.adamw(1e-3, weight_decay=0.1)), 8, 0),
     (lambda: rmsjax.adam(1e-3), 8, 0),
