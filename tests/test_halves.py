@@ -108,6 +108,18 @@ import registry  # noqa: E402  (tests/ is on the path: conftest.py)
 _PARAMS = {"a": jnp.linspace(-1.0, 1.0, 8 * 64).reshape(8, 64), "b": jnp.linspace(0.5, -0.5, 64)}
 
 
+def _stored(state):
+    """The moments stored in low bits, in tree order."""
+    return [x for x in jax.tree.leaves(state, is_leaf=qz.is_quantized) if qz.is_quantized(x)]
+
+
+def _both_ways(run, monkeypatch):
+    """``run()`` as shipped, then with no moment computed again from the update's jaxpr."""
+    on = run()
+    monkeypatch.setattr(qz, "_ENCODE_ON_HALVES", False)
+    return on, run()
+
+
 def _two_steps(tx):
     @jax.jit
     def run(params, state):
@@ -130,11 +142,8 @@ def test_codes_encoded_on_halves_are_the_same_bits(name, bits, monkeypatch):
     largest magnitude): the two programs fuse the parameter update differently, and XLA:CPU may
     then round a multiply-add once or twice (centred RMSprop: up to 6e-8 on parameters near 1)."""
     make = registry.CASES[name].make
-    on = _two_steps(rmsjax.quantized(make(), bits=bits, min_size=1))
-    monkeypatch.setattr(qz, "_ENCODE_ON_HALVES", False)
-    off = _two_steps(rmsjax.quantized(make(), bits=bits, min_size=1))
-    stored_on = [x for x in jax.tree.leaves(on[1], is_leaf=qz.is_quantized) if qz.is_quantized(x)]
-    stored_off = [x for x in jax.tree.leaves(off[1], is_leaf=qz.is_quantized) if qz.is_quantized(x)]
+    on, off = _both_ways(lambda: _two_steps(rmsjax.quantized(make(), bits=bits, min_size=1)), monkeypatch)
+    stored_on, stored_off = _stored(on[1]), _stored(off[1])
     assert len(stored_on) == len(stored_off)
     for a, b in zip(stored_on, stored_off, strict=True):
         np.testing.assert_array_equal(np.asarray(a.codes), np.asarray(b.codes))
@@ -213,12 +222,9 @@ def test_8_bit_rows_over_an_odd_axis(make, shape, monkeypatch):
     def run():
         tx = rmsjax.quantized(make(), bits=8, min_size=16)
         step = jax.jit(lambda p, s: tx.update(jax.tree.map(lambda x: jnp.sin(3 * x), p), s, p))
-        _, state = step(params, tx.init(params))
-        return [x for x in jax.tree.leaves(state, is_leaf=qz.is_quantized) if qz.is_quantized(x)]
+        return _stored(step(params, tx.init(params))[1])
 
-    on = run()
-    monkeypatch.setattr(qz, "_ENCODE_ON_HALVES", False)
-    off = run()
+    on, off = _both_ways(run, monkeypatch)
     assert len(on) == len(off) == 2
     for a, b in zip(on, off, strict=True):
         np.testing.assert_array_equal(np.asarray(a.codes), np.asarray(b.codes))
@@ -258,11 +264,9 @@ def test_narrow_moments_on_halves(dtype, monkeypatch):
         for i in range(3):
             grads = jax.tree.map(lambda x, i=i: jnp.cos((i + 2) * x.astype(jnp.float32)).astype(dtype), p)
             p, s = step(p, s, grads)
-        return [x for x in jax.tree.leaves(s, is_leaf=qz.is_quantized) if qz.is_quantized(x)]
+        return _stored(s)
 
-    on = run()
-    monkeypatch.setattr(qz, "_ENCODE_ON_HALVES", False)
-    off = run()
+    on, off = _both_ways(run, monkeypatch)
     assert len(on) == len(off) == 3
     for a, b in zip(on, off, strict=True):
         differ = np.mean(np.asarray(a.codes) != np.asarray(b.codes))
