@@ -39,7 +39,7 @@ import jax.core  # jax deletes its own alias; named here so type checkers see ja
 import jax.extend.core as jex
 import jax.numpy as jnp
 
-__all__ = ["EXPENSIVE", "Memo", "ancestors", "costly", "halves", "split", "traced"]
+__all__ = ["EXPENSIVE", "Costly", "Memo", "ancestors", "halves", "split", "traced"]
 
 # Primitives that apply one scalar function to each element (their operands: the same shape,
 # or rank 0). Only these are re-run on halves.
@@ -150,26 +150,40 @@ EXPENSIVE = frozenset({
 })
 
 
-def costly(jaxpr: Any, v: Any, inputs: set[Any]) -> bool:
-    """Whether ``v`` (a variable of ``jaxpr``) is computed through an :data:`EXPENSIVE`
-    operation on a value that depends on the variables ``inputs`` (the stored moments), nested
-    jits included."""
-    tainted = _tainted(jaxpr, inputs)
-    producer = {x: eqn for eqn in jaxpr.eqns for x in eqn.outvars}
-    for x in ancestors(jaxpr, [v]):
-        eqn = producer.get(x)
-        if eqn is None or x not in tainted:
-            continue
-        if eqn.primitive.name in EXPENSIVE:
-            return True
+class Costly:
+    """Which variables of ``jaxpr`` are computed through an :data:`EXPENSIVE` operation on a
+    value that depends on the variables ``inputs`` (the stored moments), nested jits included.
+    Built once per jaxpr; each question walks back only through the values that depend on
+    ``inputs`` (one moment's rule, not the gradient's global norm that every leaf shares)."""
+
+    def __init__(self, jaxpr: Any, inputs: set[Any]):
+        self.jaxpr, self.tainted = jaxpr, _tainted(jaxpr, inputs)
+        self.producer = {x: eqn for eqn in jaxpr.eqns for x in eqn.outvars}
+
+    def __call__(self, v: Any) -> bool:
+        stack, seen = [v], set()
+        while stack:
+            x = stack.pop()
+            if _literal(x) or x in seen or x not in self.tainted:
+                continue
+            seen.add(x)
+            eqn = self.producer.get(x)
+            if eqn is None:
+                continue
+            if eqn.primitive.name in EXPENSIVE or self._inside(eqn):
+                return True
+            stack.extend(eqn.invars)
+        return False
+
+    def _inside(self, eqn: Any) -> bool:
         for k in _CALLED:
             sub = eqn.params.get(k)
             if isinstance(sub, jex.ClosedJaxpr):
-                inner = {i for i, o in zip(sub.jaxpr.invars, eqn.invars, strict=True)
-                         if not _literal(o) and o in tainted}
-                if any(costly(sub.jaxpr, out, inner) for out in sub.jaxpr.outvars if not _literal(out)):
+                inner = Costly(sub.jaxpr, {i for i, o in zip(sub.jaxpr.invars, eqn.invars, strict=True)
+                                           if not _literal(o) and o in self.tainted})
+                if any(inner(out) for out in sub.jaxpr.outvars if not _literal(out)):
                     return True
-    return False
+        return False
 
 
 def _reduced(jaxpr: Any) -> set[Any]:

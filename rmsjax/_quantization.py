@@ -611,17 +611,30 @@ class _OnHalves:
             update, updates, params, [decoded[k][1] for k in keys])
         first = len(self.args) - len(keys)  # the decoded moments are the last arguments
         self.stored = {first + i: decoded[k][0] for i, k in enumerate(keys)}
+        # The stored moments of each layout (found once: each moment's computation is given
+        # those of its own layout, and asking every moment for its layout at each of them made
+        # lowering a 300-leaf update quadratic).
+        self.by_layout: dict[_Layout, dict[int, Any]] = {}
+        for i, q in self.stored.items():
+            self.by_layout.setdefault(_layout_of(q), {})[i] = q
         self.index = jax.tree.unflatten(out_tree, range(out_tree.num_leaves))
         self.memo = _halves.Memo()
 
+    @functools.cached_property
+    def _read_by_updates(self) -> set[Any]:
+        """The jaxpr's variables that the output updates are computed from (found once)."""
+        jaxpr = self.closed.jaxpr
+        return _halves.ancestors(jaxpr, [jaxpr.outvars[i] for i in jax.tree.leaves(self.index[0])])
+
+    @functools.cached_property
+    def _costly(self) -> _halves.Costly:
+        jaxpr = self.closed.jaxpr
+        return _halves.Costly(jaxpr, {jaxpr.invars[i] for i in self.stored})
+
     def feeds_updates(self, output: int) -> bool:
         """Whether the update's output updates are computed from output ``output``."""
-        jaxpr = self.closed.jaxpr
-        v = jaxpr.outvars[output]
-        if isinstance(v, jex.Literal):
-            return False
-        needed = _halves.ancestors(jaxpr, [jaxpr.outvars[i] for i in jax.tree.leaves(self.index[0])])
-        return v in needed
+        v = self.closed.jaxpr.outvars[output]
+        return not isinstance(v, jex.Literal) and v in self._read_by_updates
 
     def shares_costly(self, output: int) -> bool:
         """Whether output ``output`` feeds the updates and is computed through an operation
@@ -629,11 +642,7 @@ class _OnHalves:
         depends on a stored moment: XLA then writes that value out for the parameter loop and
         the reduction over the new moment to share, unless the reduction computes its own copy
         (:func:`_decoded_halves` with ``separate``)."""
-        jaxpr = self.closed.jaxpr
-        v = jaxpr.outvars[output]
-        if isinstance(v, jex.Literal) or not self.feeds_updates(output):
-            return False
-        return _halves.costly(jaxpr, v, {jaxpr.invars[i] for i in self.stored})
+        return self.feeds_updates(output) and self._costly(self.closed.jaxpr.outvars[output])
 
     def outputs(self) -> Any:
         """The update's output tree (updates, new state) with each leaf's output index."""
@@ -647,7 +656,7 @@ class _OnHalves:
         bits). ``separate`` (4 bits; ignored at 8): decoded so that XLA cannot merge them with
         the halves computed without it (:func:`_decoded_halves`)."""
         given = {i: functools.partial(_decoded_halves, q, layout, separate=separate)
-                 for i, q in self.stored.items() if _layout_of(q) == layout}
+                 for i, q in self.by_layout.get(layout, {}).items()}
         pair = _halves.halves(self.closed, self.args, [output], layout.blocked(), _half_shape(layout),
                               given, set(self.stored), self.memo)[0]
         return None if pair is None else (pair[0].astype(dtype), pair[1].astype(dtype))
@@ -658,7 +667,7 @@ class _OnHalves:
         than :func:`dequantize`'s (the same values), so that XLA cannot merge it with the
         update's own computation; None when it cannot be computed element by element."""
         given = {i: functools.partial(_decoded_separately, q, layout)
-                 for i, q in self.stored.items() if _layout_of(q) == layout}
+                 for i, q in self.by_layout.get(layout, {}).items()}
         pieces = _halves.halves(self.closed, self.args, [output], layout.blocked(), None,
                                 given, set(self.stored), self.memo)[0]
         return None if pieces is None else pieces[0].astype(dtype)
