@@ -617,6 +617,7 @@ class _OnHalves:
         self.by_layout: dict[_Layout, dict[int, Any]] = {}
         for i, q in self.stored.items():
             self.by_layout.setdefault(_layout_of(q), {})[i] = q
+        # The update's output tree (updates, new state) with each leaf's output index.
         self.index = jax.tree.unflatten(out_tree, range(out_tree.num_leaves))
         self.memo = _halves.Memo()
 
@@ -643,10 +644,6 @@ class _OnHalves:
         the reduction over the new moment to share, unless the reduction computes its own copy
         (:func:`_decoded_halves` with ``separate``)."""
         return self.feeds_updates(output) and self._costly(self.closed.jaxpr.outvars[output])
-
-    def outputs(self) -> Any:
-        """The update's output tree (updates, new state) with each leaf's output index."""
-        return self.index
 
     def halves(self, output: int, layout: _Layout, dtype: Any, *,
                separate: bool = False) -> _halves.Pair | None:
@@ -930,7 +927,7 @@ def _wrap(inner: optax.GradientTransformation, bits: int, block: int, minimum: i
         entry = _entry(stored)
         on_halves = _OnHalves(inner, updates, stored, params, extra_args) \
             if traced and _ENCODE_ON_HALVES and _needs_second_trace(stored, bits) else None
-        outputs = None if on_halves is None else on_halves.outputs()[1]
+        outputs = None if on_halves is None else on_halves.index[1]
         # Encoded on halves, a centred moment reads its first moment's nibbles itself, so every
         # moment is unpacked for the update the same way (see _codec.levels_of).
         decode = _decode if on_halves is None or bits == 8 else (lambda x, fuse: _decode(x, True))

@@ -25,7 +25,7 @@ import jax.core  # jax deletes its own alias; named here so type checkers see ja
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import AxisType, NamedSharding, PartitionSpec, SingleDeviceSharding
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from rmsjax import _validation
 
@@ -35,6 +35,18 @@ PyTree = Any
 
 # Offsets are int32 scalars: a buffer never holds more elements than int32 can count.
 _MAX_BUFFER = int(np.iinfo(np.int32).max)
+
+
+def _is_single_device(sharding: Any) -> bool:
+    """Whether ``sharding`` places an array whole on one device (jax's own test where it has one).
+
+    jax 0.12.1 deprecates ``jax.sharding.SingleDeviceSharding`` in favour of
+    ``jax.sharding.is_single_device_sharding``; older jax has only the class.
+    """
+    test = getattr(jax.sharding, "is_single_device_sharding", None)
+    if test is not None:
+        return bool(test(sharding))
+    return isinstance(sharding, jax.sharding.SingleDeviceSharding)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +98,7 @@ def _placement(leaf: Any) -> Any:
             return None
         return ("traced", mesh)
     sharding = getattr(leaf, "sharding", None)
-    if sharding is None or isinstance(sharding, SingleDeviceSharding):
+    if sharding is None or _is_single_device(sharding):
         devices = getattr(leaf, "devices", None)
         return ("device", tuple(sorted(d.id for d in devices()))) if devices else "host"
     if sharding.is_fully_replicated:
