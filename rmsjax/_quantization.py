@@ -332,8 +332,12 @@ def _plan(leaf: Any, bits: int, block_size: int, min_size: int) -> _Layout | Non
     while k < len(shape) and int(np.prod(shape[-k:])) < max(block_size // _MIN_BLOCK_FRACTION, 2):
         k += 1
     local = _shard_shape(leaf, shape)
-    if local[len(shape) - k + 1 :] != shape[len(shape) - k + 1 :]:
-        return None  # a merged trailing axis is split: a block would not be contiguous in a shard
+    if k > 1 and local[len(shape) - k :] != shape[len(shape) - k :]:
+        # A row of several axes, sharded. Along a trailing axis a block would not be contiguous
+        # in a shard; along its first axis, reshaping the sharded moment into blocks is not a
+        # reshape jax can shard by itself (eager init failed there), and at 4 bits the halved
+        # axis may not split like the parameter's.
+        return None
     row_local = int(np.prod(local[len(shape) - k :], dtype=np.int64))
     if bits == 4 and shape[len(shape) - k] % 2:
         return None  # the packed axis must halve

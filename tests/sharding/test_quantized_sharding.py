@@ -106,6 +106,28 @@ def test_eager_init_picks_a_block_that_fits_the_shard():
 
 
 @pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("shape,spec", [((64, 8, 8), P(None, None, "x")), ((64, 8, 8), P(None, "x", None)),
+                                        ((64, 16, 8), P(None, "x", None))],
+                         ids=["last", "middle", "middle-2-per-shard"])
+def test_a_sharded_row_of_several_axes_keeps_the_leaf_wide(bits, shape, spec):
+    """The last axis (8) is too short for a block, so the row is the last two axes, stored in
+    low bits when unsharded. Sharded 8 ways along either axis of that row, the leaf stays in
+    full precision (docs/low_bit.md, *Blocks and scales*): along the last axis a block would
+    not be contiguous in a shard, and along the middle one eager init used to fail in jax's
+    reshape of the sharded moment into blocks. The update is float32 state's, bit for bit."""
+    w = jnp.linspace(-1.0, 1.0, int(np.prod(shape))).reshape(shape)
+    tx, wide = rmsjax.quantized(rmsjax.adam(1e-3), bits=bits, min_size=1), rmsjax.adam(1e-3)
+    assert len(_quantized_leaves(tx.init({"w": w}))) == 2  # mu and nu, unsharded
+    params = {"w": jax.device_put(w, NamedSharding(MESH, spec))}
+    state = tx.init(params)
+    assert not _quantized_leaves(state)
+    grads = {"w": jnp.cos(3.0 * params["w"])}
+    updates, _ = jax.jit(tx.update)(grads, state, params)
+    ref, _ = jax.jit(wide.update)(grads, wide.init(params), params)
+    np.testing.assert_array_equal(np.asarray(updates["w"]), np.asarray(ref["w"]))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
 def test_jit_init_on_a_mesh_with_explicit_axes_reads_the_shard(bits):
     """With explicit mesh axes the traced parameter carries its sharding, so ``jax.jit(init)``
     picks the same layout as eager init: blocks of 128 for a last axis of 1024 over 8 devices,
