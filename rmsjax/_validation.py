@@ -8,6 +8,7 @@ construction and reading it would force a device sync.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from typing import Any, TypeGuard
@@ -189,10 +190,30 @@ def is_schedule(value: Any) -> TypeGuard[Callable[..., Any]]:
 
 
 def check_learning_rate(name: str, value: Any) -> None:
-    """A learning rate: a finite number ``>= 0``, a jax array, or a schedule ``f(step)``."""
+    """A learning rate: a finite number ``>= 0``, a jax array, or a schedule ``f(step)``.
+
+    A callable that cannot take the step count (Keras accepts zero-argument callables, which
+    it calls at every step) fails here with a ``TypeError`` naming ``name``, not with the
+    callable's own error at the first update."""
     if is_schedule(value):
+        _check_takes_step(name, value)
         return
     check_non_negative(name, value)
+
+
+def _check_takes_step(name: str, schedule: Callable[..., Any]) -> None:
+    try:
+        signature = inspect.signature(schedule)
+    except (TypeError, ValueError):  # no signature to read (some builtins): left to the call
+        return
+    try:
+        signature.bind(0)
+    except TypeError:
+        raise TypeError(
+            f"{name}: a schedule is called with the step count, f(step), but {schedule!r} cannot "
+            f"take one argument (its signature is {signature}); a callable of no arguments is "
+            "not a schedule here: pass a number, a jax array or f(step)"
+        ) from None
 
 
 def check_flag(name: str, value: Any) -> None:

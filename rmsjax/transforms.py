@@ -746,7 +746,9 @@ def scale_by_learning_rate(
       (Array([-0.1], dtype=float32), Array(0.05, dtype=float32))
     """
     scheduled = check.is_schedule(learning_rate)
-    if not scheduled:
+    if scheduled:
+        check.check_learning_rate("learning_rate", learning_rate)
+    else:
         learning_rate = check.hyperparameter("learning_rate", learning_rate)
     check.check_flag("flip_sign", flip_sign)
     sign = -1.0 if flip_sign else 1.0

@@ -22,6 +22,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import rmsjax
+from rmsjax.compat import keras as kc
+from rmsjax.compat import torch as pt
 
 P = jnp.zeros(4096)
 G = jnp.ones(4096)
@@ -144,6 +146,16 @@ def test_a_schedule_returning_none_names_the_schedule():
     tx = rmsjax.sgd(lambda count: None)
     with pytest.raises(TypeError, match="learning_rate schedule returned None"):
         tx.init(P)
+
+
+@pytest.mark.parametrize("factory", [rmsjax.rmsprop, rmsjax.sgd, kc.SGD, kc.RMSprop, pt.RMSprop],
+                         ids=lambda f: f.__module__.rsplit(".", 1)[-1] + "." + f.__name__)
+def test_a_learning_rate_callable_of_no_arguments_names_the_argument(factory):
+    # Keras accepts learning_rate=lambda: 0.01 and calls it each step; here a callable is a
+    # schedule f(step), so one that cannot take the step fails at construction naming the
+    # argument (it used to fail at init or the first update with the lambda's own error).
+    with pytest.raises(TypeError, match=r"(learning_rate|lr).*f\(step\)"):
+        factory(lambda: 0.01)
 
 
 def test_numpy_float64_parameters_without_x64_get_float32_state_and_no_warning():

@@ -113,6 +113,26 @@ def test_injecting_a_zero_default_switches_its_part_on():
     assert len(jax.tree.leaves(injected)) > len(jax.tree.leaves(plain))
 
 
+@pytest.mark.parametrize("clip", ["clipnorm", "clipvalue", "global_clipnorm"])
+@pytest.mark.parametrize("limit", [0.0, 0.3, 5.0])
+def test_injected_keras_clipping_gives_the_plain_updates(clip, limit):
+    # An injected limit is a jax array, unknown at construction: the clip part is built, and
+    # must still do what the plain one does (0: no clipping, as Keras's ``if clipnorm > 0``),
+    # jitted as well, with the same numbers. (With no test in the program, an injected 0
+    # zeroed every gradient; an injected global_clipnorm failed to trace.)
+    grads = {"w": jnp.array([0.5, 0.25, -1.0]), "b": jnp.array([0.0])}
+    plain = kc.SGD(0.1, **{clip: limit})
+    tx = optax.inject_hyperparams(kc.SGD)(learning_rate=0.1, **{clip: limit})
+    theirs, _ = plain.update(grads, plain.init(PARAMS), PARAMS)
+    for update in (tx.update, jax.jit(tx.update)):
+        ours, _ = update(grads, tx.init(PARAMS), PARAMS)
+        for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=0)
+    if limit == 0.3:  # the limit binds here, so the test above compared clipped updates
+        unclipped, _ = kc.SGD(0.1).update(grads, kc.SGD(0.1).init(PARAMS), PARAMS)
+        assert not np.allclose(theirs["w"], unclipped["w"])
+
+
 # ---------------------------------------------------------------- one concrete predicate
 
 

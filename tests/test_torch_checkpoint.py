@@ -324,3 +324,75 @@ def test_sgd_momentum_buffers_are_exported_from_the_first_step(dampening):
     reloaded = pt.load_state_dict(tx, after, params)
     for a, b in zip(jax.tree.leaves(reloaded), jax.tree.leaves(state), strict=True):
         assert np.array_equal(a, b)
+
+
+# ---------------------------------------------------------------- bfloat16 parameters
+
+
+class _TensorWithoutNumpyDtype:
+    """Stands for a ``torch.bfloat16`` tensor where torch is not installed: like torch, its
+    ``.numpy()`` refuses (NumPy has no bfloat16), and ``.float().numpy()`` gives float32."""
+
+    dtype = "torch.bfloat16"
+
+    def __init__(self, array):
+        self._wide = np.asarray(array, np.float32)
+
+    def detach(self):
+        return self
+
+    def cpu(self):
+        return self
+
+    def numpy(self):
+        raise TypeError("Got unsupported ScalarType BFloat16")
+
+    def float(self):
+        wide = self._wide
+        return type("_Float", (), {"numpy": lambda _: wide})()
+
+
+def _bf16_run(tx):
+    params = [jnp.array([0.5, -1.25, 3.0], jnp.bfloat16), jnp.array([[2.0, -0.375]], jnp.bfloat16)]
+    state = tx.init(params)
+    for _ in range(3):
+        _, state = tx.update([p * jnp.bfloat16(2) for p in params], state, params)
+    return params, state
+
+
+def test_bfloat16_tensors_are_read_through_float32():
+    # PyTorch's bfloat16 state tensors have no .numpy(); load_state_dict reads them through
+    # float32, exactly, and gives back the very state that was exported (it used to fail
+    # with torch's TypeError).
+    tx = pt.Adam(lr=0.01)
+    params, state = _bf16_run(tx)
+    exported = pt.state_dict(tx, state, params, arrays="numpy")
+    as_tensors = copy.deepcopy(exported)
+    for entry in as_tensors["state"].values():
+        for key, value in entry.items():
+            if key != "step":
+                assert value.dtype == jnp.bfloat16, key  # the case under test
+                entry[key] = _TensorWithoutNumpyDtype(value)
+    loaded = pt.load_state_dict(tx, as_tensors, params)
+    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(state), strict=True):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+@pytest.mark.parametrize("optimizer", ["Adam", "RMSprop"])
+def test_bfloat16_checkpoints_go_both_ways_with_torch(optimizer):
+    torch = pytest.importorskip("torch")
+    weight = torch.nn.Parameter(torch.tensor([0.5, -1.25, 3.0], dtype=torch.bfloat16))
+    opt = getattr(torch.optim, optimizer)([weight], lr=0.01)
+    for _ in range(2):
+        weight.grad = 2 * weight.detach()
+        opt.step()
+    params = [jnp.asarray(weight.detach().float().numpy()).astype(jnp.bfloat16)]
+    tx = getattr(pt, optimizer)(lr=0.01)
+    state = pt.load_state_dict(tx, opt.state_dict(), params)
+    exported = pt.state_dict(tx, state, params, arrays="torch")
+    for key, theirs in opt.state_dict()["state"][0].items():
+        ours = exported["state"][0][key]
+        assert ours.dtype == theirs.dtype, key
+        assert torch.equal(ours, theirs), key
+    torch.optim.__dict__[optimizer]([weight], lr=0.01).load_state_dict(exported)

@@ -51,11 +51,23 @@ def divide_gradients(factor: float) -> optax.GradientTransformation:
     return optax.stateless_with_tree_map(leaf)
 
 
+def _unless_off(limit: Any, clipped: PyTree, given: PyTree) -> PyTree:
+    """``clipped`` where the clipping ``limit`` is on (``> 0``, as Keras tests it), else
+    ``given``. A concrete limit is known to be on here (:func:`common.unless_zero` leaves a
+    zero out and validation rejects negatives); a jax array (``optax.inject_hyperparams``)
+    is tested in the program, so that an injected 0 turns clipping off as Keras's does."""
+    if common.is_concrete(limit):
+        return clipped
+    on = jnp.asarray(limit) > 0
+    return jax.tree.map(lambda c, g: jnp.where(on, c, g), clipped, given)
+
+
 def clip_by_norm(clipnorm: float) -> optax.GradientTransformation:
     r"""Keras's ``clipnorm``: each leaf rescaled to an L2 norm of at most ``clipnorm``.
 
     :math:`g \leftarrow g\,c / \max(\lVert g\rVert_2, c)`, leaf by leaf (Keras's
-    ``_clip_by_norm``: the product ``g*c`` first, then the division).
+    ``_clip_by_norm``: the product ``g*c`` first, then the division); no clipping for
+    ``c <= 0``.
     """
 
     def leaf(g, params):
@@ -64,7 +76,8 @@ def clip_by_norm(clipnorm: float) -> optax.GradientTransformation:
         rdtype = averages.real_dtype(dtype)
         norm = jnp.sqrt(jnp.sum(averages.squared_magnitude(g)).astype(rdtype))
         c = _real(clipnorm, rdtype)
-        return ((g.astype(dtype) * c.astype(dtype)) / jnp.maximum(norm, c).astype(dtype)).astype(g.dtype)
+        clipped = ((g.astype(dtype) * c.astype(dtype)) / jnp.maximum(norm, c).astype(dtype)).astype(g.dtype)
+        return _unless_off(clipnorm, clipped, g)
 
     return optax.stateless_with_tree_map(leaf)
 
@@ -73,9 +86,12 @@ def clip_by_global_norm(global_clipnorm: float) -> optax.GradientTransformation:
     r"""Keras's ``global_clipnorm``: the whole tree rescaled to a global norm of at most ``c``.
 
     :math:`g \leftarrow g \cdot c \min(1/\lVert g\rVert, 1/c)` with the norm over all
-    leaves; a non-finite norm makes every update NaN, as in Keras.
+    leaves; a non-finite norm makes every update NaN, as in Keras; no clipping for ``c <= 0``.
     """
-    inverse = 1.0 / float(global_clipnorm)  # Keras's Python ``1.0 / clip_norm``
+    concrete = common.is_concrete(global_clipnorm)
+    # Keras's Python ``1.0 / clip_norm`` for a number; a jax array's inverse is taken in the
+    # program, in the norm's dtype.
+    inverse = 1.0 / float(global_clipnorm) if concrete else None
 
     def clip(updates, params):
         del params
@@ -86,14 +102,16 @@ def clip_by_global_norm(global_clipnorm: float) -> optax.GradientTransformation:
         squares = jnp.stack([jnp.sum(averages.squared_magnitude(g)).astype(dtype) for g in leaves])
         norm = jnp.sqrt(jnp.sum(squares))
         c = _real(global_clipnorm, dtype)
-        factor = c * jnp.minimum(jnp.ones_like(norm) / norm, _real(inverse, dtype)) + (norm - norm)
-        return averages.scale(updates, factor)
+        limit_inverse = _real(inverse, dtype) if concrete else jnp.ones_like(c) / c
+        factor = c * jnp.minimum(jnp.ones_like(norm) / norm, limit_inverse) + (norm - norm)
+        return _unless_off(global_clipnorm, averages.scale(updates, factor), updates)
 
     return optax.stateless(clip)
 
 
 def clip_by_value(clipvalue: float) -> optax.GradientTransformation:
-    """Keras's ``clipvalue``: each element clipped to ``[-clipvalue, clipvalue]``.
+    """Keras's ``clipvalue``: each element clipped to ``[-clipvalue, clipvalue]`` (no
+    clipping for ``clipvalue <= 0``).
 
     Complex leaves (which Keras does not have) get their real and imaginary parts clipped
     separately.
@@ -103,8 +121,10 @@ def clip_by_value(clipvalue: float) -> optax.GradientTransformation:
         del params
         v = _real(clipvalue, averages.real_dtype(g.dtype))
         if jnp.iscomplexobj(g):
-            return jax.lax.complex(jnp.clip(g.real, -v, v), jnp.clip(g.imag, -v, v)).astype(g.dtype)
-        return jnp.clip(g, -v, v)
+            clipped = jax.lax.complex(jnp.clip(g.real, -v, v), jnp.clip(g.imag, -v, v)).astype(g.dtype)
+        else:
+            clipped = jnp.clip(g, -v, v)
+        return _unless_off(clipvalue, clipped, g)
 
     return optax.stateless_with_tree_map(leaf)
 
@@ -211,7 +231,9 @@ def ema(
        e_t = \theta'_t \ (k = 0), \qquad e_t = m\, e_{t-1} + (1-m)\, \theta'_t \ (k > 0)
 
     and every ``overwrite_frequency`` iterations (when :math:`(k+1) \bmod f = 0`) the update
-    becomes :math:`e_t - \theta_{t-1}`, so that the parameters take the average's value.
+    becomes :math:`e_t - \theta_{t-1}`, so that the parameters take the average's value
+    (up to the rounding of that difference and of its addition, in the parameters' dtype:
+    Keras assigns the average instead).
     Placed last in a chain; needs ``params``.
     """
 

@@ -21,7 +21,9 @@ What Keras does, and these factories therefore do:
   ``params -= lr_t * weight_decay * params``; the optimizer's own update; the moving
   average of the parameters (``use_ema``) updated, and every ``ema_overwrite_frequency``
   iterations written back into the parameters -- here the update of that step is
-  ``ema - params``, so ``optax.apply_updates`` lands on the average.
+  ``ema - params``, so ``optax.apply_updates`` lands on the average (Keras assigns it;
+  the added difference is rounded twice, so the parameters land within about one spacing
+  of their dtype, at the larger of their and the average's magnitude, of it).
 * ``learning_rate`` may be a schedule ``f(step)`` (``step`` = ``optimizer.iterations``, 0 at
   the first update), as a ``keras.optimizers.schedules.LearningRateSchedule`` is.
 

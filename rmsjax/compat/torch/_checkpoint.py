@@ -214,19 +214,34 @@ def _torch_order(groups: list[_Group], names: list[str], order) -> dict[int, int
 
 
 def _to_numpy(x: Any) -> np.ndarray:
+    """A torch tensor (or anything array-like) as a NumPy array of the same dtype.
+
+    A tensor of a dtype NumPy lacks (``torch.bfloat16``, the float8 types) has no ``.numpy()``;
+    it goes through float32, which holds each of its values exactly, to the same-named
+    ``ml_dtypes`` type that jax uses."""
     if hasattr(x, "detach"):  # a torch tensor, without importing torch
         x = x.detach().cpu()
         if hasattr(x, "resolve_conj"):
             x = x.resolve_conj()
-        return x.numpy()
+        try:
+            return x.numpy()
+        except TypeError:
+            name = str(x.dtype).removeprefix("torch.")
+            return x.float().numpy().astype(jnp.dtype(name))
     return np.asarray(x)
 
 
 def _as_torch(array: np.ndarray, kind: str) -> Any:
+    """``array`` as a torch tensor (``kind == "torch"``) or as is. An ``ml_dtypes`` array
+    (bfloat16, float8), which torch cannot read, goes through float32 (exact) to torch's
+    dtype of the same name."""
     if kind == "numpy":
         return array
     import torch
 
+    if array.dtype.kind == "V":  # an ml_dtypes type
+        wide = torch.from_numpy(np.asarray(array, np.float32))  # pyright: ignore[reportAttributeAccessIssue]
+        return wide.to(getattr(torch, array.dtype.name))
     return torch.from_numpy(np.array(array, copy=True))  # pyright: ignore[reportAttributeAccessIssue]
 
 
