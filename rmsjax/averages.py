@@ -197,11 +197,15 @@ def _correction_factor(decay: Scalar, count: jax.Array, exact: bool = False) -> 
     With ``exact`` (PyTorch's double-precision factor, for :mod:`rmsjax.compat.torch`) a
     concrete ``decay`` gives ``-expm1(count * log(decay))`` with ``log(decay)`` taken on the
     host in float64: within about one ulp of the correctly rounded factor in every dtype.
-    A traced ``decay`` always uses the literal formula, in its own dtype.
+    A concrete ``decay`` below 1 that rounds to 1 in that widest float (``1 - 1e-9`` in
+    float32) takes the exact form too: the literal one would give a factor of 0, and the
+    corrected moment would be infinite. A traced ``decay`` always uses the literal formula,
+    in its own dtype.
     """
     if check.is_concrete(decay) and float(decay) == 0.0:
         return _PerDtype(lambda dtype: jnp.ones((), dtype))
-    if check.is_concrete(decay) and exact:
+    rounds_to_one = check.is_concrete(decay) and float(np.asarray(decay, _widest_float())) == 1.0
+    if check.is_concrete(decay) and (exact or rounds_to_one):
         log_decay = float(np.log(float(decay)))
         return _PerDtype(lambda dtype: -jnp.expm1(_cast(count, dtype) * _as(log_decay, dtype)))
     if check.is_concrete(decay):
@@ -238,9 +242,12 @@ def full_like(tree: PyTree, value: Scalar = 0.0, dtype: Any = None, *, real: boo
     Args:
       tree: the tree whose structure and shapes are copied.
       value: the fill value.
-      dtype: the leaves' dtype; ``None`` keeps each leaf's own dtype.
-      real: if true and ``dtype`` is ``None``, complex leaves get their real dtype (the
-        dtype of a second moment ``|g|**2``).
+      dtype: the leaves' dtype; ``None`` keeps each leaf's own dtype. A complex leaf gets
+        the complex dtype that holds ``dtype`` (complex64 for float32 and the 16-bit floats,
+        complex128 for float64) unless ``real``:
+        a moment of complex values keeps its imaginary part whatever its storage precision.
+      real: if true, complex leaves get a real dtype (the dtype of a second moment
+        ``|g|**2``): ``dtype``, or the leaf's real dtype when ``dtype`` is ``None``.
 
     """
 
@@ -249,6 +256,8 @@ def full_like(tree: PyTree, value: Scalar = 0.0, dtype: Any = None, *, real: boo
         leaf_dtype = dtype
         if leaf_dtype is None:
             leaf_dtype = real_dtype(leaf.dtype) if real else leaf.dtype
+        elif not real and jnp.iscomplexobj(leaf) and not jnp.issubdtype(leaf_dtype, jnp.complexfloating):
+            leaf_dtype = jnp.complex128 if jnp.dtype(leaf_dtype).itemsize >= 8 else jnp.complex64
         leaf_dtype = _canonical(leaf_dtype)
         out = jnp.full_like(leaf, _as(value, leaf_dtype), dtype=leaf_dtype)
         if isinstance(leaf, jax.core.Tracer):

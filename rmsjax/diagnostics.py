@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rmsjax import averages, transforms
+from rmsjax import _low_precision, _quantization, averages, transforms
 
 __all__ = ["EffectiveLearningRate", "effective_learning_rate", "learning_rate", "step_count"]
 
@@ -96,6 +96,10 @@ def _namedtuples(tree: Any) -> Iterator[Any]:
             yield node
             for value in node:
                 yield from _namedtuples(value)
+
+
+_ROUNDING_COUNTERS = (_quantization.QuantizedState, _low_precision.LowPrecisionState)
+"""Wrapper states whose ``count`` seeds stochastic rounding (one per call of ``update``)."""
 
 
 def _find(tree: Any, field: str) -> list[Any]:
@@ -272,7 +276,9 @@ def step_count(opt_state: Any) -> jax.Array:
     Reads the ``count`` field of the learning-rate step's state, or, where that keeps none
     (a constant rate), of the outermost state that holds one, or else an ``nnx.Optimizer``'s own
     ``step``. Under ``optax.MultiSteps`` this counts the real (outer)
-    updates, not the accumulated mini-steps.
+    updates, not the accumulated mini-steps, also when ``rmsjax.quantized`` or
+    ``rmsjax.low_precision`` wraps it (their own counts, which seed the rounding, are read only
+    when nothing else counts).
 
     Args:
       opt_state: the state of an rmsjax optimizer, possibly chained or wrapped, or a Flax
@@ -298,6 +304,12 @@ def step_count(opt_state: Any) -> jax.Array:
     """
     tree = _to_pure(opt_state)
     states = _find(tree, "count")
+    # The count of quantized and low_precision seeds their rounding: it moves at every call,
+    # so under optax.MultiSteps it counts the mini-steps. It is the last resort.
+    own = [state for state in states if not isinstance(state, _ROUNDING_COUNTERS)]
+    accumulating = [node for node in _namedtuples(tree) if isinstance(node, optax.MultiStepsState)]
+    if not own and accumulating:
+        return _scalar(accumulating[0].gradient_step).astype(jnp.int32)
     if not states and _is_optimizer(opt_state) and hasattr(opt_state, "step"):
         # An nnx.Optimizer counts its updates itself.
         return _scalar(_to_pure(opt_state.step)).astype(jnp.int32)
@@ -309,7 +321,7 @@ def step_count(opt_state: Any) -> jax.Array:
             "optimizer in optax.inject_hyperparams, whose state counts the steps."
         )
     preferred = [state for state in states if isinstance(state, transforms.ScaleByScheduleState)]
-    return _scalar((preferred or states)[0].count)
+    return _scalar((preferred or own or states)[0].count)
 
 
 def _second_moment(
@@ -378,8 +390,13 @@ def effective_learning_rate(
     ignored.
 
     The state does not record ``eps`` or where it sits, so pass the values the optimizer was
-    built with (the defaults match ``rmsjax.rmsprop``'s). The result is the value ``nu`` gives
-    now, i.e. the rate that the most recent update used (before any momentum).
+    built with (the defaults match ``rmsjax.rmsprop``'s). The result is the rate the state
+    gives now (before any momentum): ``nu`` as the most recent update used it, with
+    :math:`\alpha` as :func:`learning_rate` reads it, the rate the *next* update applies.
+    So it is the step per unit gradient of the most recent update for a constant learning
+    rate; under a schedule :math:`\alpha` is one step ahead of that update. For
+    ``adadelta`` :math:`\Delta` is the average after that update (the update used the
+    one before), so the result is the rate a next update would use if ``nu`` stayed put.
 
     Args:
       opt_state: the state of an rmsjax optimizer, possibly chained or wrapped

@@ -216,7 +216,8 @@ def scale_by_stddev(
       eps_in_sqrt: ``eps`` inside the root (Keras, TF1) instead of outside (PyTorch).
       initial_scale: :math:`\nu_0`; :math:`\mu_0` is 0.
       bias_correction: debias both averages.
-      state_dtype: dtype of ``mu`` and ``nu``; ``None`` keeps the parameters' dtype.
+      state_dtype: dtype of ``mu`` and ``nu``; ``None`` keeps the parameters' dtype (a
+        complex parameter's ``mu`` is complex of that precision, at least complex64).
 
     Example:
       >>> import jax.numpy as jnp, rmsjax
@@ -380,7 +381,8 @@ def scale_by_adam(
       eps: :math:`\epsilon`, outside the root, >= 0.
       eps_root: :math:`\epsilon_{root}`, inside the root, >= 0.
       nesterov: use Nesterov's look-ahead on the first moment (NAdam).
-      state_dtype: dtype of ``mu`` and ``nu``; ``None`` keeps the parameters' dtype.
+      state_dtype: dtype of ``mu`` and ``nu``; ``None`` keeps the parameters' dtype (a
+        complex parameter's ``mu`` is complex of that precision, at least complex64).
       amsgrad: divide by the root of :math:`\nu^{max}_t = \max(\nu^{max}_{t-1}, \nu_t)`
         instead of :math:`\nu_t` (AMSGrad). As in PyTorch and Keras, the maximum is taken
         of the uncorrected :math:`\nu` and then bias-corrected. The state is then a
@@ -552,7 +554,8 @@ def leaky_average(
     Args:
       decay: :math:`\gamma`, in [0, 1).
       debias: divide by :math:`1-\gamma^t` so early averages are not pulled to zero.
-      state_dtype: dtype of ``mu``; ``None`` keeps the parameters' dtype.
+      state_dtype: dtype of ``mu``; ``None`` keeps the parameters' dtype (a
+        complex parameter's ``mu`` is complex of that precision, at least complex64).
 
     Example:
       >>> import jax.numpy as jnp, rmsjax
@@ -763,8 +766,11 @@ def scale_by_learning_rate(
 
     def update_fn(updates, state, params=None):
         check.check_state_type(state, expected, "scale_by_learning_rate")
-        if params is not None:
+        if params is not None:  # the only tree to check against: this state has none
             check.check_real_for_real(updates, params, what="params", who="scale_by_learning_rate")
+            check.check_trees_match(
+                updates, params, what="params", who="scale_by_learning_rate", dtypes="kind"
+            )
         count = state.count if scheduled else None
         rate = rate_at(learning_rate, count)
         # A number is negated on the host (one constant per leaf); an array once per update.

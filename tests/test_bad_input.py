@@ -158,6 +158,47 @@ def test_a_learning_rate_callable_of_no_arguments_names_the_argument(factory):
         factory(lambda: 0.01)
 
 
+@pytest.mark.parametrize(
+    "make, divides",
+    [
+        (lambda: rmsjax.adam(0.1, b1=1 - 1e-9), True),
+        (lambda: rmsjax.adam(0.1, b2=1 - 1e-9), True),
+        (lambda: rmsjax.rmsprop(0.1, decay=1 - 1e-9, bias_correction=True), True),
+        (lambda: optax.chain(rmsjax.leaky_average(1 - 1e-9, debias=True), optax.scale(-0.1)), False),
+    ],
+    ids=["adam_b1", "adam_b2", "rmsprop_bias_correction", "leaky_average_debias"],
+)
+def test_a_decay_that_rounds_to_one_in_float32_still_corrects_its_bias(make, divides):
+    # 1 - 1e-9 is a legal decay (below 1), but 1.0 in float32: the literal 1 - decay**t was 0
+    # there, and the first step was infinite (Adam) or zero (RMSprop). With a constant
+    # gradient a debiased average of g is g, and of g**2 is g**2: the steps that divide by a
+    # root are -0.1 * sign(g), the plain average's -0.1 * g.
+    tx = make()
+    params, grads = jnp.zeros(3), jnp.array([0.5, -2.0, 1e-3])
+    expected = -0.1 * (jnp.sign(grads) if divides else grads)
+    state = tx.init(params)
+    for _ in range(2):
+        updates, state = jax.jit(tx.update)(grads, state, params)
+        np.testing.assert_allclose(updates, expected, rtol=1e-3)
+
+
+@pytest.mark.parametrize("rate", [0.1, optax.constant_schedule(0.1)], ids=["constant", "schedule"])
+@pytest.mark.parametrize(
+    "grads",
+    [{"w": jnp.ones(1), "b": jnp.ones(2)}, {"w": jnp.ones(3), "b": jnp.ones(2), "typo": jnp.ones(2)},
+     {"w": 0.5, "b": jnp.ones(2)}],
+    ids=["shape", "extra_leaf", "python_float"],
+)
+def test_plain_sgd_checks_the_gradient_tree_against_params(rate, grads):
+    # SGD without momentum has no state tree to compare with, so the parameters are the
+    # only reference; a (1,) gradient for a (3,) parameter was accepted and broadcast by
+    # optax.apply_updates, and an extra leaf passed through.
+    tx = rmsjax.sgd(rate)
+    params = {"w": jnp.ones(3), "b": jnp.ones(2)}
+    with pytest.raises(ValueError, match=r"updates do not match the params tree"):
+        tx.update(grads, tx.init(params), params)
+
+
 def test_numpy_float64_parameters_without_x64_get_float32_state_and_no_warning():
     p = np.ones(3)
     for tx in (rmsjax.adam(0.1), rmsjax.rmsprop(0.1, momentum=0.9)):

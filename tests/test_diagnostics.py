@@ -300,3 +300,26 @@ def test_centered_with_bias_correction():
     expected = {k: 0.01 / (np.sqrt(np.maximum(v / c - (mean[k] / c) ** 2, 0.0)) + 1e-3)
                 for k, v in numpy_nu(0.9).items()}
     assert_tree_close(eff.per_leaf, expected, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        lambda tx: tx,
+        lambda tx: rmsjax.low_precision(tx),
+        lambda tx: rmsjax.quantized(tx, min_size=1),
+        lambda tx: rmsjax.low_precision(rmsjax.quantized(tx, min_size=1)),
+    ],
+    ids=["plain", "low_precision", "quantized", "both"],
+)
+@pytest.mark.parametrize("inner", [lambda: rmsjax.adam(1e-3), lambda: rmsjax.sgd(0.1)], ids=["adam", "sgd"])
+def test_step_count_under_multisteps_counts_real_updates_inside_rounding_wrappers(wrap, inner):
+    # quantized and low_precision count every call (their count seeds the rounding); under
+    # MultiSteps, step_count read that and gave the mini-steps (4 here instead of 2).
+    tx = wrap(optax.MultiSteps(inner(), every_k_schedule=2))
+    params = {"w": jnp.ones(4, jnp.bfloat16)}
+    with jax.numpy_dtype_promotion("standard"):  # optax.MultiSteps mixes dtypes
+        state = tx.init(params)
+        for _ in range(5):
+            _, state = tx.update({"w": jnp.ones(4, jnp.bfloat16)}, state, params)
+    assert int(rmsjax.step_count(state)) == 2

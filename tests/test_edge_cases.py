@@ -453,3 +453,31 @@ def test_complex_second_moment_is_real_and_uses_the_modulus():
     np.testing.assert_allclose(state.nu, [25.0, 1.0])
     unit = grads / jnp.abs(grads).astype(jnp.complex64)
     np.testing.assert_allclose(updates, unit, rtol=1e-6)  # unit modulus, same phase
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda dtype: rmsjax.scale_by_adam(state_dtype=dtype),
+        lambda dtype: rmsjax.scale_by_adam(nesterov=True, state_dtype=dtype),
+        lambda dtype: rmsjax.scale_by_stddev(state_dtype=dtype),
+        lambda dtype: rmsjax.leaky_average(0.9, state_dtype=dtype),
+    ],
+    ids=["adam", "adam_nesterov", "stddev", "leaky_average"],
+)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
+def test_a_real_state_dtype_keeps_a_complex_first_moment_complex(make, dtype):
+    # state_dtype sets the storage precision; a complex parameter's first moment stays complex
+    # (complex64 for float32 and the 16-bit floats). It used to be stored real, and the
+    # imaginary part of every update was dropped without a word.
+    params = jnp.zeros(2, jnp.complex64)
+    grads = jnp.array([1.0 + 1.0j, -1.5 + 1.0j], jnp.complex64)
+    ref, tx = make(None), make(dtype)
+    state, ref_state = tx.init(params), ref.init(params)
+    assert state.mu.dtype == jnp.complex64
+    for _ in range(3):
+        ours, state = tx.update(grads, state, params)
+        theirs, ref_state = ref.update(grads, ref_state, params)
+    tolerance = 1e-6 if dtype == jnp.float32 else 2e-2  # bfloat16 nu (the stddev's and Adam's)
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=tolerance)
+    assert np.all(np.abs(np.asarray(ours).imag) > 0.1)
