@@ -396,3 +396,25 @@ def test_bfloat16_checkpoints_go_both_ways_with_torch(optimizer):
         assert ours.dtype == theirs.dtype, key
         assert torch.equal(ours, theirs), key
     torch.optim.__dict__[optimizer]([weight], lr=0.01).load_state_dict(exported)
+
+
+def test_sgd_parameters_without_a_momentum_buffer_load_as_first_steps():
+    # PyTorch keeps no state for a parameter that never had a gradient (a frozen head). For
+    # SGD without dampening its next step (buffer = gradient) is a zero buffer's, so the dict
+    # loads; PyTorch's rule by hand: buf = momentum * buf + g, or buf = g at its first step.
+    with jax.enable_x64(True):
+        buffer = np.array([0.5, -0.25])
+        saved = {"state": {0: {"momentum_buffer": buffer}},
+                 "param_groups": [{"lr": 0.1, "momentum": 0.9, "dampening": 0, "weight_decay": 0,
+                                   "nesterov": False, "maximize": False, "params": [0, 1]}]}
+        params = [jnp.array([1.0, 2.0]), jnp.array([3.0, -1.0])]
+        grads = [jnp.array([0.2, 0.4]), jnp.array([-0.6, 1.0])]
+        tx = pt.SGD(lr=0.1, momentum=0.9)
+        state = pt.load_state_dict(tx, saved, params)
+        updates, _ = tx.update(grads, state, params)
+        np.testing.assert_allclose(updates[0], -0.1 * (0.9 * buffer + np.asarray(grads[0])), rtol=1e-15)
+        np.testing.assert_allclose(updates[1], -0.1 * np.asarray(grads[1]), rtol=1e-15)
+        damped = copy.deepcopy(saved)
+        damped["param_groups"][0]["dampening"] = 0.5
+        with pytest.raises(ValueError, match="some parameters have a momentum buffer and some do not"):
+            pt.load_state_dict(pt.SGD(lr=0.1, momentum=0.9, dampening=0.5), damped, params)

@@ -137,6 +137,9 @@ def _table():
                              "betas", value))
         rows.append((f"{name}(betas=(0.9,))", factory, {"betas": (0.9,)}, ValueError, "betas", (0.9,)))
         rows.append((f"{name}(betas=0.9)", factory, {"betas": 0.9}, ValueError, "betas", 0.9))
+        # unordered: a set would unpack in hash order, swapping the two without a word
+        rows.append((f"{name}(betas={{0.9, 0.99}})", factory, {"betas": {0.9, 0.99}}, ValueError, "betas",
+                     {0.9, 0.99}))
     # Nesterov without momentum, where rmsjax (and PyTorch's SGD) forbid it.
     rows += [
         ("rmsprop(nesterov, momentum=0)", rmsjax.rmsprop, {"learning_rate": 0.1, "nesterov": True},

@@ -32,6 +32,7 @@ e.g. ``optax.inject_hyperparams(SGD, static_args=("momentum", "weight_decay",
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import optax
@@ -196,9 +197,12 @@ def Adagrad(
 def _check_adam(lr, betas, eps, weight_decay, amsgrad):
     common.require_learning_rate("lr", lr)
     common.require("eps", eps)
+    # Indexed as PyTorch does: an unordered container (a set) would unpack in hash order.
     try:
-        beta1, beta2 = betas
-    except (TypeError, ValueError):
+        if isinstance(betas, (str, bytes, Mapping)) or len(betas) != 2:
+            raise TypeError
+        beta1, beta2 = betas[0], betas[1]
+    except (TypeError, KeyError, IndexError):
         raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}") from None
     common.require("betas[0]", beta1, high=1.0)
     common.require("betas[1]", beta2, high=1.0)

@@ -526,8 +526,16 @@ def load_state_dict(
                 steps.add(0)
         if kind == "SGD":
             has = {bool(e) for e in entries.values()}
-            if len(has) > 1:
-                raise ValueError(f"{where}: some parameters have a momentum buffer and some do not")
+            # A parameter that never had a gradient (frozen, unused) has no buffer in PyTorch.
+            # Without dampening its first buffer is the gradient, as a zero buffer's is, so
+            # it loads as zeros; with dampening its first step would differ from the others'.
+            if len(has) > 1 and not common.is_concrete_zero(g.hyper.get("dampening", 0.0)):
+                raise ValueError(
+                    f"{where}: some parameters have a momentum buffer and some do not; with "
+                    f"dampening={g.hyper.get('dampening')!r} a parameter without one takes PyTorch's "
+                    "first-step rule (buffer = gradient) while the others do not, and rmsjax keeps "
+                    "one step count per group"
+                )
             if step is not None:
                 steps = {step}
             elif check.is_schedule(g.hyper["lr"]):
