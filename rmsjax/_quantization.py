@@ -483,23 +483,43 @@ def _initial_codes(x: jax.Array, leaf_id: jax.Array, *, layout: _Layout, signed:
     return _encode(x, layout, signed, jnp.int32(0), leaf_id, nearest=nearest)
 
 
+def _saturates(dtype: Any) -> bool:
+    """Whether a second moment stored in ``dtype`` stops at its largest finite value where
+    its square overflows (a 16-bit state, :func:`rmsjax.averages._saturate`) instead of
+    becoming ``inf``."""
+    return jnp.dtype(dtype).itemsize < _compute_dtype(dtype).itemsize
+
+
+def _overflow_is_infinite(q: QuantizedArray, moment: _moments.Moment, divisor: _moments.Moment | None,
+                          d: Any) -> bool:
+    """Whether an element whose gradient squared overflows gets a non-finite new moment, or
+    a non-finite divisor (hence no finite step), so that :func:`_bound` may leave it out.
+
+    True for a second moment stored in its compute dtype, and for a moment divided by one;
+    not for a 16-bit state (it saturates, finite) nor for a divisor of order 1 (Keras's
+    Adamax divides by a running maximum of ``|g|``, which stays finite)."""
+    if moment.order == 2 and not _saturates(q.scale.dtype):
+        return True
+    return (divisor is not None and divisor.order == 2 and d is not None
+            and not _saturates(jnp.asarray(d).dtype))
+
+
 def _bound(q: QuantizedArray, layout: _Layout, moment: _moments.Moment, x: jax.Array,
-           first: QuantizedArray | None = None) -> jax.Array:
+           first: QuantizedArray | None = None, *, overflow_is_infinite: bool) -> jax.Array:
     """The declared rule's bound (:func:`rmsjax._moments.bound`) on each block's largest
     finite magnitude of the new 8-bit moment; ``first``: the stored first moment of a
-    centred one, before the step."""
+    centred one, before the step; ``overflow_is_infinite``: :func:`_overflow_is_infinite`."""
     ct = _compute_dtype(q.scale.dtype)
     m_old = _decoded_max(q, layout)
     m_first = None if first is None else _decoded_max(first, layout)
-    # A moment divided by a second moment: elements whose gradient squared overflows take
-    # no finite step (that second moment is +inf), so they are left out of the bound too.
-    # A second moment's input term is the square of that same first-order term (at most 4x
+    # Where an overflowing gradient squared makes the new moment, or the second moment it is
+    # divided by, +inf (then its step is 0), those elements are left out of the bound. A
+    # second moment's input term is the square of that same first-order term (at most 4x
     # the block's largest finite x**2, where a pass over x**2 itself gives at most 2x): the
     # computation is then the same for Adam's two moments, and XLA makes one exponent pass
     # over the gradient for both instead of two (8-bit Adam on XLA:CPU: 1 B/param less peak,
     # a step about 15 % faster).
-    m_x = _codec.finite_absmax(x, ct, square_finite=moment.order == 2 or moment.divided_by is not None,
-                               blocked=layout.blocked())
+    m_x = _codec.finite_absmax(x, ct, square_finite=overflow_is_infinite, blocked=layout.blocked())
     return _moments.bound(moment, m_old, m_x, m_first)
 
 
@@ -985,11 +1005,12 @@ def _wrap(inner: optax.GradientTransformation, bits: int, block: int, minimum: i
                                 del aux["o"]
                             else:
                                 aux["mo"] = first
-                fields[name] = _encode_field(olds, news, aux, moment, count, ids, stage)
+                divisor = None if moment.divided_by is None else decl.get(moment.divided_by)
+                fields[name] = _encode_field(olds, news, aux, moment, divisor, count, ids, stage)
             return new._replace(**fields)
 
         def _encode_field(olds: Any, news: Any, aux: dict[str, Any], moment: _moments.Moment,
-                          count: jax.Array, ids: Any, stage: int) -> Any:
+                          divisor: _moments.Moment | None, count: jax.Array, ids: Any, stage: int) -> Any:
             names = list(aux)
 
             def leaf(q: Any, x: Any, *rest: Any) -> Any:
@@ -1016,7 +1037,8 @@ def _wrap(inner: optax.GradientTransformation, bits: int, block: int, minimum: i
                         g = None
                 if g is not None and tuple(jnp.shape(g)) == layout.shape \
                         and jnp.issubdtype(jnp.asarray(g).dtype, jnp.floating):
-                    bound = _bound(q, layout, moment, jnp.asarray(g), first)
+                    bound = _bound(q, layout, moment, jnp.asarray(g), first,
+                                   overflow_is_infinite=_overflow_is_infinite(q, moment, divisor, d))
                 maxima = None  # the new moment's halves to reduce its block maxima over
                 if on_halves is not None and "o" in extra and bound is None and keep is None and m is None:
                     maxima, separate = _separate_computations(on_halves, extra["o"], layout, value.dtype)
