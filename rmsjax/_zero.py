@@ -9,12 +9,13 @@ docs/low_memory.md for the train step and its communication).
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import warnings
 from typing import Any
 
 import jax
-from jax.sharding import NamedSharding
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from rmsjax import _validation
@@ -142,9 +143,13 @@ def zero_shardings(tx: Any, params: Any, mesh: Any, axis: str = "data", *, uneve
 
     abstract = jax.tree_util.tree_map_with_path(lambda path, leaf: _abstract(mesh, path, leaf), params,
                                                 is_leaf=_is_variable)
-    compiled = jax.jit(tx.init).lower(abstract).compile()
+    # Inside the mesh's context: with Explicit axes (jax.make_mesh's default since jax 0.9)
+    # an init that makes arrays of its own, as optax's zeros_like does, needs it to trace.
+    context = jax.set_mesh(mesh) if isinstance(mesh, Mesh) else contextlib.nullcontext()
+    with context:
+        compiled = jax.jit(tx.init).lower(abstract).compile()
+        shapes = jax.eval_shape(tx.init, abstract)
     out_shardings = compiled.output_shardings
-    shapes = jax.eval_shape(tx.init, abstract)
     flat, treedef = jax.tree_util.tree_flatten_with_path(shapes)
     natural = treedef.flatten_up_to(out_shardings)
 

@@ -154,6 +154,19 @@ def test_a_quantized_leaf_is_split_only_between_whole_blocks(bits):
     assert "data" in tuple(sh.inner[0].mu["c"].codes.spec)
 
 
+@pytest.mark.parametrize("tx", [optax.trace(0.0), optax.adam(1e-3), rmsjax.adam(1e-3)],
+                         ids=["optax.trace", "optax.adam", "rmsjax.adam"])
+def test_a_mesh_with_explicit_axes_works_as_docs_low_memory_builds_it(tx):
+    # jax.make_mesh's default axes are Explicit (jax 0.9 on); an init that makes arrays of its
+    # own (optax's zeros_like) then traces only inside the mesh's context, and zero_shardings
+    # failed with jax's "enter your jit into a mesh context" for docs/low_memory.md's recipe.
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Explicit,), devices=jax.devices()[:8])
+    params = {"w": jnp.ones((16, 8)), "b": jnp.ones(128)}
+    shardings = rmsjax.zero_shardings(tx, params, mesh, uneven="replicate")
+    specs = {tuple(s.spec) for s in jax.tree.leaves(shardings) if len(s.spec)}
+    assert specs == {("data", None), ("data",)}
+
+
 def test_errors_name_the_argument_and_the_leaf():
     mesh = _mesh()
     tx = rmsjax.adam(1e-3)
