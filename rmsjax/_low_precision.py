@@ -115,6 +115,26 @@ def _ulp(t: jax.Array) -> jax.Array:
     return jnp.where(jnp.isfinite(up), up, jnp.zeros_like(up))
 
 
+def _nearest(s: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array]:
+    """``(s', n)``: ``s`` (float32) with finite values beyond ``dtype``'s largest finite one
+    saturated to it, on both sides, and ``n``, the value of ``dtype`` nearest to ``s'``, in
+    float32 (exactly representable in ``dtype``).
+
+    ``n`` comes from an op that XLA keeps: with excess precision allowed (XLA:GPU's default)
+    a round trip ``s -> dtype -> float32`` is simplified away. Saturating first keeps a value
+    just beyond the largest from rounding to ``inf`` (and, below ``-max``, ``inf / inf`` from
+    making the stochastic rounding pick ``-inf``)."""
+    info = jnp.finfo(dtype)
+    big = jnp.float32(float(info.max))
+    s = jnp.where(jnp.isfinite(s), jnp.clip(s, -big, big), s)
+    nf = lax.reduce_precision(s, exponent_bits=info.nexp, mantissa_bits=info.nmant)
+    quantum = float(info.smallest_subnormal)
+    if quantum >= float(np.finfo(np.float32).tiny):  # float16: its subnormals, by hand
+        subnormal = jnp.round(s / jnp.float32(quantum)) * jnp.float32(quantum)  # exact: a power of 2
+        nf = jnp.where(jnp.abs(s) < jnp.float32(float(info.tiny)), subnormal, nf)
+    return s, nf
+
+
 def _round_stochastic(s: jax.Array, dtype: Any, r: jax.Array) -> jax.Array:
     """``s`` (float32) rounded into ``dtype``: up with probability (s - lo) / (hi - lo).
 
@@ -124,19 +144,7 @@ def _round_stochastic(s: jax.Array, dtype: Any, r: jax.Array) -> jax.Array:
     largest finite number (on either side) saturates to it; an infinite one stays infinite and
     NaN stays NaN.
     """
-    # The nearest value of ``dtype``, computed in float32 by an op that XLA keeps: with
-    # excess precision allowed (XLA:GPU's default) a round trip s -> dtype -> float32 is
-    # simplified away, which made every element round to nearest.
-    info = jnp.finfo(dtype)
-    # Finite values beyond the largest one saturate to it, on both sides (a value below -max
-    # had -inf as its nearest neighbour, and inf / inf made the rounding pick -inf).
-    big = jnp.float32(float(info.max))
-    s = jnp.where(jnp.isfinite(s), jnp.clip(s, -big, big), s)
-    nf = lax.reduce_precision(s, exponent_bits=info.nexp, mantissa_bits=info.nmant)
-    quantum = float(info.smallest_subnormal)
-    if quantum >= float(np.finfo(np.float32).tiny):  # float16: its subnormals, by hand
-        subnormal = jnp.round(s / jnp.float32(quantum)) * jnp.float32(quantum)  # exact: a power of 2
-        nf = jnp.where(jnp.abs(s) < jnp.float32(float(info.tiny)), subnormal, nf)
+    s, nf = _nearest(s, dtype)
     near = nf.astype(dtype)
     inf = jnp.full_like(near, jnp.inf)
     other = jnp.nextafter(near, jnp.where(nf > s, -inf, inf))
@@ -221,7 +229,8 @@ def low_precision(inner: optax.GradientTransformation, *, compensated: bool = Fa
         error = None
         if compensated:
             error = jax.tree_util.tree_map(
-                lambda p: jnp.zeros(jnp.shape(_value(p)), jnp.int8) if _is_low(_value(p).dtype) else None,
+                # made from the parameter, so that it is placed (sharded) like it
+                lambda p: averages.full_like(_value(p), 0, jnp.int8) if _is_low(_value(p).dtype) else None,
                 params, is_leaf=_is_variable)
         inner_state = inner.init(_widen(params))
         values = jax.tree.map(_value, params, is_leaf=_is_variable)
@@ -274,8 +283,8 @@ def low_precision(inner: optax.GradientTransformation, *, compensated: bool = Fa
                     f"low_precision: params{path} is {dtype} at update but had another dtype when the "
                     "state was made (no error record for it); call init with the parameters you train")
             s = s + jnp.asarray(e).astype(jnp.float32) * (_ulp(p) * jnp.float32(1.0 / ERROR_LEVELS))
-            t = s.astype(dtype)
-            step = (t.astype(jnp.float32) - pf).astype(dtype)
+            s, nearest = _nearest(s, dtype)  # saturated, as the stochastic rounding is
+            step = (nearest - pf).astype(dtype)
             landed = jnp.asarray(p + step).astype(dtype)  # what optax.apply_updates will compute
             unit = _ulp(landed) * jnp.float32(1.0 / ERROR_LEVELS)
             ratio = jnp.where(unit > 0, (s - landed.astype(jnp.float32)) / jnp.where(unit > 0, unit, 1.0),

@@ -9,7 +9,6 @@ docs/low_memory.md for the train step and its communication).
 
 from __future__ import annotations
 
-import contextlib
 import sys
 import warnings
 from typing import Any
@@ -110,7 +109,8 @@ def zero_shardings(tx: Any, params: Any, mesh: Any, axis: str = "data", *, uneve
       params: the parameter tree ``tx.init`` takes: arrays or ``jax.ShapeDtypeStruct``; a leaf
         with a ``NamedSharding`` on ``mesh`` keeps its layout, any other leaf is taken as
         replicated on ``mesh``. Nothing is computed or allocated: ``tx.init`` is only compiled.
-      mesh: a ``jax.sharding.Mesh`` (or ``AbstractMesh``).
+      mesh: a ``jax.sharding.Mesh`` (not an ``AbstractMesh``: ``tx.init`` is compiled for
+        its devices).
       axis: the name of the data-parallel axis of ``mesh``.
       uneven: what to do with a leaf that cannot be split evenly: ``"warn"``, ``"replicate"``
         or ``"error"``.
@@ -131,8 +131,10 @@ def zero_shardings(tx: Any, params: Any, mesh: Any, axis: str = "data", *, uneve
       >>> tuple(shardings[0].mu["w"].spec), tuple(shardings[0].count.spec)
       (('data', None), ())
     """
-    if not (hasattr(mesh, "axis_names") and hasattr(mesh, "shape")):
-        raise TypeError(f"zero_shardings: mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
+    if not isinstance(mesh, Mesh):
+        raise TypeError(
+            f"zero_shardings: mesh must be a jax.sharding.Mesh, got {type(mesh).__name__} (an "
+            "AbstractMesh has no devices to compile tx.init for)")
     if axis not in mesh.axis_names:
         raise ValueError(
             f"zero_shardings: axis {axis!r} is not an axis of mesh (its axes: {tuple(mesh.axis_names)})")
@@ -145,8 +147,7 @@ def zero_shardings(tx: Any, params: Any, mesh: Any, axis: str = "data", *, uneve
                                                 is_leaf=_is_variable)
     # Inside the mesh's context: with Explicit axes (jax.make_mesh's default since jax 0.9)
     # an init that makes arrays of its own, as optax's zeros_like does, needs it to trace.
-    context = jax.set_mesh(mesh) if isinstance(mesh, Mesh) else contextlib.nullcontext()
-    with context:
+    with jax.set_mesh(mesh):
         compiled = jax.jit(tx.init).lower(abstract).compile()
         shapes = jax.eval_shape(tx.init, abstract)
     out_shardings = compiled.output_shardings

@@ -80,13 +80,15 @@ def test_landing_is_one_of_the_two_neighbours_of_the_exact_sum(dtype):
     assert (gap <= np.abs(u[miss]) * 2.0**-7 + (hi - lo)[miss]).all()
 
 
+@pytest.mark.parametrize("compensated", [False, True], ids=["stochastic", "compensated"])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-def test_a_step_past_the_largest_value_saturates_on_both_sides(dtype):
-    """-max - step lands on -max, as max + step lands on max (it landed on -inf). The step
-    keeps the float32 sum finite (bfloat16's largest value is within 0.4 % of float32's; an
-    infinite sum stays infinite, as in float32)."""
+def test_a_step_past_the_largest_value_saturates_on_both_sides(dtype, compensated):
+    """-max - step lands on -max, as max + step lands on max (it landed on -inf; with
+    ``compensated`` on +-inf both ways). The step keeps the float32 sum finite (bfloat16's
+    largest value is within 0.4 % of float32's; an infinite sum stays infinite, as in
+    float32)."""
     big = float(jnp.finfo(dtype).max)
-    tx = rmsjax.low_precision(rmsjax.sgd(1.0))
+    tx = rmsjax.low_precision(rmsjax.sgd(1.0), compensated=compensated)
     for sign in (1.0, -1.0):
         p = {"w": jnp.full(4, sign * big, dtype)}
         g = {"w": jnp.full(4, -sign * big * 0.002, jnp.float32)}  # sgd steps by -g: past the edge

@@ -161,6 +161,25 @@ def test_wrapper_counters_are_replicated_over_the_mesh(wrapper, mesh):
         assert leaf.sharding.is_fully_replicated and leaf.sharding.device_set == set(mesh.devices.flat)
 
 
+@pytest.mark.parametrize("jitted", [False, True], ids=["eager", "jit"])
+def test_low_precision_error_record_is_placed_like_its_parameter(jitted, mesh):
+    """``low_precision(..., compensated=True)`` keeps an int8 record per 16-bit parameter; it
+    is made from the parameter, so it sits like it (it was made from the shape alone: whole
+    on one device eagerly, replicated under jit, and the ZeRO step then moved it with
+    all-to-alls), and the update compiles to no collective."""
+    params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), sharded_tree(mesh))
+    grads = jax.tree.map(lambda x: x.astype(jnp.bfloat16), sharded_tree(mesh, 1))
+    tx = rmsjax.low_precision(rmsjax.adam(1e-3), compensated=True)
+    state = jax.jit(tx.init)(params) if jitted else tx.init(params)
+    records = jax.tree.leaves(state.error)
+    assert len(records) == len(SPECS) and all(r.dtype == jnp.int8 for r in records)
+    mirrored, mirrored_ok, scalars, scalars_ok, misplaced = placement_report(state, params, mesh)
+    assert mirrored >= 3 * len(SPECS)  # mu, nu and the record
+    assert (mirrored_ok, scalars_ok) == (mirrored, scalars), misplaced
+    hlo = jax.jit(_step(tx)).lower(params, grads, state).compile().as_text()
+    assert count_collectives(hlo) == 0, COLLECTIVE.findall(hlo)
+
+
 # --------------------------------------------------------------------------- 1b. rmsjax.packed
 
 

@@ -179,6 +179,8 @@ def test_errors_name_the_argument_and_the_leaf():
     assert tuple(sh[0].mu["b"].spec) == (None,) and tuple(sh[0].mu["w"].spec) == ("data",)
     with pytest.raises(TypeError, match="mesh"):
         rmsjax.zero_shardings(tx, {"w": jnp.ones(8)}, "data")
+    with pytest.raises(TypeError, match="AbstractMesh has no devices"):
+        rmsjax.zero_shardings(tx, {"w": jnp.ones(8)}, mesh.abstract_mesh)
     with pytest.raises(ValueError, match="uneven"):
         rmsjax.zero_shardings(tx, {"w": jnp.ones(8)}, mesh, uneven="pad")
 
