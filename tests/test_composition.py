@@ -106,8 +106,16 @@ def test_inject_hyperparams_changes_rate_without_recompiling():
     params, state = step(params, state)
     state.hyperparams["learning_rate"] = jnp.asarray(0.01, jnp.float32)
     state.hyperparams["momentum"] = jnp.asarray(0.5, jnp.float32)
+    # The edit takes effect: the next step is the plain optimizer's with the new values,
+    # from the same inner state.
+    edited = rmsjax.rmsprop(0.01, momentum=0.5)
+    grads = ref.gradient(params, jnp)
+    want, _ = edited.update(grads, state.inner_state, params)
+    before = params
     params, state = step(params, state)
     assert len(traces) == 1
+    got = jax.tree.map(lambda a, b: a - b, params, before)
+    chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))

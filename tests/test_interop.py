@@ -178,11 +178,29 @@ def test_map_params_with_a_params_shaped_tree(name):
     tx = CASES[name].make()
     state = tx.init(PARAMS)
     specs = jax.tree.map(lambda p: p.ndim, PARAMS)
-    fill = lambda value, spec: jnp.full(value.shape, spec, value.dtype)
+    calls = []
+
+    def fill(value, spec):
+        calls.append(value.shape)
+        return jnp.full(value.shape, spec, value.dtype)
+
     mapped = optax.tree.map_params(tx, fill, state, specs)
     assert jax.tree.structure(mapped) == jax.tree.structure(state)
-    identity = optax.tree.map_params(tx, lambda value: value, state)
-    jax.tree.map(np.testing.assert_array_equal, identity, state)
+    # Every state leaf that belongs to a parameter (its path ends in the parameter's key and
+    # it has its shape) was filled with that parameter's spec; every other leaf (counts,
+    # rates) is unchanged.
+    param_paths = {jax.tree_util.keystr(path): p for path, p in jax.tree_util.tree_leaves_with_path(PARAMS)}
+    reached = 0
+    for (path, new), old in zip(jax.tree_util.tree_leaves_with_path(mapped), jax.tree.leaves(state), strict=True):
+        key = jax.tree_util.keystr(path)
+        param = next((p for suffix, p in param_paths.items()
+                      if key.endswith(suffix) and p.shape == jnp.shape(old)), None)
+        if param is None:
+            np.testing.assert_array_equal(new, old)
+        else:
+            np.testing.assert_array_equal(new, np.full(param.shape, param.ndim))
+            reached += 1
+    assert reached == len(calls)
 
 
 @pytest.mark.parametrize("bits", [8, 4])

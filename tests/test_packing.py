@@ -292,17 +292,3 @@ def test_nnx_optimizer():
     for a, b in zip(jax.tree.leaves(nnx.state(model, nnx.Param)),
                     jax.tree.leaves(nnx.state(reference, nnx.Param))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-
-
-def test_sharded_leaves_are_never_packed_across_devices():
-    devices = jax.devices()
-    if len(devices) < 2:
-        pytest.skip("needs two devices (XLA_FLAGS=--xla_force_host_platform_device_count=2)")
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
-    mesh = Mesh(np.array(devices[:2]), ("x",))
-    split = jax.device_put(jnp.ones(8), NamedSharding(mesh, PartitionSpec("x")))
-    on0 = jax.device_put(jnp.ones(3), devices[0])
-    on1 = jax.device_put(jnp.ones(3), devices[1])
-    layout = packing.layout_of({"split": split, "on0": on0, "on1": on1, "on0b": on0 * 2})
-    assert len(layout.groups) == 3  # split alone, the two device-0 leaves, device 1 alone

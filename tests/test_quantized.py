@@ -40,10 +40,10 @@ def np_levels(bits: int, signed: bool) -> np.ndarray:
 
 
 def np_scale(block: np.ndarray) -> float:
-    """The documented scale: the power of two above the block's absmax (2**(e+1) for absmax
-    in [2**e, 2**(e+1)))."""
+    """The documented scale: the smallest power of two at or above the block's absmax
+    (``2**ceil(log2 m)``: an exact power of two is its own scale)."""
     m = float(np.max(np.abs(block)))
-    return 0.0 if m == 0 else 2.0 ** (math.floor(math.log2(m)) + 1)
+    return 0.0 if m == 0 else 2.0 ** math.ceil(math.log2(m))
 
 
 def np_nearest(x: np.ndarray, bits: int, signed: bool) -> np.ndarray:

@@ -193,6 +193,19 @@ def _packed_report(state, params, mesh):
     return tuple(a + b for a, b in zip(report[:4], offsets[:4])) + (report[4] + offsets[4],)
 
 
+def test_leaves_on_different_devices_are_never_packed_together(mesh):
+    """``rmsjax.packing`` groups small leaves only with leaves that live where they do: a
+    sharded leaf stays alone, leaves on one device go together, a leaf on another device
+    goes apart. (Moved here from tests/test_packing.py, where one device made it skip.)"""
+    devices = list(mesh.devices.flat)
+    split = jax.device_put(jnp.ones(8), NamedSharding(mesh, P("data")))
+    on0 = jax.device_put(jnp.ones(3), devices[0])
+    on1 = jax.device_put(jnp.ones(3), devices[1])
+    # leaves in key order: on0 (0), on0b (1), on1 (2), split (3)
+    layout = rmsjax.packing.layout_of({"split": split, "on0": on0, "on1": on1, "on0b": on0 * 2})
+    assert sorted(layout.groups) == [(0, 1), (2,), (3,)]
+
+
 @pytest.mark.parametrize("axes", [AxisType.Auto, AxisType.Explicit], ids=["auto-axes", "explicit-axes"])
 @pytest.mark.parametrize("jitted", [False, True], ids=["eager", "jit"])
 @pytest.mark.parametrize("name", sorted(PACKED))
