@@ -191,7 +191,8 @@ def test_map_params_with_a_params_shaped_tree(name):
     # rates) is unchanged.
     param_paths = {jax.tree_util.keystr(path): p for path, p in jax.tree_util.tree_leaves_with_path(PARAMS)}
     reached = 0
-    for (path, new), old in zip(jax.tree_util.tree_leaves_with_path(mapped), jax.tree.leaves(state), strict=True):
+    mapped_leaves = jax.tree_util.tree_leaves_with_path(mapped)
+    for (path, new), old in zip(mapped_leaves, jax.tree.leaves(state), strict=True):
         key = jax.tree_util.keystr(path)
         param = next((p for suffix, p in param_paths.items()
                       if key.endswith(suffix) and p.shape == jnp.shape(old)), None)
