@@ -360,3 +360,59 @@ def test_every_framework_declares(tx):
     assert tx.declaration.framework in ("keras", "tf1", "timm")
     state = optax.chain(tx).init(W)  # still an optax transformation to chain
     assert jax.tree.leaves(state)
+
+
+def test_param_group_selectors_see_the_same_paths_inside_nnx_optimizer():
+    # nnx.Optimizer initialises on Variables and updates with bare arrays; selectors saw
+    # 'layers/0/bias/value' at init and 'layers/0/bias' at update, so a selector written
+    # for one failed on the other ("selects no parameter" at nnx.Optimizer(...)).
+    from flax import nnx
+
+    def make():
+        return nnx.Sequential(nnx.Linear(3, 4, rngs=nnx.Rngs(0)), nnx.Linear(4, 2, rngs=nnx.Rngs(1)))
+
+    seen = []
+
+    def biases(path, leaf):
+        seen.append(path)
+        return path.endswith("bias")
+
+    model, reference = make(), make()
+    x = jnp.ones((2, 3))
+
+    def loss(m):
+        return jnp.sum(m(x) ** 2)
+
+    optimizer = nnx.Optimizer(model, pt.param_groups(pt.RMSprop, [{"params": biases, "lr": 0.1}], lr=0.01),
+                              wrt=nnx.Param)
+    at_init = sorted(set(seen))
+    seen.clear()
+    optimizer.update(model, nnx.grad(loss)(model))
+    names = ["layers/0/bias", "layers/0/kernel", "layers/1/bias", "layers/1/kernel"]
+    assert at_init == sorted(set(seen)) == names
+    # the biases moved by the group's rate, the kernels by the default one (RMSprop's first
+    # step is lr * sign(g) up to eps)
+    grads = nnx.grad(loss)(reference)
+    moved = jax.tree.map(lambda a, b: np.asarray(a - b),
+                         nnx.state(model, nnx.Param), nnx.state(reference, nnx.Param))
+    for layer in (0, 1):
+        for name, lr in (("bias", 0.1), ("kernel", 0.01)):
+            step = moved["layers"][layer][name]
+            g = np.asarray(grads["layers"][layer][name])
+            np.testing.assert_allclose(np.abs(step), lr * (np.abs(g) > 0) * 10.0, rtol=1e-4)
+
+
+def test_a_param_group_whose_parameters_are_all_masked_out():
+    # optax.masked around the groups freezes a whole group: its parameters become masked
+    # placeholders, the group selects no leaf, and that is not an error there.
+    params = {"emb": jnp.ones(4), "dense": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}}
+    groups = pt.param_groups(pt.RMSprop, [{"params": "emb", "lr": 0.1}], lr=0.01)
+    tx = optax.masked(groups, {"emb": False, "dense": {"kernel": True, "bias": True}})
+    updates, _ = tx.update(params, tx.init(params), params)
+    np.testing.assert_array_equal(updates["emb"], params["emb"])  # masked: passed through
+    plain = pt.RMSprop(lr=0.01)
+    want, _ = plain.update(params["dense"], plain.init(params["dense"]), params["dense"])
+    jax.tree.map(np.testing.assert_allclose, updates["dense"], want)
+    with pytest.raises(ValueError, match="selects no parameter with the path 'embb'"):
+        typo = pt.param_groups(pt.RMSprop, [{"params": "embb"}])
+        optax.masked(typo, {"emb": False, "dense": True}).init(params)

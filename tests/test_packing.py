@@ -292,3 +292,27 @@ def test_nnx_optimizer():
     for a, b in zip(jax.tree.leaves(nnx.state(model, nnx.Param)),
                     jax.tree.leaves(nnx.state(reference, nnx.Param))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_leaves_are_found_by_name_whatever_the_order_of_an_ordered_dict():
+    # An OrderedDict flattens in insertion order: the same parameters rebuilt in another
+    # order (or params ordered unlike the updates) used to be packed in the new order and
+    # cut at the old offsets, so one leaf's moments were applied to another's gradient.
+    from collections import OrderedDict
+
+    values = {"a": jnp.arange(1.0, 4.0), "b": jnp.arange(10.0, 15.0), "c": jnp.ones((2, 2))}
+
+    def ordered(order, tree=values):
+        return OrderedDict((name, tree[name]) for name in order)
+
+    def grads(k):
+        return {name: jnp.sin(v * (k + 1)) * (10.0 if name == "b" else 1.0) for name, v in values.items()}
+
+    tx, ref = rmsjax.packed(rmsjax.rmsprop(0.1, momentum=0.9)), rmsjax.rmsprop(0.1, momentum=0.9)
+    state, ref_state = tx.init(ordered("abc")), ref.init(values)
+    for k, (grad_order, param_order) in enumerate([("abc", "abc"), ("cba", "bca"), ("bac", "cab")]):
+        ours, state = tx.update(ordered(grad_order, grads(k)), state, ordered(param_order))
+        theirs, ref_state = ref.update(grads(k), ref_state, values)
+        assert list(ours) == list(grad_order)
+        for name in values:
+            np.testing.assert_allclose(ours[name], theirs[name], rtol=1e-6, err_msg=f"step {k}, {name}")

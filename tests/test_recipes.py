@@ -126,6 +126,9 @@ BAD_GROUPS = [
      ValueError, "'head/kernel' is selected by more than one"),
     (lambda: compat.param_groups(pt.RMSprop, [{"params": ["dense", "head"]}, {}]).init(TREE), ValueError,
      "param group 1 selects no parameter"),
+    # one path of a list that names nothing (a typo) is refused, not ignored
+    (lambda: compat.param_groups(pt.RMSprop, [{"params": ["head", "dense/kernal"]}]).init(TREE), ValueError,
+     "param group 0 selects no parameter with the path 'dense/kernal'"),
 ]
 
 

@@ -12,6 +12,7 @@ optimizer over its parameters with its own hyperparameters and step counts).
 from __future__ import annotations
 
 import inspect
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -64,8 +65,18 @@ def path_name(path: Sequence[Any]) -> str:
 
 
 def _named_leaves(tree: PyTree) -> list[tuple[str, Any]]:
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return [(path_name(path), leaf) for path, leaf in flat]
+    """(path name, leaf) of every leaf, in tree order. A Flax NNX Variable is named by its own
+    path: ``nnx.Optimizer`` initialises on Variables (whose array sits one level down) and
+    updates with the bare arrays, and a selector must see the same names both times."""
+    nnx = sys.modules.get("flax.nnx")
+    boxed = (lambda x: isinstance(x, nnx.Variable)) if nnx is not None else None
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=boxed)
+    named = []
+    for path, leaf in flat:
+        inside = jax.tree.leaves(leaf) if boxed is not None and boxed(leaf) else [leaf]
+        for i, array in enumerate(inside):
+            named.append((path_name(path) + (f"/{i}" if len(inside) > 1 else ""), array))
+    return named
 
 
 def _selects(selector: Selector, name: str, leaf: Any) -> bool:
@@ -185,8 +196,32 @@ def _full_kwargs(factory: Callable, kwargs: dict) -> dict:
     return out
 
 
+def _masked_names(tree: PyTree) -> list[str]:
+    """Path names of the ``optax.MaskedNode`` placeholders in ``tree``: the parameters that an
+    ``optax.masked`` around the groups leaves out (they have no leaf)."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+    return [path_name(path) for path, leaf in flat if isinstance(leaf, optax.MaskedNode)]
+
+
+def _check_paths(tx: ParamGroups, names: list[str]) -> None:
+    """Each path a group lists names a parameter (or a parameter masked out): a typo in a
+    list of paths is an error, as a group that selects nothing is."""
+    for g in tx.groups:
+        if g.selector is None or callable(g.selector):
+            continue
+        paths = [g.selector] if isinstance(g.selector, str) else list(g.selector)
+        for path in paths:
+            if not any(_selects(path, name, None) for name in names):
+                raise ValueError(
+                    f"param group {g.index} selects no parameter with the path {path!r} "
+                    f"(params={g.selector!r}); the tree's paths are {names}"
+                )
+
+
 def _assign(tx: ParamGroups, tree: PyTree) -> list[tuple[ParamGroup, list[int]]]:
     named = _named_leaves(tree)
+    masked = _masked_names(tree)
+    _check_paths(tx, [n for n, _ in named] + masked)
     explicit = [g for g in tx.groups if g.selector is not None]
     rest = [g for g in tx.groups if g.selector is None]
     members: dict[int, list[int]] = {g.index: [] for g in tx.groups}
@@ -210,6 +245,8 @@ def _assign(tx: ParamGroups, tree: PyTree) -> list[tuple[ParamGroup, list[int]]]
         members[tx.implicit.index] = unmatched
     for g in groups:
         if not members[g.index]:
+            if masked and g.selector is not None:  # its parameters may all be masked out
+                continue
             what = "the remaining parameters" if g.selector is None else repr(g.selector)
             raise ValueError(
                 f"param group {g.index} selects no parameter (params={what}); "
