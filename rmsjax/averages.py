@@ -242,10 +242,10 @@ def full_like(tree: PyTree, value: Scalar = 0.0, dtype: Any = None, *, real: boo
     Args:
       tree: the tree whose structure and shapes are copied.
       value: the fill value.
-      dtype: the leaves' dtype; ``None`` keeps each leaf's own dtype. A complex leaf gets
-        the complex dtype that holds ``dtype`` (complex64 for float32 and the 16-bit floats,
-        complex128 for float64) unless ``real``:
-        a moment of complex values keeps its imaginary part whatever its storage precision.
+      dtype: the leaves' dtype; ``None`` keeps each leaf's own dtype. Unless ``real``, a
+        complex leaf gets the complex dtype that holds ``dtype`` (complex64 for float32 and
+        the 16-bit floats, complex128 for float64): a moment of complex values keeps its
+        imaginary part whatever its storage precision.
       real: if true, complex leaves get a real dtype (the dtype of a second moment
         ``|g|**2``): ``dtype``, or the leaf's real dtype when ``dtype`` is ``None``.
 
