@@ -26,7 +26,6 @@ when it lands on 0 (whose ulp is flushed to zero); the rest is lost, as without 
 
 from __future__ import annotations
 
-import sys
 from typing import Any, NamedTuple
 
 import jax
@@ -68,9 +67,7 @@ class LowPrecisionState(NamedTuple):
     error: Any
 
 
-def _is_variable(x: Any) -> bool:
-    nnx = sys.modules.get("flax.nnx")
-    return nnx is not None and isinstance(x, nnx.Variable)
+_is_variable = _validation.is_flax_variable
 
 
 def _value(x: Any) -> Any:

@@ -146,9 +146,7 @@ def is_quantized(x: Any) -> bool:
     return isinstance(x, (QuantizedArray, PackedQuantizedArray))
 
 
-def _is_variable(x: Any) -> bool:
-    nnx = sys.modules.get("flax.nnx")
-    return nnx is not None and isinstance(x, nnx.Variable)
+_is_variable = _validation.is_flax_variable
 
 
 def _value(x: Any) -> Any:

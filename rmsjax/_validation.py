@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import sys
 from collections.abc import Callable
 from typing import Any, TypeGuard
 
@@ -28,13 +29,35 @@ __all__ = [
     "hyperparameter",
     "is_concrete",
     "is_concrete_zero",
+    "is_flax_variable",
     "is_schedule",
+    "leaves_with_path",
     "require_params",
     "static_number",
 ]
 
 
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def is_flax_variable(x: Any) -> bool:
+    """Whether ``x`` is a Flax NNX Variable (without importing Flax)."""
+    nnx = sys.modules.get("flax.nnx")
+    return nnx is not None and isinstance(x, nnx.Variable)
+
+
+def leaves_with_path(tree: Any) -> list[tuple[Any, int | None, Any]]:
+    """``(path, i, array)`` for every array of ``tree``, in tree order. A Flax NNX Variable
+    is named by its own path (``nnx.Optimizer`` initialises on Variables, whose array sits one
+    level down, and updates with the bare arrays); ``i`` numbers the arrays of a Variable
+    that holds several, else ``None``."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_flax_variable)
+    out = []
+    for path, leaf in flat:
+        inside = jax.tree.leaves(leaf) if is_flax_variable(leaf) else [leaf]
+        for i, array in enumerate(inside):
+            out.append((path, i if len(inside) > 1 else None, array))
+    return out
 
 
 def static_number(name: str, value: Any, allowed: str = "") -> float | None:

@@ -9,7 +9,6 @@ docs/low_memory.md for the train step and its communication).
 
 from __future__ import annotations
 
-import sys
 import warnings
 from typing import Any
 
@@ -24,9 +23,7 @@ __all__ = ["zero_shardings"]
 _UNEVEN = ("warn", "replicate", "error")
 
 
-def _is_variable(x: Any) -> bool:
-    nnx = sys.modules.get("flax.nnx")
-    return nnx is not None and isinstance(x, nnx.Variable)
+_is_variable = _validation.is_flax_variable
 
 
 def _same_mesh(a: Any, b: Any) -> bool:

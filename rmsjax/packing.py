@@ -18,7 +18,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
-import sys
 from typing import Any, NamedTuple, cast
 
 import jax
@@ -254,18 +253,11 @@ def _leaf_keys(tree: PyTree) -> tuple[list[str], list[Any], Any]:
     The keys are what a packed state remembers of the tree it was built for: they name each
     leaf in errors, and assign each leaf to its buffer by name, never by position.
     """
-    # A Flax NNX Variable is named by its own path: nnx.Optimizer initialises on Variables
-    # (whose array sits one level down) and updates with the bare arrays.
-    nnx = sys.modules.get("flax.nnx")
-    boxed = (lambda x: isinstance(x, nnx.Variable)) if nnx is not None else None
-    with_paths, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=boxed)
     keys, leaves = [], []
-    for path, leaf in with_paths:
-        inside = jax.tree.leaves(leaf) if boxed is not None and boxed(leaf) else [leaf]
-        for i, array in enumerate(inside):
-            where = jax.tree_util.keystr(path) + (f"#{i}" if len(inside) > 1 else "")
-            keys.append(f"{where} {_dtype_name(array)}{list(np.shape(array))}")
-            leaves.append(array)
+    for path, i, array in _validation.leaves_with_path(tree):
+        where = jax.tree_util.keystr(path) + ("" if i is None else f"#{i}")
+        keys.append(f"{where} {_dtype_name(array)}{list(np.shape(array))}")
+        leaves.append(array)
     return keys, leaves, jax.tree.structure(tree)
 
 

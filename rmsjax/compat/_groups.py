@@ -12,7 +12,6 @@ optimizer over its parameters with its own hyperparameters and step counts).
 from __future__ import annotations
 
 import inspect
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -68,15 +67,8 @@ def _named_leaves(tree: PyTree) -> list[tuple[str, Any]]:
     """(path name, leaf) of every leaf, in tree order. A Flax NNX Variable is named by its own
     path: ``nnx.Optimizer`` initialises on Variables (whose array sits one level down) and
     updates with the bare arrays, and a selector must see the same names both times."""
-    nnx = sys.modules.get("flax.nnx")
-    boxed = (lambda x: isinstance(x, nnx.Variable)) if nnx is not None else None
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=boxed)
-    named = []
-    for path, leaf in flat:
-        inside = jax.tree.leaves(leaf) if boxed is not None and boxed(leaf) else [leaf]
-        for i, array in enumerate(inside):
-            named.append((path_name(path) + (f"/{i}" if len(inside) > 1 else ""), array))
-    return named
+    return [(path_name(path) + ("" if i is None else f"/{i}"), array)
+            for path, i, array in check.leaves_with_path(tree)]
 
 
 def _selects(selector: Selector, name: str, leaf: Any) -> bool:
