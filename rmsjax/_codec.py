@@ -321,12 +321,21 @@ def largest_level(codes: jax.Array, signed: bool) -> jax.Array:
     (float32): exact unless the block holds a reserved (non-finite) code, then ``Q``. The
     maps are monotone in ``|level|``, so this decodes to a bound on the block's largest
     finite magnitude (the ``max|old|`` of an 8-bit block bound; 4-bit moments are reduced
-    exactly, so they never need it). It reduces the stored codes themselves (a max, and a
-    min for the signed map), so XLA reads them in place instead of writing a converted copy."""
+    exactly, so they never need it). It reduces the stored codes themselves, so XLA reads them
+    in place instead of writing a converted copy; for the signed map the max and the min are
+    one reduction of two outputs (reduced apart, XLA:CPU kept byte temporaries between them,
+    and the donated 8-bit Adam step, compiled with default options, copied both code arrays:
+    12.08 against 11.10 B/param at 4096 x 4096)."""
     q = MAPS[(8, signed)][0]
-    top = jnp.max(codes, axis=-1).astype(jnp.float32)
     if signed:  # -128 (NaN) reads as 128: clipped to Q below
-        top = jnp.maximum(top, -jnp.min(codes, axis=-1).astype(jnp.float32))
+        def max_and_min(a: tuple[jax.Array, jax.Array], b: tuple[jax.Array, jax.Array]):
+            return lax.max(a[0], b[0]), lax.min(a[1], b[1])
+
+        start = (jnp.array(-128, codes.dtype), jnp.array(127, codes.dtype))
+        high, low = lax.reduce((codes, codes), start, max_and_min, (codes.ndim - 1,))
+        top = jnp.maximum(high.astype(jnp.float32), -low.astype(jnp.float32))
+    else:
+        top = jnp.max(codes, axis=-1).astype(jnp.float32)
     return jnp.minimum(top, jnp.float32(q))
 
 

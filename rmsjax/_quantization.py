@@ -846,8 +846,8 @@ def quantized(
 
     On CPU, compile the donated train step in place, ``jax.jit(step, donate_argnums=(0, 1),
     compiler_options={"xla_cpu_copy_insertion_use_region_analysis": True})``: XLA:CPU then
-    overwrites the codes instead of copying them first (Adam's step: 10.11 B/param at its peak
-    against 12.08 at 8 bits, 9.13 against 9.66 at 4; docs/low_bit.md, *In place on CPU*). At 4
+    overwrites the codes instead of copying them first (Adam's step: 10.10 B/param at its peak
+    against 11.10 at 8 bits, 9.13 against 9.66 at 4; docs/low_bit.md, *In place on CPU*). At 4
     bits each new moment is recomputed on the two halves of its blocks from the old codes'
     two nibbles (``rmsjax._halves``), so that the new bytes can overwrite the old ones; where
     several loops would share a full-size float32 value (a momentum buffer's
