@@ -40,15 +40,43 @@ def _widest(tree: PyTree) -> jnp.dtype:
 # --------------------------------------------------------------------------- gradients
 
 
+def _check_gradients(updates: PyTree, params: PyTree, who: str) -> None:
+    """At trace time: the gradients match ``params`` (when given) and are floating or complex.
+
+    Checked before a leaf-by-leaf map, so that a mismatch is named as everywhere else in
+    rmsjax, not reported by ``jax.tree.map``.
+    """
+    if params is not None:
+        check.check_trees_match(updates, params, what="params", who=who)
+    for path, g in jax.tree_util.tree_leaves_with_path(updates):
+        dtype = getattr(g, "dtype", None)
+        if dtype is not None and not jnp.issubdtype(dtype, jnp.inexact):
+            raise TypeError(
+                f"{who}: updates{jax.tree_util.keystr(path)} has dtype {dtype}; rmsjax works on "
+                "floating or complex leaves"
+            )
+
+
+def _leafwise(leaf: Any, who: str) -> optax.GradientTransformation:
+    """A stateless transformation applying ``leaf`` to each gradient (the gradients checked
+    first: :func:`_check_gradients`)."""
+
+    def update_fn(updates, state, params=None):
+        check.check_state_type(state, optax.EmptyState, who)
+        _check_gradients(updates, params, who)
+        return jax.tree.map(leaf, updates), optax.EmptyState()
+
+    return optax.GradientTransformation(optax.init_empty_state, update_fn)
+
+
 def divide_gradients(factor: float) -> optax.GradientTransformation:
     """``g / factor``: Keras's ``loss_scale_factor`` (the loss was multiplied by it)."""
 
-    def leaf(g, params):
-        del params
+    def leaf(g):
         dtype = averages.compute_dtype(g.dtype)
         return (g.astype(dtype) / _opaque(factor, averages.real_dtype(dtype))).astype(g.dtype)
 
-    return optax.stateless_with_tree_map(leaf)
+    return _leafwise(leaf, "loss_scale_factor")
 
 
 def _unless_off(limit: Any, clipped: PyTree, given: PyTree) -> PyTree:
@@ -70,8 +98,7 @@ def clip_by_norm(clipnorm: float) -> optax.GradientTransformation:
     ``c <= 0``.
     """
 
-    def leaf(g, params):
-        del params
+    def leaf(g):
         dtype = averages.compute_dtype(g.dtype)
         rdtype = averages.real_dtype(dtype)
         norm = jnp.sqrt(jnp.sum(averages.squared_magnitude(g)).astype(rdtype))
@@ -79,7 +106,7 @@ def clip_by_norm(clipnorm: float) -> optax.GradientTransformation:
         clipped = ((g.astype(dtype) * c.astype(dtype)) / jnp.maximum(norm, c).astype(dtype)).astype(g.dtype)
         return _unless_off(clipnorm, clipped, g)
 
-    return optax.stateless_with_tree_map(leaf)
+    return _leafwise(leaf, "clipnorm")
 
 
 def clip_by_global_norm(global_clipnorm: float) -> optax.GradientTransformation:
@@ -94,7 +121,7 @@ def clip_by_global_norm(global_clipnorm: float) -> optax.GradientTransformation:
     inverse = 1.0 / float(global_clipnorm) if concrete else None
 
     def clip(updates, params):
-        del params
+        _check_gradients(updates, params, "global_clipnorm")
         leaves = jax.tree.leaves(updates)
         if not leaves:
             return updates
@@ -117,8 +144,7 @@ def clip_by_value(clipvalue: float) -> optax.GradientTransformation:
     separately.
     """
 
-    def leaf(g, params):
-        del params
+    def leaf(g):
         v = _real(clipvalue, averages.real_dtype(g.dtype))
         if jnp.iscomplexobj(g):
             clipped = jax.lax.complex(jnp.clip(g.real, -v, v), jnp.clip(g.imag, -v, v)).astype(g.dtype)
@@ -126,7 +152,7 @@ def clip_by_value(clipvalue: float) -> optax.GradientTransformation:
             clipped = jnp.clip(g, -v, v)
         return _unless_off(clipvalue, clipped, g)
 
-    return optax.stateless_with_tree_map(leaf)
+    return _leafwise(leaf, "clipvalue")
 
 
 # --------------------------------------------------------------------------- accumulation
@@ -178,6 +204,7 @@ def accumulate_gradients(inner: optax.GradientTransformation, steps: int) -> opt
         )
 
     def update_fn(updates, state, params=None, **extra):
+        check.check_state_type(state, GradientAccumulationState, "gradient_accumulation_steps")
         check.check_trees_match(updates, state.acc, what="acc", who="gradient_accumulation_steps")
         is_update = (state.count + jnp.ones_like(state.count)) % steps == 0
 
@@ -241,6 +268,7 @@ def ema(
         return EmaState(count=transforms.zero_count(params), ema=averages.full_like(params, 0.0))
 
     def update_fn(updates, state, params=None):
+        check.check_state_type(state, EmaState, "use_ema")
         check.require_params(params, "use_ema")
         check.check_trees_match(updates, params, what="params", who="use_ema", dtypes="kind")
         iterations = state.count // accumulation_steps
@@ -303,6 +331,7 @@ def scale_by_adamax(b1: float, b2: float, eps: float) -> optax.GradientTransform
 
     def update_fn(updates, state, params=None):
         del params
+        check.check_state_type(state, ScaleByAdamaxState, "scale_by_adamax")
         check.check_trees_match(updates, state.nu, what="nu", who="scale_by_adamax")
         count = averages.increment_count(state.count)
         mu = averages.update_leaky_average(state.mu, updates, b1, order=1)
@@ -374,6 +403,7 @@ def scale_by_nadam(b1: float, b2: float, eps: float) -> optax.GradientTransforma
 
     def update_fn(updates, state, params=None):
         del params
+        check.check_state_type(state, ScaleByNadamState, "scale_by_nadam")
         check.check_trees_match(updates, state.nu, what="nu", who="scale_by_nadam")
         count = averages.increment_count(state.count)
         dtype = state.mu_product.dtype

@@ -28,6 +28,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rmsjax import _validation as check
 
@@ -60,6 +61,30 @@ def _positive(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
+def _dtype(value: Any) -> jnp.dtype | None:
+    """``None`` or a floating dtype, as a ``jnp.dtype``; an array or scalar value (whose dtype
+    ``jnp.dtype`` would quietly take) is refused."""
+    if isinstance(value, (jax.Array, np.ndarray, np.generic)):
+        raise TypeError(
+            f"dtype must be None or a floating dtype such as jnp.float32, got a value "
+            f"({type(value).__name__} of shape {value.shape}, dtype {value.dtype}): pass x.dtype "
+            "for x's dtype"
+        )
+    return check.check_state_dtype("dtype", value)
+
+
+def _sequence(name: str, value: Any) -> list[Any]:
+    """``value`` (a list, a tuple or a 1-d array) as a list; anything else raises a TypeError
+    naming ``name``."""
+    one_d = isinstance(value, (jax.Array, np.ndarray)) and value.ndim == 1
+    if not (one_d or (isinstance(value, Sequence) and not isinstance(value, (str, bytes)))):
+        raise TypeError(
+            f"{name} must be a sequence of numbers (a list, a tuple or a 1-d array), got {value!r} "
+            f"of type {type(value).__name__}"
+        )
+    return list(value)
+
+
 def _name(value: Any) -> None:
     if not isinstance(value, str):
         raise TypeError(f"name must be a string, got {value!r} of type {type(value).__name__}")
@@ -75,9 +100,7 @@ class LearningRateSchedule:
     def __init__(self, name: str, dtype: Any = None) -> None:
         _name(name)
         self.name = name
-        self.dtype = None if dtype is None else jnp.dtype(dtype)
-        if self.dtype is not None and not jnp.issubdtype(self.dtype, jnp.floating):
-            raise ValueError(f"dtype must be None or a floating dtype such as jnp.float32, got {dtype!r}")
+        self.dtype = _dtype(dtype)
 
     def _dtype(self) -> jnp.dtype:
         if self.dtype is not None:
@@ -175,7 +198,7 @@ class PiecewiseConstantDecay(LearningRateSchedule):
         dtype: Any = None,
     ) -> None:
         super().__init__(name, dtype)
-        boundaries, values = list(boundaries), list(values)
+        boundaries, values = _sequence("boundaries", boundaries), _sequence("values", values)
         if len(boundaries) != len(values) - 1:
             raise ValueError(
                 "boundaries must have one element less than values, got "
