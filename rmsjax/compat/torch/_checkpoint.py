@@ -29,6 +29,7 @@ parameter's ``step`` from the scaling's count.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -190,6 +191,28 @@ def _groups_of(tx, opt_state, params, hyperparams: Mapping[str, Any] | None = No
     return [_Group(opt_state, list(range(len(jax.tree.leaves(params)))), kind, hyper, None)]
 
 
+def _check_order(order: Any) -> None:
+    """``order`` must be ``None`` or a sequence of leaf paths (str) and indices (int, not bool)."""
+    wanted = "None or a sequence of leaf paths (str) or leaf indices (int)"
+    if order is None:
+        return
+    if isinstance(order, (str, bytes, Mapping)) or not isinstance(order, (Sequence, np.ndarray)):
+        raise TypeError(f"order must be {wanted}, got {order!r} of type {type(order).__name__}")
+    for item in order:
+        if isinstance(item, (bool, np.bool_)) or not isinstance(item, (str, numbers.Integral)):
+            raise TypeError(
+                f"order must be {wanted}, got the item {item!r} of type {type(item).__name__}"
+            )
+
+
+def _check_layout(layout: Any) -> None:
+    if layout is not None and not callable(layout):
+        raise TypeError(
+            f"layout must be None or a callable layout(path, array) -> array, got {layout!r} of "
+            f"type {type(layout).__name__}"
+        )
+
+
 def _torch_order(groups: list[_Group], names: list[str], order) -> dict[int, int]:
     """``{leaf index: PyTorch index}``."""
     n = len(names)
@@ -322,7 +345,11 @@ def state_dict(
 
     Raises:
       ValueError: ``tx`` is not a compat.torch optimizer, ``hyperparams`` are missing for a
-        plain ``tx`` or name an unknown argument, or ``order`` is not a permutation.
+        plain ``tx`` or name an unknown argument, ``order`` is not a permutation, or
+        ``opt_state`` does not match ``tx.init(params)`` (its parts, leaf paths, shapes or
+        dtypes: the state of another optimizer, or made for other parameters).
+      TypeError: ``order`` is not a sequence of paths and integers, or ``layout`` is not
+        callable.
 
     Example:
       >>> import jax.numpy as jnp
@@ -343,7 +370,10 @@ def state_dict(
       (``scheduler.state_dict()``); this dict holds only the current rate.
     """
     kind_of_arrays = _array_kind(arrays)
+    _check_order(order)
+    _check_layout(layout)
     groups = _groups_of(tx, opt_state, params, hyperparams)
+    _check_state(tx, opt_state, params)
     names = [n for n, _ in _groups._named_leaves(params)]
     leaves = jax.tree.leaves(params)
     index = _torch_order(groups, names, order)
@@ -383,6 +413,48 @@ def state_dict(
         group["params"] = sorted(index[j] for j in g.leaves)
         out_groups.append(group)
     return {"state": dict(sorted(out_state.items())), "param_groups": out_groups}
+
+
+def _check_state(tx: Any, opt_state: Any, params: Any) -> None:
+    """``opt_state`` must have the parts, leaf paths, shapes and dtypes of ``tx.init(params)``:
+    the state of another optimizer or configuration, or of other parameters, would be exported
+    as if it were this one's. Containers may differ where the paths agree (a dict for an
+    ``nnx.State``), and Flax NNX Variables are seen through (``nnx.Optimizer`` wraps its state
+    in them)."""
+    expected = jax.eval_shape(tx.init, params)
+    mine, theirs = [type(p).__name__ for p in _parts(opt_state)], [type(p).__name__ for p in _parts(expected)]
+    if mine != theirs:
+        raise ValueError(
+            f"state_dict: opt_state is not a state of this tx: its parts are {mine}, "
+            f"tx.init(params)'s are {theirs} (the state of another optimizer or configuration?)"
+        )
+    mine_leaves, theirs_leaves = check.leaves_with_path(opt_state), check.leaves_with_path(expected)
+    for (path, i, a), (other, k, b) in zip(mine_leaves, theirs_leaves):
+        here, there = _keystr(path, i), _keystr(other, k)
+        if here != there:
+            raise ValueError(
+                f"state_dict: opt_state does not match tx.init(params): first difference at "
+                f"opt_state{here} vs tx.init(params){there} (a state made for other params?)"
+            )
+        if np.shape(a) != tuple(b.shape) or jnp.result_type(a) != b.dtype:
+            raise ValueError(
+                f"state_dict: opt_state does not match tx.init(params) at {here}: opt_state has "
+                f"{jnp.result_type(a)}{list(np.shape(a))}, tx.init(params) {b.dtype}{list(b.shape)} "
+                "(a state made for params of other shapes or dtypes?)"
+            )
+    if len(mine_leaves) != len(theirs_leaves):
+        longer, name = ((mine_leaves, "opt_state") if len(mine_leaves) > len(theirs_leaves)
+                        else (theirs_leaves, "tx.init(params)"))
+        path, i, _ = longer[min(len(mine_leaves), len(theirs_leaves))]
+        raise ValueError(
+            f"state_dict: opt_state does not match tx.init(params): {name}{_keystr(path, i)} has no "
+            f"counterpart ({len(mine_leaves)} arrays in opt_state, {len(theirs_leaves)} in "
+            "tx.init(params); a state made for other params?)"
+        )
+
+
+def _keystr(path: Any, i: int | None) -> str:
+    return jax.tree_util.keystr(path) + (f"[{i}]" if i is not None else "")
 
 
 def _step_of(*parts: Any) -> int:
@@ -459,8 +531,10 @@ def load_state_dict(
       ValueError: naming what is wrong: a state dict for another optimizer or
         configuration (an unexpected or missing key), a different number of groups or
         parameters, a hyperparameter that differs from ``tx``'s, a parameter whose saved
-        state has another shape (its index, the key and both shapes), or steps that differ
-        within a group.
+        state has another shape (its index, the key and both shapes) or is not an array of
+        numbers, a sum or average of squares (``exp_avg_sq``, ``square_avg``, ...) with a
+        negative value, or steps that differ within a group.
+      TypeError: ``order`` or ``layout`` as for :func:`state_dict`.
 
     Example:
       >>> import jax.numpy as jnp, numpy as np
@@ -479,6 +553,8 @@ def load_state_dict(
         raise ValueError("state_dict must be a PyTorch optimizer state dict with 'state' and 'param_groups'")
     if step is not None:
         step = _saved_step(step, "step=")
+    _check_order(order)
+    _check_layout(layout)
     init = tx.init(params)
     groups = _groups_of(tx, init, params)
     names = [n for n, _ in _groups._named_leaves(params)]
@@ -666,8 +742,29 @@ def _fill(part, entries, g, count, lr, index, leaves, names, layout):
     return type(part)(**fields)
 
 
+# PyTorch keys of sums or averages of squares: never negative (a negative one makes the next
+# update NaN, through the square root of the denominator).
+_NON_NEGATIVE = ("exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum", "acc_delta")
+
+
 def _import_leaf(value, like, param, name, i, key, layout) -> jax.Array:
     array = _to_numpy(value)
+    where = f"state_dict['state'][{i}][{key!r}]"
+    if not any(jnp.issubdtype(array.dtype, t) for t in (jnp.integer, jnp.floating, jnp.complexfloating)):
+        raise ValueError(
+            f"{where} must be an array of numbers (a tensor of a real or complex dtype), got "
+            f"{type(value).__name__} of dtype {array.dtype}"
+        )
+    if key in _NON_NEGATIVE:
+        parts = (np.real(array), np.imag(array)) if np.iscomplexobj(array) else (array,)
+        negative = [np.argwhere(np.asarray(p < 0)) for p in parts]
+        found = next((n for n in negative if n.size), None)
+        if found is not None:
+            at = tuple(int(x) for x in found[0])
+            raise ValueError(
+                f"{where} (parameter {i}, {name!r}) has a negative value at index {at}: a sum or "
+                "average of squares, which PyTorch never makes negative (the next update would be NaN)"
+            )
     if layout is not None:
         array = np.asarray(layout(name, array))
     if array.shape != tuple(param.shape):

@@ -606,8 +606,10 @@ def OneCycleLR(
       lr: the optimizer's learning rate, >= 0; ignored (see above).
       max_lr: :math:`\eta_{\max}`, >= 0.
       total_steps: :math:`N`, an integer >= 1; or give ``epochs`` and ``steps_per_epoch``.
-      epochs: an integer >= 1, with ``steps_per_epoch``.
-      steps_per_epoch: an integer >= 1, with ``epochs`` (PyTorch's meaning).
+      epochs: an integer >= 1, with ``steps_per_epoch`` (ignored beside ``total_steps``,
+        as in PyTorch, but checked).
+      steps_per_epoch: an integer >= 1, with ``epochs`` (PyTorch's meaning; ignored beside
+        ``total_steps`` but checked).
       pct_start: the fraction of the cycle spent increasing the rate, in [0, 1].
       anneal_strategy: ``'cos'`` or ``'linear'``.
       cycle_momentum: also make the momentum schedule ``.momentum``.
@@ -627,10 +629,13 @@ def OneCycleLR(
     """
     lr = _real("lr", lr)
     max_lr = _real("max_lr", max_lr)
+    # Checked even beside total_steps (which PyTorch then uses alone): a bad value is a mistake.
+    epochs = _integer("epochs", epochs, low=1, optional=True)
+    steps_per_epoch = _integer("steps_per_epoch", steps_per_epoch, low=1, optional=True)
     if total_steps is not None:
         total = _integer("total_steps", total_steps, low=1)
     elif epochs is not None and steps_per_epoch is not None:
-        total = _integer("epochs", epochs, low=1) * _integer("steps_per_epoch", steps_per_epoch, low=1)
+        total = epochs * steps_per_epoch
     else:
         raise ValueError("OneCycleLR needs total_steps, or both epochs and steps_per_epoch")
     pct_start = _real("pct_start", pct_start, high=1.0, high_open=False)
@@ -796,6 +801,27 @@ class ReduceLROnPlateauState(NamedTuple):
     value: jax.Array
 
 
+def _check_metric(value: Any) -> None:
+    """``value`` of ``ReduceLROnPlateau.update`` must be a real scalar (the metric of the step)."""
+    wanted = "a real scalar, the metric (a Python or NumPy real number, or an array of shape ())"
+    where = "ReduceLROnPlateau.update: value"
+    if isinstance(value, (jax.Array, np.ndarray, np.generic)):
+        if value.shape != ():
+            raise TypeError(
+                f"{where} must be {wanted}, got an array of shape {value.shape} (per-example "
+                "losses? pass their mean)"
+            )
+        if not (jnp.issubdtype(value.dtype, jnp.integer) or jnp.issubdtype(value.dtype, jnp.floating)):
+            raise TypeError(f"{where} must be {wanted}, got an array of dtype {value.dtype}")
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{where} must be {wanted}, got {value!r} of type {type(value).__name__}")
+    try:
+        float(value)
+    except OverflowError:
+        raise ValueError(f"{where} must be {wanted}, got an integer too large for a float") from None
+
+
 class ReduceLROnPlateauTransformation(optax.GradientTransformationExtraArgs):
     """The transformation :func:`ReduceLROnPlateau` returns (an ``optax.GradientTransformationExtraArgs``)."""
 
@@ -816,10 +842,11 @@ def ReduceLROnPlateau(
     r"""``torch.optim.lr_scheduler.ReduceLROnPlateau``, as a transformation driven by the loss.
 
     Like ``optax.contrib.reduce_on_plateau``, its ``update(updates, state, params=None, *,
-    value)`` takes the loss and scales the updates. It keeps PyTorch's learning rate
-    :math:`\eta` in its state and multiplies the updates by :math:`\eta / \eta_0`: chain it
-    *after* a :mod:`rmsjax.compat.torch` optimizer made with ``lr=`` :math:`\eta_0`, so that
-    the step is PyTorch's :math:`\eta \cdot (\ldots)` (AdamW's decoupled decay included)::
+    value)`` takes the loss (a real scalar) and scales the updates. It keeps PyTorch's
+    learning rate :math:`\eta` in its state and multiplies the updates by
+    :math:`\eta / \eta_0`: chain it *after* a :mod:`rmsjax.compat.torch` optimizer made with
+    ``lr=`` :math:`\eta_0`, so that the step is PyTorch's :math:`\eta \cdot (\ldots)`
+    (AdamW's decoupled decay included)::
 
         tx = optax.chain(rmsjax.compat.torch.SGD(lr=0.1, momentum=0.9),
                          ReduceLROnPlateau(0.1, patience=5, steps_per_epoch=len(loader)))
@@ -895,6 +922,8 @@ def ReduceLROnPlateau(
 
     def update_fn(updates, state, params=None, *, value, **extra_args):
         del params, extra_args
+        check.check_state_type(state, ReduceLROnPlateauState, "ReduceLROnPlateau.update")
+        _check_metric(value)
         dtype = state.lr.dtype
         ratio = state.lr / jnp.asarray(lr, dtype) if lr > 0 else jnp.ones((), dtype)
         updates = jax.tree.map(lambda u: (u * ratio.astype(u.dtype)).astype(u.dtype), updates)
