@@ -275,7 +275,8 @@ def _kind(leaf: Any) -> str | None:
 def check_trees_match(
     updates: Any, reference: Any, *, what: str, who: str, dtypes: str | None = None
 ) -> None:
-    """Fails at trace time when ``updates`` and ``reference`` differ in structure or shapes.
+    """Fails at trace time when ``updates`` and ``reference`` differ in structure or shapes,
+    or when an update leaf is not floating or complex (a TypeError naming its path).
 
     The message names the first path where they differ and both sides. Only static
     information (tree structure, shapes, dtypes) is compared, so this costs nothing at run
@@ -328,6 +329,12 @@ def check_trees_match(
         )
     for (path, mine), (_, theirs) in zip(update_leaves, reference_leaves):
         key = jax.tree_util.keystr(path)
+        mine_dtype = getattr(mine, "dtype", None)
+        if mine_dtype is not None and not jnp.issubdtype(mine_dtype, jnp.inexact):
+            raise TypeError(
+                f"{who}: updates{key} has dtype {mine_dtype}; rmsjax works on floating or complex "
+                "leaves (is an integer or boolean array among the gradients?)"
+            )
         if getattr(mine, "shape", None) != getattr(theirs, "shape", None):
             raise ValueError(
                 f"{who}: the updates do not match the {what} tree at {key}: "

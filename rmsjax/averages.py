@@ -225,6 +225,16 @@ def squared_magnitude(x: jax.Array) -> jax.Array:
     return jnp.square(x)
 
 
+def _check_inputs(who: str, state: PyTree, x: PyTree, what: str, order: int | None = None) -> None:
+    """What a layer-1 update checks, at trace time only: ``order`` is 1 or 2, and ``x`` has
+    the structure and leaf shapes of ``state`` (a smaller ``x`` would broadcast silently).
+    Hyperparameter values are checked by the factories of :mod:`rmsjax.transforms` and
+    above, once, not here at every update."""
+    if order is not None and (isinstance(order, bool) or order not in (1, 2)):
+        raise ValueError(f"{who}: order must be 1 or 2, got {order!r}")
+    check.check_trees_match(x, state, what=what, who=who)
+
+
 def _moment(x: jax.Array, order: int) -> jax.Array:
     """``x`` (order 1) or ``|x|**2`` (order 2), in the compute dtype."""
     return squared_magnitude(x) if order == 2 else _cast(x, compute_dtype(x.dtype))
@@ -356,6 +366,7 @@ def update_leaky_average(average: PyTree, x: PyTree, decay: Scalar, *, order: in
     >>> update_leaky_average(jnp.zeros(2), jnp.array([1.0, 2.0]), 0.9, order=2).round(4)
     Array([0.1, 0.4], dtype=float32)
     """
+    _check_inputs("update_leaky_average", average, x, "average", order)
     leaky = _leaky(decay)
 
     def leaf(s, g):
@@ -384,6 +395,7 @@ def update_running_sum(total: PyTree, x: PyTree, *, order: int = 1) -> PyTree:
     >>> update_running_sum(jnp.ones(2), jnp.array([1.0, 2.0]), order=2)
     Array([2., 5.], dtype=float32)
     """
+    _check_inputs("update_running_sum", total, x, "total", order)
 
     def leaf(s, g):
         value = _moment(g, order)
@@ -404,6 +416,7 @@ def update_momentum_buffer(
     static 0 that is what ``decay*0 + x`` gives anyway, so the buffer is the plain
     ``decay*b + x`` and ``count`` is not read (it may be ``None``).
     """
+    _check_inputs("update_momentum_buffer", buffer, x, "buffer")
     decay_as = _scalar(decay)
     if dampening is None or check.is_concrete_zero(dampening):
 

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import optax
 
 from rmsjax import _low_precision, _quantization, averages, transforms
+from rmsjax import _validation as check
 
 __all__ = ["EffectiveLearningRate", "effective_learning_rate", "learning_rate", "step_count"]
 
@@ -231,6 +232,7 @@ def learning_rate(opt_state: Any, *, schedule: Any = None) -> jax.Array:
       ValueError: if the state holds no learning rate, or several different ones (for
         example two optimizers under ``optax.multi_transform``), or an injected schedule
         and no ``schedule=``.
+      TypeError: if ``schedule`` is not a callable of the step count.
 
     Example:
       >>> import jax.numpy as jnp
@@ -243,6 +245,10 @@ def learning_rate(opt_state: Any, *, schedule: Any = None) -> jax.Array:
       >>> round(float(rmsjax.learning_rate(state)), 4)
       0.09
     """
+    if schedule is not None:
+        if not check.is_schedule(schedule):
+            raise TypeError(f"schedule must be None or a schedule f(step), got {schedule!r}")
+        check.check_learning_rate("schedule", schedule)
     tree = _to_pure(opt_state)
     rates = _learning_rates(tree, schedule)
     if not rates:
@@ -421,7 +427,9 @@ def effective_learning_rate(
 
     Raises:
       ValueError: if the state holds no second-moment ``nu`` (e.g. ``sgd``), several of them,
-        or no learning rate when none is passed.
+        or no learning rate when none is passed; if ``eps`` or ``learning_rate`` is negative
+        or not finite, or ``decay`` is outside ``[0, 1)``.
+      TypeError: if a number is not a real scalar, or a flag not a bool.
 
     Example:
       >>> import jax.numpy as jnp
@@ -434,6 +442,13 @@ def effective_learning_rate(
       >>> [round(float(x), 4) for x in eff.per_leaf["w"]]  # 0.01 / sqrt(0.1 * g**2)
       [0.0316, 0.3162]
     """
+    check.check_non_negative("eps", eps)
+    check.check_flag("eps_in_sqrt", eps_in_sqrt)
+    check.check_flag("centered", centered)
+    if learning_rate is not None:
+        check.check_non_negative("learning_rate", learning_rate)
+    if decay is not None:
+        check.check_unit_interval("decay", decay)
     tree = _to_pure(opt_state)
     low_bit = sys.modules.get("rmsjax._quantization")
     if low_bit is not None:  # rmsjax.quantized: decode the moments its state stores as codes

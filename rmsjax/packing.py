@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import math
+import re
 from typing import Any, NamedTuple, cast
 
 import jax
@@ -27,7 +29,7 @@ import numpy as np
 import optax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-from rmsjax import _validation
+from rmsjax import _validation, averages
 
 __all__ = ["PackedState", "PackingLayout", "pack", "packed", "state_layout", "unpack"]
 
@@ -206,9 +208,21 @@ def pack(tree: PyTree, layout: PackingLayout | None = None) -> tuple[tuple[jax.A
         layout = layout_of(tree)
     _check_matches(leaves, layout, "the tree")
     buffers = tuple(
-        leaves[g[0]] if len(g) == 1 else _concatenate([leaves[i] for i in g]) for g in layout.groups
+        leaves[g[0]] if len(g) == 1 else _concatenate(_in_one_dtype([leaves[i] for i in g], layout, g))
+        for g in layout.groups
     )
     return buffers, layout
+
+
+def _in_one_dtype(parts: list[Any], layout: PackingLayout, group: tuple[int, ...]) -> list[Any]:
+    """The leaves of one buffer, cast to the widest of their dtypes when they differ
+    (gradients of several precisions for parameters of one: explicitly, so that it works
+    under strict dtype promotion)."""
+    names = {layout.dtypes[i] for i in group}
+    if len(names) == 1:
+        return parts
+    widest = functools.reduce(averages.common_compute_dtype, sorted(names))
+    return [jnp.asarray(p).astype(widest) for p in parts]
 
 
 def _unpack_leaves(buffers: Any, layout: PackingLayout, offsets: Any = None) -> list[jax.Array]:
@@ -343,13 +357,28 @@ def state_layout(state: PackedState, tree: PyTree) -> PackingLayout:
     return _state_layout(state, tree, "tree")[0]
 
 
-def _state_layout(state: Any, tree: PyTree, what: str) -> tuple[PackingLayout, list[Any], list[Any]]:
-    """(layout, leaves of ``tree``, the start of each packed leaf in buffer order)."""
+_KEY_DTYPE = re.compile(r" [A-Za-z0-9_]+(\[[0-9, ]*\])$")
+"""The dtype in a leaf's key (:func:`_leaf_keys`): ``"['w'] float32[3, 4]"`` -> ``float32``."""
+
+
+def _without_dtype(key: str) -> str:
+    return _KEY_DTYPE.sub(r" \1", key)
+
+
+def _state_layout(state: Any, tree: PyTree, what: str, *, any_precision: bool = False
+                  ) -> tuple[PackingLayout, list[Any], list[Any]]:
+    """(layout, leaves of ``tree``, the start of each packed leaf in buffer order).
+
+    ``any_precision``: a leaf of ``tree`` may have another dtype than the leaf of the same
+    path and shape the state was built for (float32 gradients for bfloat16 parameters)."""
     keys, leaves, treedef = _leaf_keys(tree)
     offsets = getattr(state, "offsets", None)
     if not isinstance(state, PackedState) or not isinstance(offsets, tuple):
         raise TypeError(f"packed: the state is not a packed state, got {type(state).__name__}")
     state_keys = [key for buffer in offsets for key in buffer]
+    if any_precision:
+        by_name = {_without_dtype(key): key for key in state_keys}
+        keys = [by_name.get(_without_dtype(key), key) for key in keys]
     if len(keys) != len(state_keys) or set(keys) != set(state_keys):
         raise ValueError(
             f"packed: the {what} do not match the tree the packed state was built for "
@@ -426,6 +455,10 @@ def packed(
     devices stay as they are too: arrays on different devices, or with different
     shardings, are never packed together.
 
+    The gradients may be of other precisions than the parameters (float32 gradients for
+    bfloat16 parameters): a buffer of gradients of several precisions is in the widest, and
+    each update comes back in its gradient's dtype, as from ``tx`` alone.
+
     The state (:class:`PackedState`) names every leaf by its path, dtype and shape: an
     ``update`` with a tree of other leaves fails naming them, and the state serializes with
     ``flax.serialization`` and orbax. It holds no tree shaped like the parameters, so
@@ -489,7 +522,7 @@ def packed(
         **extra_args: Any,
     ) -> tuple[optax.Updates, PackedState]:
         state = cast(PackedState, state)  # what init_fn returned
-        layout, leaves, starts = _state_layout(state, updates, "updates")
+        layout, leaves, starts = _state_layout(state, updates, "updates", any_precision=True)
         grads, _ = pack(leaves, layout)
         where = None
         if params is not None:
@@ -497,7 +530,10 @@ def packed(
             params_layout, param_leaves, _ = _state_layout(state, params, "params")
             where, _ = pack(param_leaves, params_layout)
         steps, inner = inner_tx.update(grads, state.inner, where, **extra_args)
-        out = _unpack_leaves(steps, layout, starts)
+        # a buffer of gradients of several precisions is in the widest: each update is cast
+        # back to its gradient's dtype, as the wrapped transformation does per leaf
+        out = [piece if piece.dtype == dtype else piece.astype(dtype)
+               for piece, dtype in zip(_unpack_leaves(steps, layout, starts), layout.dtypes)]
         return jax.tree.unflatten(layout.treedef, out), PackedState(inner=inner, offsets=state.offsets)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

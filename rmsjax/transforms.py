@@ -716,6 +716,12 @@ def rate_at(learning_rate: ScalarOrSchedule, count: Any) -> Any:
                 f"the learning_rate schedule returned an array of shape {np.shape(rate)}; a "
                 "schedule must return a scalar"
             )
+        dtype = getattr(rate, "dtype", None)
+        if dtype is not None and not jnp.issubdtype(dtype, jnp.number):
+            raise TypeError(
+                f"the learning_rate schedule returned an array of dtype {dtype}; "
+                "a schedule must return a real number or a 0-d array"
+            )
         return rate
     return learning_rate
 

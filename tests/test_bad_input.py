@@ -199,6 +199,99 @@ def test_plain_sgd_checks_the_gradient_tree_against_params(rate, grads):
         tx.update(grads, tx.init(params), params)
 
 
+@pytest.mark.parametrize("kwargs,error,name", [
+    ({"decay": 1.0}, ValueError, "decay"), ({"decay": -0.5}, ValueError, "decay"),
+    ({"decay": float("nan")}, ValueError, "decay"), ({"decay": "0.999"}, TypeError, "decay"),
+    ({"eps": -1.0}, ValueError, "eps"), ({"eps": "1e-8"}, TypeError, "eps"),
+    ({"learning_rate": -0.01}, ValueError, "learning_rate"),
+    ({"learning_rate": [0.1, 0.2]}, TypeError, "learning_rate"),
+    ({"learning_rate": jnp.ones(2)}, TypeError, "learning_rate"),
+    ({"eps_in_sqrt": "no"}, TypeError, "eps_in_sqrt"), ({"centered": 0}, TypeError, "centered"),
+])
+def test_effective_learning_rate_refuses_bad_arguments_naming_them(kwargs, error, name):
+    # Each of these used to give NaN, a negative or zero rate, a rate per element, or a flag
+    # read by truthiness, with no error.
+    state = rmsjax.rmsprop(0.1, centered=True).init(P)
+    with pytest.raises(error, match=name):
+        rmsjax.effective_learning_rate(state, **kwargs)
+
+
+def test_effective_learning_rate_takes_traced_arguments():
+    state = rmsjax.adam(0.1).init(P)
+    rate = jax.jit(lambda s, d: rmsjax.effective_learning_rate(s, decay=d, learning_rate=d).median)(
+        state, jnp.float32(0.5))
+    np.testing.assert_allclose(float(rate), 0.5 / 1e-8, rtol=1e-6)
+
+
+@pytest.mark.parametrize("schedule", [0.1, "fast", lambda: 0.1])
+def test_learning_rate_refuses_a_schedule_that_is_not_f_of_step(schedule):
+    state = optax.inject_hyperparams(rmsjax.sgd)(learning_rate=optax.constant_schedule(0.1)).init(P)
+    with pytest.raises(TypeError, match="schedule"):
+        rmsjax.learning_rate(state, schedule=schedule)
+
+
+@pytest.mark.parametrize("call", [
+    lambda: rmsjax.averages.update_leaky_average(jnp.zeros(3), jnp.ones(3), 0.5, order=3),
+    lambda: rmsjax.averages.update_leaky_average(jnp.zeros(3), jnp.ones(3), 0.5, order=0),
+    lambda: rmsjax.averages.update_running_sum(jnp.zeros(3), jnp.ones(3), order=5),
+    lambda: rmsjax.averages.update_running_sum(jnp.zeros(3), jnp.ones(3), order=True),
+], ids=["leaky_order3", "leaky_order0", "sum_order5", "sum_order_bool"])
+def test_layer_one_refuses_an_order_other_than_one_or_two(call):
+    # order 0 and 3 were computed as order 1
+    with pytest.raises(ValueError, match="order must be 1 or 2"):
+        call()
+
+
+@pytest.mark.parametrize("call", [
+    lambda: rmsjax.averages.update_leaky_average(jnp.zeros(3), jnp.ones(1), 0.5),
+    lambda: rmsjax.averages.update_running_sum({"a": jnp.zeros(3)}, {"b": jnp.ones(3)}),
+    lambda: rmsjax.averages.update_momentum_buffer(jnp.zeros(3), jnp.ones(1), 0.9, None, None),
+], ids=["leaky_shape", "sum_keys", "momentum_shape"])
+def test_layer_one_refuses_a_value_shaped_unlike_its_state(call):
+    # a (1,) value was broadcast into a (3,) average
+    with pytest.raises(ValueError, match="do not match"):
+        call()
+
+
+def test_keras_weight_decay_and_param_groups_refuse_another_optimizers_state():
+    params = {"w": jnp.ones(3)}
+    adam_state = kc.Adam().init(params)
+    decayed = kc.Adam(weight_decay=0.1)
+    state = decayed.init(params)
+    foreign = tuple(optax.EmptyState() if type(s).__name__ == "DecoupledWeightDecayState" else s
+                    for s in state)
+    assert foreign != state
+    with pytest.raises(TypeError, match="DecoupledWeightDecayState"):
+        decayed.update(params, foreign, params)
+    groups = rmsjax.compat.param_groups(pt.Adam, [{"params": "w", "lr": 0.1}])
+    for foreign in (pt.Adam().init(params), optax.EmptyState(), adam_state):
+        with pytest.raises(TypeError, match="param_groups: expected a ParamGroupsState"):
+            groups.update(params, foreign, params)
+
+
+def test_a_param_group_selector_of_one_argument_names_the_group():
+    with pytest.raises(TypeError, match=r"param group 0: .*f\(path, leaf\)"):
+        rmsjax.compat.param_groups(pt.SGD, [{"params": lambda path: "w" in path, "lr": 0.1}], lr=0.01)
+
+
+def test_a_schedule_returning_a_boolean_array_is_refused():
+    # jnp.asarray(True) used to become a learning rate of 1.0
+    tx = rmsjax.sgd(lambda count: jnp.asarray(True))
+    with pytest.raises(TypeError, match="dtype bool"):
+        tx.update(G, tx.init(P), P)
+
+
+@pytest.mark.parametrize("factory", [
+    lambda: rmsjax.adam(0.1), lambda: rmsjax.rmsprop(0.1), lambda: rmsjax.adagrad(0.1),
+    lambda: rmsjax.adadelta(), lambda: rmsjax.sgd(0.1, momentum=0.9), lambda: kc.RMSprop(),
+], ids=["adam", "rmsprop", "adagrad", "adadelta", "sgd_momentum", "keras_rmsprop"])
+def test_an_integer_gradient_leaf_is_named_by_its_path(factory):
+    tx = factory()
+    params = {"layer": {"w": jnp.zeros(3)}}
+    with pytest.raises(TypeError, match=r"\['layer'\]\['w'\] has dtype int32"):
+        tx.update({"layer": {"w": jnp.ones(3, jnp.int32)}}, tx.init(params), params)
+
+
 def test_numpy_float64_parameters_without_x64_get_float32_state_and_no_warning():
     p = np.ones(3)
     for tx in (rmsjax.adam(0.1), rmsjax.rmsprop(0.1, momentum=0.9)):

@@ -316,3 +316,27 @@ def test_leaves_are_found_by_name_whatever_the_order_of_an_ordered_dict():
         assert list(ours) == list(grad_order)
         for name in values:
             np.testing.assert_allclose(ours[name], theirs[name], rtol=1e-6, err_msg=f"step {k}, {name}")
+
+
+@pytest.mark.parametrize("name", ["adam", "rmsprop"])
+def test_float32_gradients_for_bfloat16_parameters_as_unpacked(name):
+    # Mixed precision: each gradient leaf may have another precision than its parameter
+    # (docs/reliability.md); packed refused that, naming the dtypes, where the optimizer alone
+    # accepts it. Buffers of several gradient precisions are in the widest; each update comes
+    # back in its gradient's dtype, bit for bit the unpacked optimizer's.
+    make = {"adam": lambda: rmsjax.adam(0.1), "rmsprop": lambda: rmsjax.rmsprop(0.1, momentum=0.9)}[name]
+    params = {"w": jnp.zeros(8, jnp.bfloat16), "b": jnp.zeros(4, jnp.bfloat16),
+              "c": jnp.zeros((2, 3), jnp.bfloat16)}
+    grads = {"w": jnp.linspace(-1.0, 1.0, 8), "b": jnp.full(4, 0.7, jnp.bfloat16),
+             "c": jnp.full((2, 3), 0.3)}
+    plain, packed_tx = make(), rmsjax.packed(make())
+    plain_state, packed_state = plain.init(params), packed_tx.init(params)
+    for _ in range(3):
+        expected, plain_state = plain.update(grads, plain_state, params)
+        got, packed_state = packed_tx.update(grads, packed_state, params)
+        for key in params:
+            assert got[key].dtype == expected[key].dtype == grads[key].dtype, key
+            np.testing.assert_array_equal(np.asarray(got[key], np.float32),
+                                          np.asarray(expected[key], np.float32), err_msg=key)
+    with pytest.raises(ValueError, match=r"\['w'\] float32\[7\]"):  # a shape still tells
+        packed_tx.update({**grads, "w": jnp.ones(7)}, packed_state, params)

@@ -208,6 +208,7 @@ def decoupled_weight_decay(weight_decay: Any, learning_rate: Any) -> optax.Gradi
         return DecoupledWeightDecayState(count=transforms.zero_count(params))
 
     def update_fn(updates, state, params=None):
+        check.check_state_type(state, DecoupledWeightDecayState, "weight_decay")
         check.require_params(params, "decoupled weight decay")
         check.check_trees_match(updates, params, what="params", who="weight_decay", dtypes="kind")
         rate = jnp.asarray(transforms.rate_at(learning_rate, state.count))

@@ -79,7 +79,20 @@ def _selects(selector: Selector, name: str, leaf: Any) -> bool:
 
 
 def _check_selector(index: int, selector: Any) -> None:
-    if callable(selector) or isinstance(selector, str):
+    if callable(selector):
+        try:
+            signature = inspect.signature(selector)
+        except (TypeError, ValueError):  # no signature to read (some builtins): left to the call
+            return
+        try:
+            signature.bind("path", "leaf")
+        except TypeError:
+            raise TypeError(
+                f"param group {index}: a function in 'params' is called as f(path, leaf) -> bool, "
+                f"but {selector!r} cannot take those two arguments (its signature is {signature})"
+            ) from None
+        return
+    if isinstance(selector, str):
         return
     if isinstance(selector, Sequence) and all(isinstance(s, str) for s in selector):
         return
@@ -362,6 +375,7 @@ def param_groups(
         return ParamGroupsState(dict(state.inner_states))
 
     def update_fn(updates, state, params=None, **extra_args):
+        check.check_state_type(state, ParamGroupsState, "param_groups")
         if isinstance(getattr(state, "inner_states", None), (tuple, list)):
             raise ValueError(
                 "param_groups: this state was made by rmsjax 0.2, whose groups kept their states "

@@ -52,7 +52,8 @@ def RMSPropOptimizer(
       decay: :math:`\rho`, in [0, 1).
       momentum: :math:`\mu`, in [0, 1); the learning rate sits inside the buffer.
       epsilon: :math:`\epsilon`, inside the square root, >= 0.
-      centered: divide by the leaky standard deviation.
+      centered: divide by the leaky standard deviation. TF1's fifth positional argument
+        is ``use_locking`` (meaningless in JAX, not taken here): pass ``centered`` by keyword.
 
     Example:
       >>> import jax.numpy as jnp, optax
