@@ -245,6 +245,13 @@ def check_flag(name: str, value: Any) -> None:
         raise TypeError(f"{name} must be a Python bool, got {value!r} of type {type(value).__name__}")
 
 
+def is_params_placeholder(params: Any) -> bool:
+    """Whether ``params`` is the placeholder on which ``optax.tree.map_params`` initialises a
+    transformation (to find which parts of its state are shaped like the parameters)."""
+    kind = type(params)
+    return kind.__name__ == "_ParamsPlaceholder" and kind.__module__.startswith("optax")
+
+
 def require_params(params: Any, who: str) -> None:
     """Fails with a clear message when a transformation that needs ``params`` got none."""
     if params is None:

@@ -30,6 +30,7 @@ import optax
 
 from rmsjax import _low_precision, _quantization, averages, transforms
 from rmsjax import _validation as check
+from rmsjax.compat import _common
 
 __all__ = ["EffectiveLearningRate", "effective_learning_rate", "learning_rate", "step_count"]
 
@@ -182,9 +183,12 @@ def _injected_rates(tree: Any, schedule: Any) -> list[jax.Array]:
                     f"the {name!r} injected by optax.inject_hyperparams is a stateful schedule "
                     "with no step count; read its state yourself"
                 )
-            rates.append(_readable(schedule(count)))
+            rate = schedule(count)
         else:
-            rates.append(_readable(node.hyperparams[name]))
+            rate = node.hyperparams[name]
+        if "lr_decay" in node.hyperparams:  # compat.torch.Adagrad: lr / (1 + count * lr_decay)
+            rate = _common.divided_by_decay(rate, node.hyperparams["lr_decay"])(node.count)
+        rates.append(_readable(rate))
     return rates
 
 

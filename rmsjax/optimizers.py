@@ -219,7 +219,9 @@ def adam(
     Defaults, and where they differ from ``optax.adam``:
       ``b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0`` as optax; ``eps_root`` is keyword-only
       here (optax's fifth positional argument) and there is no ``mu_dtype``. The float32
-      updates equal ``optax.adam``'s bit for bit, eagerly and under ``jax.jit`` on XLA:CPU.
+      updates equal ``optax.adam``'s bit for bit under ``jax.jit`` on XLA:CPU, and eagerly
+      leaf by leaf (eagerly on a tree of several leaves, optax's own result for a leaf can
+      differ in the last bit from its result for that leaf alone; rmsjax's does not).
 
     Example:
       >>> import jax.numpy as jnp, rmsjax

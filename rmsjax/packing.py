@@ -404,12 +404,6 @@ def _state_layout(state: Any, tree: PyTree, what: str, *, any_precision: bool = 
     return layout, leaves, starts
 
 
-def _is_params_placeholder(params: Any) -> bool:
-    """``optax.tree.map_params`` initialises the transformation on a placeholder object."""
-    kind = type(params)
-    return kind.__name__ == "_ParamsPlaceholder" and kind.__module__.startswith("optax")
-
-
 def _static_leaf_size(max_leaf_size: Any) -> int | None:
     """``max_leaf_size`` as a Python int; ``None`` when it is traced (it is only needed by
     ``init``, which then says so)."""
@@ -494,7 +488,7 @@ def packed(
     inner_tx = optax.with_extra_args_support(tx)
 
     def init_fn(params: optax.Params) -> PackedState:
-        if _is_params_placeholder(params):
+        if _validation.is_params_placeholder(params):
             # No part of the state is shaped like the parameters: map_params maps none of it.
             return PackedState(inner=0, offsets=0)  # pyright: ignore[reportArgumentType]
         if leaf_size is None:

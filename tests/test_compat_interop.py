@@ -20,6 +20,7 @@ import numpy as np
 import optax
 import pytest
 
+import rmsjax
 from rmsjax.compat import keras as kc
 from rmsjax.compat import tf1, timm
 from rmsjax.compat import torch as pt
@@ -416,3 +417,28 @@ def test_a_param_group_whose_parameters_are_all_masked_out():
     with pytest.raises(ValueError, match="selects no parameter with the path 'embb'"):
         typo = pt.param_groups(pt.RMSprop, [{"params": "embb"}])
         optax.masked(typo, {"emb": False, "dense": True}).init(params)
+
+
+@pytest.mark.parametrize("option", [{"gradient_accumulation_steps": 2},
+                                    {"use_ema": True, "ema_overwrite_frequency": 2}])
+def test_injected_keras_integer_options_must_be_static(option):
+    # They decide the step's structure; injected (a jax array) they raised a bare range error.
+    name = [k for k in option if k != "use_ema"][0]
+    params, grads = {"w": jnp.ones(4)}, {"w": jnp.full(4, 0.5)}
+    with pytest.raises(TypeError, match=rf"static_args=\('{name}',\)"):
+        optax.inject_hyperparams(kc.Adam)(learning_rate=0.01, **option).init(params)
+    tx = optax.inject_hyperparams(kc.Adam, static_args=(name,))(learning_rate=0.01, **option)
+    plain = kc.Adam(learning_rate=0.01, **option)
+    state, plain_state = tx.init(params), plain.init(params)
+    for _ in range(3):
+        updates, state = tx.update(grads, state, params)
+        expected, plain_state = plain.update(grads, plain_state, params)
+        # (injected, the betas are float32 arrays whose complements are rounded in float32)
+        np.testing.assert_allclose(updates["w"], expected["w"], rtol=2e-5)
+
+
+def test_map_params_over_param_groups_says_why_it_cannot():
+    tx = rmsjax.compat.param_groups(pt.RMSprop, [{"params": "dense/bias", "lr": 0.1}], lr=0.01)
+    params = {"dense": {"kernel": jnp.ones((4, 3)), "bias": jnp.ones(3)}}
+    with pytest.raises(TypeError, match="param_groups: optax.tree.map_params cannot map"):
+        optax.tree.map_params(tx, lambda x: x, tx.init(params))

@@ -323,3 +323,19 @@ def test_step_count_under_multisteps_counts_real_updates_inside_rounding_wrapper
         for _ in range(5):
             _, state = tx.update({"w": jnp.ones(4, jnp.bfloat16)}, state, params)
     assert int(rmsjax.step_count(state)) == 2
+
+
+def test_learning_rate_of_an_injected_torch_adagrad_with_lr_decay_is_decayed():
+    # PyTorch's rate lr / (1 + t * lr_decay) after t updates: the plain state gave it, the
+    # injected one gave the undecayed lr.
+    from rmsjax.compat import torch as pt
+
+    params, grads = {"w": jnp.ones(4)}, {"w": jnp.full(4, 0.5)}
+    expected = 0.1 / (1 + 4 * 0.5)
+    for tx in (pt.Adagrad(lr=0.1, lr_decay=0.5), optax.inject_hyperparams(pt.Adagrad)(lr=0.1, lr_decay=0.5)):
+        state = tx.init(params)
+        for _ in range(4):
+            _, state = tx.update(grads, state, params)
+        np.testing.assert_allclose(float(rmsjax.learning_rate(state)), expected, rtol=1e-6)
+    state.hyperparams["lr"] = jnp.asarray(0.2)  # an edit shows at once
+    np.testing.assert_allclose(float(rmsjax.learning_rate(state)), 2 * expected, rtol=1e-6)

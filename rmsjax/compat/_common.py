@@ -115,6 +115,12 @@ def check_integer(name: str, value: Any, *, low: int, high: int = MAX_COUNT, opt
     wanted = f"{'None or ' if optional else ''}an integer in [{low}, {high}]"
     if value is None and optional:
         return None
+    if isinstance(value, jax.Array):
+        raise TypeError(
+            f"{name} must be {wanted} known when the optimizer is built (it decides the "
+            f"structure of the step), got a jax array; under optax.inject_hyperparams pass "
+            f"static_args=({name!r},)"
+        )
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be {wanted}, got {value!r} of type {type(value).__name__}")
     if not low <= int(value) <= high:

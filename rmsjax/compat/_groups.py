@@ -370,6 +370,14 @@ def param_groups(
         return transforms, optax.partition(transforms, tx.labels(tree))
 
     def init_fn(params):
+        if check.is_params_placeholder(params):
+            raise TypeError(
+                "param_groups: optax.tree.map_params cannot map a param_groups state: which "
+                "group a parameter belongs to depends on its path, and map_params initialises "
+                "the optimizer without parameters. Map the groups' states (state.inner_states, "
+                "one per group) with jax.tree.map or with optax.tree.map_params of each "
+                "group's own optimizer instead"
+            )
         _, inner = partition(params)
         state: Any = inner.init(params)
         return ParamGroupsState(dict(state.inner_states))
