@@ -211,7 +211,9 @@ def encode(x: jax.Array, inverse: jax.Array, u: jax.Array | None, bits: int, sig
     if signed:
         level = jnp.where(x < 0, -level, level)
         return jnp.where(finite, level, nan)
-    level = jnp.where(y > 0, jnp.maximum(level, one), jnp.zeros_like(level))
+    # x > 0, not y > 0: y = |x| / scale flushes to zero below the smallest normal number (a
+    # block whose scale is 2**60 above the element's), and the element would decode to 0.
+    level = jnp.where(x > 0, jnp.maximum(level, one), jnp.zeros_like(level))
     inf = jnp.asarray(_INF[(bits, signed)], ct)
     return jnp.where(finite, level, jnp.where(jnp.isnan(x), nan, inf))
 
