@@ -66,7 +66,11 @@ def _leafwise(leaf: Any, who: str) -> optax.GradientTransformation:
         _check_gradients(updates, params, who)
         return jax.tree.map(leaf, updates), optax.EmptyState()
 
-    return optax.GradientTransformation(optax.init_empty_state, update_fn)
+    def init_fn(params):
+        del params
+        return optax.EmptyState()
+
+    return optax.GradientTransformation(init_fn, update_fn)
 
 
 def divide_gradients(factor: float) -> optax.GradientTransformation:
