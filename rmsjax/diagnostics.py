@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from rmsjax import _low_precision, _quantization, averages, transforms
@@ -188,8 +189,32 @@ def _injected_rates(tree: Any, schedule: Any) -> list[jax.Array]:
             rate = node.hyperparams[name]
         if "lr_decay" in node.hyperparams:  # compat.torch.Adagrad: lr / (1 + count * lr_decay)
             rate = _common.divided_by_decay(rate, node.hyperparams["lr_decay"])(node.count)
+        else:
+            _check_not_rescheduled(node, name, rate)
         rates.append(_readable(rate))
     return rates
+
+
+def _check_not_rescheduled(node: Any, name: str, rate: Any) -> None:
+    """Refuses an injected rate that the optimizer inside turns into another schedule.
+
+    ``inject_hyperparams(compat.torch.Adagrad, static_args=("lr_decay",))`` divides the
+    injected ``lr`` by ``1 + count * lr_decay`` inside, with ``lr_decay`` held by the update
+    function, not the state: the next rate cannot be read, and the injected number is not it.
+    Seen as a schedule step inside whose last rate differs from the injected number."""
+    inner = [s for s in _namedtuples(node.inner_state) if isinstance(s, transforms.ScaleByScheduleState)]
+    if len(inner) != 1 or any(isinstance(x, jax.core.Tracer) for x in (rate, inner[0].rate)):
+        return  # traced (inside jit): nothing to compare
+    if np.allclose(np.asarray(_readable(inner[0].rate)), np.asarray(_readable(rate)), rtol=1e-6, atol=0):
+        return
+    raise ValueError(
+        f"the optimizer inside optax.inject_hyperparams turns the injected {name!r} into a "
+        f"schedule of its own (its last rate was {float(_readable(inner[0].rate)):.6g}, the "
+        f"injected value is {float(_readable(rate)):.6g}); a hyperparameter listed in "
+        "static_args, such as compat.torch.Adagrad's lr_decay, is held by the update function, "
+        "not the state, so the next rate cannot be read from the state: inject it too (leave "
+        "it out of static_args)"
+    )
 
 
 def _readable(rate: Any) -> jax.Array:
@@ -235,7 +260,8 @@ def learning_rate(opt_state: Any, *, schedule: Any = None) -> jax.Array:
     Raises:
       ValueError: if the state holds no learning rate, or several different ones (for
         example two optimizers under ``optax.multi_transform``), or an injected schedule
-        and no ``schedule=``.
+        and no ``schedule=``, or an injected rate that the optimizer inside reschedules with
+        a hyperparameter held in ``static_args`` (``compat.torch.Adagrad``'s ``lr_decay``).
       TypeError: if ``schedule`` is not a callable of the step count.
 
     Example:

@@ -339,3 +339,23 @@ def test_learning_rate_of_an_injected_torch_adagrad_with_lr_decay_is_decayed():
         np.testing.assert_allclose(float(rmsjax.learning_rate(state)), expected, rtol=1e-6)
     state.hyperparams["lr"] = jnp.asarray(0.2)  # an edit shows at once
     np.testing.assert_allclose(float(rmsjax.learning_rate(state)), 2 * expected, rtol=1e-6)
+
+
+def test_learning_rate_refuses_an_injected_rate_rescheduled_by_a_static_lr_decay():
+    # With lr_decay in static_args the decay lives in the update function, not the state:
+    # the injected lr (0.1) is not the next rate (0.1 / 3 after 4 updates), so no answer.
+    from rmsjax.compat import torch as pt
+
+    params, grads = {"w": jnp.ones(4)}, {"w": jnp.full(4, 0.5)}
+    tx = optax.inject_hyperparams(pt.Adagrad, static_args=("lr_decay",))(lr=0.1, lr_decay=0.5)
+    state = tx.init(params)
+    np.testing.assert_allclose(float(rmsjax.learning_rate(state)), 0.1)  # nothing decayed yet
+    for _ in range(4):
+        _, state = tx.update(grads, state, params)
+    with pytest.raises(ValueError, match="static_args"):
+        rmsjax.learning_rate(state)
+    # A static lr_decay of 0 (docs/porting.md's plain layout) schedules nothing: still read.
+    plain = optax.inject_hyperparams(pt.Adagrad, static_args=("lr_decay", "weight_decay"))(lr=0.1)
+    state = plain.init(params)
+    _, state = plain.update(grads, state, params)
+    np.testing.assert_allclose(float(rmsjax.learning_rate(state)), 0.1)
