@@ -19,6 +19,11 @@ float32 state.
     python benchmarks/bench_quantized.py --quick    # a 1024 x 1024 leaf, 3 trials
     python benchmarks/bench_quantized.py --gpu      # 16384 x 16384 and 20M
     python benchmarks/bench_quantized.py --shapes 2048x2048 --optimizers adam --trials 5
+    python benchmarks/bench_quantized.py --runs 5   # five processes; per cell the median and range
+
+The step time of one process moves by up to 40 % between runs on a shared machine (and the
+ratios with it), so ``--runs`` repeats the whole measurement in fresh processes and reports,
+for each cell, the median ratio over the runs and the lowest and highest.
 
 Writes ``bench_quantized.json`` and ``bench_quantized.md`` to ``--out``
 (default ``benchmarks/results``; ``--gpu`` adds a ``_gpu`` suffix).
@@ -30,6 +35,9 @@ import argparse
 import json
 import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -167,12 +175,36 @@ def device_description() -> str:
     return f"{device.platform}: {kind} ({len(jax.devices())} device(s))"
 
 
+def _ratio_cell(row) -> str:
+    if "ratios" not in row:
+        return f"{row['ratio']:.2f}x"
+    return f"{row['ratio']:.2f}x ({min(row['ratios']):.2f}-{max(row['ratios']):.2f})"
+
+
+def combine_runs(runs: list[dict]) -> dict:
+    """One result from several runs of the same command: each speed row's ``ratio`` and
+    ``ms`` become the medians over the runs, with every run's ratio in ``ratios``; memory
+    and peak rows are compile-time figures, the same in every run, taken from the last."""
+    result = dict(runs[-1], runs=len(runs))
+    key = ("optimizer", "bits", "in_place", "shape")
+    rows = {}
+    for run in runs:
+        for row in run["speed"]:
+            rows.setdefault(tuple(str(row.get(k)) for k in key), []).append(row)
+    result["speed"] = [dict(group[-1], ratio=statistics.median(r["ratio"] for r in group),
+                            ms=statistics.median(r["ms"] for r in group),
+                            ratios=[r["ratio"] for r in group]) for group in rows.values()]
+    return result
+
+
 def markdown(result) -> str:
     keys = [k for k in COLUMNS if any((r["bits"], r.get("in_place", False)) == k for r in result["speed"])]
     in_place = any(k[1] for k in keys)
     lines = [f"# rmsjax.quantized on {result['device']}", "",
              f"jax {result['jax']}, {result['machine']}; train step (update + apply, donated), "
-             f"medians of {result['trials']} interleaved trials of {result['steps']} steps."
+             f"medians of {result['trials']} interleaved trials of {result['steps']} steps"
+             + (f"; each ratio is the median over {result['runs']} runs (separate processes), "
+                "lowest and highest in brackets." if result.get("runs", 1) > 1 else ".")
              + (" In place: compiled with XLA:CPU's region-analysis copy insertion." if in_place else ""), ""]
     lines += ["## Step time", "",
               "| leaf | optimizer | float32 ms | " + " | ".join(COLUMNS[k] for k in keys) + " |",
@@ -183,7 +215,7 @@ def markdown(result) -> str:
         if bits != 32:
             continue
         leaf = " x ".join(str(s) for s in shape)
-        cells = [f"{by[(name, shape, *k)]['ratio']:.2f}x" for k in keys]
+        cells = [_ratio_cell(by[(name, shape, *k)]) for k in keys]
         lines.append(f"| {leaf} | {name} | {row['ms']:.3f} | " + " | ".join(cells) + " |")
     lines += ["", "## Peak memory of the step (arguments + temporaries, bytes per parameter)", "",
               "| leaf | optimizer | float32 | " + " | ".join(f"{COLUMNS[k]} (allowed)" for k in keys) + " |",
@@ -219,8 +251,15 @@ def main(argv=None):
                         help="trace the new quantized state a second time from optimization_barrier "
                         "copies (0.3.0's default), to compare the two on a backend; outputs get a "
                         "_second_trace suffix")
+    parser.add_argument("--runs", type=int, default=1,
+                        help="repeat the whole measurement in this many fresh processes; report "
+                        "each cell's median and range")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = parser.parse_args(argv)
+    if args.runs < 1:
+        parser.error(f"--runs must be at least 1, got {args.runs}")
+    if args.runs > 1:
+        return _repeat(args, list(sys.argv[1:] if argv is None else argv))
     from rmsjax import _quantization
     _quantization._TRACE_NEW_STATE_AGAIN = args.second_trace
     gpu = jax.default_backend() == "gpu" if args.gpu is None else args.gpu
@@ -254,6 +293,35 @@ def main(argv=None):
     stem = "bench_quantized_gpu" if gpu and args.size is None else "bench_quantized"
     stem += "_second_trace" if args.second_trace else ""
     result["second_trace"] = args.second_trace
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    (out / f"{stem}.md").write_text(markdown(result))
+    print(markdown(result))
+    return result
+
+
+def _repeat(args, argv: list[str]) -> dict:
+    """Runs this script ``args.runs`` times in fresh processes and writes the combined result."""
+    forwarded, skip = [], False
+    for item in argv:  # drop --runs and --out (with their values); each run writes to its own folder
+        if skip:
+            skip = False
+        elif item in ("--runs", "--out"):
+            skip = True
+        elif not item.startswith(("--runs=", "--out=")):
+            forwarded.append(item)
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for index in range(args.runs):
+            folder = Path(tmp) / str(index)
+            subprocess.run([sys.executable, str(Path(__file__).resolve()), *forwarded, "--out", str(folder)],
+                           check=True, stdout=subprocess.DEVNULL)
+            runs.append(json.loads(next(folder.glob("*.json")).read_text()))
+    result = combine_runs(runs)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    gpu = result["backend"] == "gpu" if args.gpu is None else args.gpu
+    stem = "bench_quantized_gpu" if gpu and args.size is None else "bench_quantized"
+    stem += "_second_trace" if args.second_trace else ""
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
     (out / f"{stem}.md").write_text(markdown(result))
     print(markdown(result))

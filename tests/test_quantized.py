@@ -455,6 +455,21 @@ def test_benchmark_smoke(tmp_path):
     assert all(row["ratio"] > 0 for row in result["speed"])
 
 
+def test_benchmark_runs_combine_into_medians_and_ranges():
+    bench = _load(ROOT / "benchmarks" / "bench_quantized.py")
+
+    def run(ratio, ms):
+        return {"speed": [{"optimizer": "adam", "bits": 8, "in_place": False, "shape": [4, 4],
+                           "ratio": ratio, "ms": ms}], "peak": [], "memory": [], "trials": 9,
+                "steps": 3}
+
+    combined = bench.combine_runs([run(3.0, 30.0), run(2.0, 20.0), run(2.5, 40.0)])
+    (row,) = combined["speed"]
+    assert (row["ratio"], row["ms"], row["ratios"], combined["runs"]) == (2.5, 30.0, [3.0, 2.0, 2.5], 3)
+    assert bench._ratio_cell(row) == "2.50x (2.00-3.00)"
+    assert bench._ratio_cell(run(2.0, 1.0)["speed"][0]) == "2.00x"
+
+
 def test_centred_bound_quality_script(tmp_path):
     """benchmarks/centred_bound_quality.py runs end to end; after 30 steps the 8-bit state's
     loss (its variance scaled by the centred bound) is within 5 % of float32 state's."""
