@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import jax
+import jax.core  # jax deletes its own alias; named here so type checkers see jax.core
 import jax.numpy as jnp
 import numpy as np
 import optax
