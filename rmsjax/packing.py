@@ -376,9 +376,13 @@ def _state_layout(state: Any, tree: PyTree, what: str, *, any_precision: bool = 
     if not isinstance(state, PackedState) or not isinstance(offsets, tuple):
         raise TypeError(f"packed: the state is not a packed state, got {type(state).__name__}")
     state_keys = [key for buffer in offsets for key in buffer]
-    if any_precision:
-        by_name = {_without_dtype(key): key for key in state_keys}
-        keys = [by_name.get(_without_dtype(key), key) for key in keys]
+    by_name = {_without_dtype(key): key for key in state_keys}
+
+    def as_state_keys(keys: list[str]) -> list[str]:
+        # the state's key for a leaf whose dtype differs from it (any_precision) only
+        return [by_name.get(_without_dtype(key), key) for key in keys] if any_precision else keys
+
+    keys = as_state_keys(keys)
     if len(keys) != len(state_keys) or set(keys) != set(state_keys):
         raise ValueError(
             f"packed: the {what} do not match the tree the packed state was built for "
@@ -387,7 +391,8 @@ def _state_layout(state: Any, tree: PyTree, what: str, *, any_precision: bool = 
         )
     index = {key: i for i, key in enumerate(keys)}
     canonical = _canonical(tree)
-    rank = index if canonical is tree else {key: r for r, key in enumerate(_leaf_keys(canonical)[0])}
+    rank = index if canonical is tree else {
+        key: r for r, key in enumerate(as_state_keys(_leaf_keys(canonical)[0]))}
     groups, starts = [], []
     for buffer in offsets:
         # in the order they were packed in at init (_canonical), whatever this tree's order

@@ -340,3 +340,22 @@ def test_float32_gradients_for_bfloat16_parameters_as_unpacked(name):
                                           np.asarray(expected[key], np.float32), err_msg=key)
     with pytest.raises(ValueError, match=r"\['w'\] float32\[7\]"):  # a shape still tells
         packed_tx.update({**grads, "w": jnp.ones(7)}, packed_state, params)
+
+
+def test_ordered_dict_of_float32_gradients_for_bfloat16_parameters():
+    # An OrderedDict of gradients in another precision than the parameters: the leaves were
+    # ranked under their gradient dtype but looked up under the state's, a KeyError.
+    from collections import OrderedDict
+
+    params = OrderedDict(b=jnp.full(3, 0.5, jnp.bfloat16), a=jnp.full(2, -0.25, jnp.bfloat16))
+    grads = OrderedDict(a=jnp.linspace(-1.0, 1.0, 2), b=jnp.full(3, 0.7))
+    in_params_order = OrderedDict((key, grads[key]) for key in params)  # as the plain one needs
+    plain, packed_tx = rmsjax.rmsprop(0.1, momentum=0.9), rmsjax.packed(rmsjax.rmsprop(0.1, momentum=0.9))
+    plain_state, packed_state = plain.init(params), packed_tx.init(params)
+    for _ in range(2):
+        expected, plain_state = plain.update(in_params_order, plain_state, params)
+        got, packed_state = packed_tx.update(grads, packed_state, params)
+        assert list(got) == ["a", "b"]
+        for key in params:
+            assert got[key].dtype == expected[key].dtype == jnp.float32, key
+            np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
