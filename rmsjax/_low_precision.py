@@ -17,11 +17,12 @@ on a value whose *expected* value is the exact ``params + update``:
 The returned update is ``t - p`` in the parameter's dtype, where ``t`` is the rounded target;
 the difference of two nearby floating-point numbers of one format is exact in that format
 (Sterbenz's lemma: whenever ``t / 2 <= p <= 2 t``), so optax's ``p + u`` gives back ``t`` bit
-for bit. Only an update that takes a parameter to less than half its magnitude (or across
-zero) can miss ``t``; it then lands within half an ulp *of the update* of it, as in plain
-low-precision arithmetic. With ``compensated=True`` that miss is carried forward only as far
-as the record reaches: up to 127 units (half an ulp of the value landed on), and not at all
-when it lands on 0 (whose ulp is flushed to zero); the rest is lost, as without the record.
+for bit. Only an update that takes a parameter to less than half or more than twice its
+magnitude (or across zero) can miss ``t``; it then lands within one ulp *of the update* of it,
+as in plain low-precision arithmetic (bfloat16 ``4 + 1028`` lands on 1024, not 1032). With
+``compensated=True`` that miss is carried forward only as far as the record reaches: up to
+127 units (half an ulp of the value landed on), and not at all when it lands on 0 (whose ulp
+is flushed to zero); the rest is lost, as without the record.
 """
 
 from __future__ import annotations

@@ -307,3 +307,34 @@ def test_errors_are_loud():
         plain.update(params, optax.EmptyState(), params)
     with pytest.raises(TypeError, match="compensated"):
         rmsjax.low_precision(rmsjax.adam(1e-3), compensated="yes")  # pyright: ignore[reportArgumentType]
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_only_non_sterbenz_updates_miss_and_by_at_most_an_ulp_of_the_update(dtype):
+    """The docs said only a step below half the parameter (or across zero) misses, by half an
+    ulp of the update: a step past twice it misses too (4 + 1028 -> 1024, not 1032, a whole ulp
+    of the update 1024). ``compensated`` rounds to nearest, so the target is known."""
+    tx = rmsjax.low_precision(optax.identity(), compensated=True)
+    if dtype == jnp.bfloat16:  # the docstring's example (1028 is a float16 number)
+        p = {"w": jnp.asarray([4.0, -4.0], dtype)}
+        new, _ = _apply(tx, p, {"w": jnp.asarray([1028.0, -1028.0])}, tx.init(p))
+        np.testing.assert_array_equal(np.asarray(new["w"].astype(jnp.float32)), [1024.0, -1024.0])
+
+    rng = np.random.default_rng(1)
+    n = 1 << 14
+    p16 = jnp.asarray(rng.standard_normal(n) * 10.0 ** rng.uniform(-2, 1, n), dtype)
+    pf = np.asarray(p16.astype(jnp.float32))
+    u = (pf * 10.0 ** rng.uniform(-3, 3, n) * rng.choice([-1, 1], n)).astype(np.float32)
+    updates, _ = jax.jit(tx.update)({"w": jnp.asarray(u)}, tx.init({"w": p16}), {"w": p16})
+    landed = np.asarray(optax.apply_updates({"w": p16}, updates)["w"].astype(jnp.float32))
+    target = np.asarray(jnp.asarray(pf + u).astype(dtype).astype(jnp.float32))  # nearest
+    step = np.abs(np.asarray(updates["w"]))
+    ulp = np.nextafter(step, np.asarray(np.inf, step.dtype)).astype(np.float32) - step.astype(np.float32)
+    same_side = np.sign(target) == np.sign(pf)
+    sterbenz = same_side & (np.abs(target) <= 2 * np.abs(pf)) & (np.abs(pf) <= 2 * np.abs(target))
+    miss = landed != target
+    assert not (miss & sterbenz).any()
+    grow = same_side & (np.abs(target) > 2 * np.abs(pf))
+    assert (miss & grow).sum() > 50  # the case the docs left out
+    assert (np.abs(landed - target)[miss] <= ulp[miss]).all()
+    assert (np.abs(landed - target)[miss] > ulp[miss] / 2).any()  # not half an ulp
