@@ -154,16 +154,15 @@ def layout_of(tree: PyTree, *, max_leaf_size: int = 4096) -> PackingLayout:
 def _check_matches(leaves: list[Any], layout: PackingLayout, what: str) -> None:
     if len(leaves) != len(layout.shapes):
         raise ValueError(
-            f"packed: {what} has {len(leaves)} leaves, the packed state was built for "
-            f"{len(layout.shapes)}"
+            f"pack: {what} has {len(leaves)} leaves, the layout was made for {len(layout.shapes)}"
         )
     for i, leaf in enumerate(leaves):
         shape = tuple(np.shape(leaf))
         dtype = _dtype_name(leaf)
         if shape != layout.shapes[i] or dtype != layout.dtypes[i]:
             raise ValueError(
-                f"packed: leaf {i} of {what} is {dtype}{list(shape)}, the packed state was "
-                f"built for {layout.dtypes[i]}{list(layout.shapes[i])}"
+                f"pack: leaf {i} of {what} is {dtype}{list(shape)}, the layout was made for "
+                f"{layout.dtypes[i]}{list(layout.shapes[i])}"
             )
 
 
@@ -257,7 +256,19 @@ def unpack(buffers: Any, layout: PackingLayout) -> PyTree:
       buffers: the buffers returned by :func:`pack` (or arrays shaped like them, such as
         their gradients or updates).
       layout: the layout returned by :func:`pack`.
+
+    Raises:
+      ValueError: ``buffers`` are not as many as the layout's, or one has another shape than
+        its buffer.
     """
+    buffers = tuple(buffers)
+    if len(buffers) != len(layout.groups):
+        raise ValueError(f"unpack: got {len(buffers)} buffers, the layout has {len(layout.groups)}")
+    for k, (group, buffer) in enumerate(zip(layout.groups, buffers)):
+        want = layout.shapes[group[0]] if len(group) == 1 else (sum(layout.sizes(group)),)
+        if tuple(np.shape(buffer)) != want:
+            shape = tuple(np.shape(buffer))
+            raise ValueError(f"unpack: buffers[{k}] has shape {shape}, the layout wants {want}")
     return jax.tree.unflatten(layout.treedef, _unpack_leaves(buffers, layout))
 
 

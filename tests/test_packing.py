@@ -359,3 +359,22 @@ def test_ordered_dict_of_float32_gradients_for_bfloat16_parameters():
         for key in params:
             assert got[key].dtype == expected[key].dtype == jnp.float32, key
             np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
+
+
+def test_unpack_refuses_buffers_unlike_the_layouts():
+    # Too few buffers gave a tree with None leaves, too many were ignored, and a buffer of a
+    # leaf on its own came back whatever its shape.
+    params = {"a": jnp.ones(3), "b": jnp.zeros(2), "big": jnp.ones(10)}
+    buffers, layout = packing.pack(params, packing.layout_of(params, max_leaf_size=4))
+    assert [b.shape for b in buffers] == [(5,), (10,)]
+    with pytest.raises(ValueError, match="got 1 buffers, the layout has 2"):
+        packing.unpack(buffers[:1], layout)
+    with pytest.raises(ValueError, match="got 3 buffers, the layout has 2"):
+        packing.unpack((*buffers, jnp.ones(3)), layout)
+    with pytest.raises(ValueError, match=r"buffers\[0\] has shape \(6,\), the layout wants \(5,\)"):
+        packing.unpack((jnp.ones(6), buffers[1]), layout)
+    with pytest.raises(ValueError, match=r"buffers\[1\] has shape \(2, 5\), the layout wants \(10,\)"):
+        packing.unpack((buffers[0], jnp.ones((2, 5))), layout)
+    assert jax.tree.map(jnp.shape, packing.unpack(list(buffers), layout)) == jax.tree.map(jnp.shape, params)
+    with pytest.raises(ValueError, match=r"pack: leaf 0 of the tree is float32\[4\], the layout was made"):
+        packing.pack({"a": jnp.ones(4), "b": jnp.zeros(2), "big": jnp.ones(10)}, layout)
