@@ -467,7 +467,13 @@ def packed(
 
     The gradients may be of other precisions than the parameters (float32 gradients for
     bfloat16 parameters): a buffer of gradients of several precisions is in the widest, and
-    each update comes back in its gradient's dtype, as from ``tx`` alone.
+    each update comes back in its gradient's dtype. Where one buffer mixes precisions, a leaf
+    whose gradient is narrower than the widest is computed in the wider one, where ``tx``
+    alone rounds its intermediate steps to the gradient's dtype: its updates differ from
+    ``tx`` alone's by that rounding (which state such as momentum accumulates), and come back
+    in the gradient's dtype even where ``tx`` alone returns a wider one (optax's optimizers,
+    for bfloat16 gradients of float32 parameters). Gradients all of one dtype give ``tx``
+    alone's numbers.
 
     The state (:class:`PackedState`) names every leaf by its path, dtype and shape: an
     ``update`` with a tree of other leaves fails naming them, and the state serializes with
@@ -541,7 +547,7 @@ def packed(
             where, _ = pack(param_leaves, params_layout)
         steps, inner = inner_tx.update(grads, state.inner, where, **extra_args)
         # a buffer of gradients of several precisions is in the widest: each update is cast
-        # back to its gradient's dtype, as the wrapped transformation does per leaf
+        # back to its gradient's dtype, as rmsjax's transformations do per leaf
         out = [piece if piece.dtype == dtype else piece.astype(dtype)
                for piece, dtype in zip(_unpack_leaves(steps, layout, starts), layout.dtypes)]
         return jax.tree.unflatten(layout.treedef, out), PackedState(inner=inner, offsets=state.offsets)

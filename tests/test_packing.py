@@ -378,3 +378,36 @@ def test_unpack_refuses_buffers_unlike_the_layouts():
     assert jax.tree.map(jnp.shape, packing.unpack(list(buffers), layout)) == jax.tree.map(jnp.shape, params)
     with pytest.raises(ValueError, match=r"pack: leaf 0 of the tree is float32\[4\], the layout was made"):
         packing.pack({"a": jnp.ones(4), "b": jnp.zeros(2), "big": jnp.ones(10)}, layout)
+
+
+def test_gradients_narrower_than_their_buffer_are_computed_in_it():
+    # The docstring said every update of a buffer of mixed gradient precisions was tx alone's;
+    # a bfloat16 gradient beside float32 ones is computed in float32 (tx alone rounds its
+    # steps to bfloat16), so momentum drifts from tx alone's by bfloat16 rounding.
+    rng = np.random.default_rng(0)
+    params = {f"l{i}": jnp.asarray(rng.normal(size=50), jnp.bfloat16) for i in range(4)}
+    plain, packed_tx = rmsjax.rmsprop(0.1, momentum=0.9), rmsjax.packed(rmsjax.rmsprop(0.1, momentum=0.9))
+    plain_state, packed_state = plain.init(params), packed_tx.init(params)
+    differs = 0
+    for _ in range(4):
+        grads = {k: jnp.asarray(rng.normal(size=50), jnp.float32 if int(k[1]) % 2 else jnp.bfloat16)
+                 for k in params}
+        expected, plain_state = plain.update(grads, plain_state, params)
+        got, packed_state = packed_tx.update(grads, packed_state, params)
+        for k in params:
+            assert got[k].dtype == grads[k].dtype
+            a, b = np.asarray(got[k], np.float32), np.asarray(expected[k], np.float32)
+            if grads[k].dtype == jnp.float32:
+                np.testing.assert_array_equal(a, b)
+            else:
+                differs += int((a != b).sum())
+                np.testing.assert_allclose(a, b, atol=4e-3)  # bfloat16 ulps of ~0.3
+    assert differs > 0
+    # one dtype for all the gradients: tx alone's numbers
+    same = {k: jnp.asarray(rng.normal(size=50), jnp.float32) for k in params}
+    plain_state, packed_state = plain.init(params), packed_tx.init(params)
+    for _ in range(3):
+        expected, plain_state = plain.update(same, plain_state, params)
+        got, packed_state = packed_tx.update(same, packed_state, params)
+        for k in params:
+            np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(expected[k]))
