@@ -316,6 +316,20 @@ def _shard_shape(leaf: Any, shape: tuple[int, ...]) -> tuple[int, ...]:
         return shape
 
 
+def _explicitly_sharded(leaf: Any) -> bool:
+    """Whether ``leaf`` is split along a mesh axis of type Explicit (its sharding is then part
+    of its type, and jax checks each reshape of it against that type)."""
+    sharding = getattr(jax.typeof(leaf), "sharding", None) if isinstance(leaf, jax.core.Tracer) \
+        else getattr(leaf, "sharding", None)
+    mesh, spec = getattr(sharding, "mesh", None), getattr(sharding, "spec", None)
+    if mesh is None or spec is None:
+        return False
+    explicit = {name for name, kind in zip(mesh.axis_names, getattr(mesh, "axis_types", ()), strict=False)
+                if kind == jax.sharding.AxisType.Explicit}
+    used = {a for entry in spec if entry is not None for a in (entry if isinstance(entry, tuple) else (entry,))}
+    return bool(used & explicit)
+
+
 def _plan(leaf: Any, bits: int, block_size: int, min_size: int) -> _Layout | None:
     """The layout of a declared moment leaf stored quantized, or None to keep it as it is."""
     if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
@@ -335,6 +349,11 @@ def _plan(leaf: Any, bits: int, block_size: int, min_size: int) -> _Layout | Non
         # in a shard; along its first axis, reshaping the sharded moment into blocks is not a
         # reshape jax can shard by itself (eager init failed there), and at 4 bits the halved
         # axis may not split like the parameter's.
+        return None
+    if k > 1 and local != shape and _explicitly_sharded(leaf):
+        # A row of several axes of a leaf split along a leading axis, on a mesh with Explicit
+        # axes: jax's sharding rule for reshape refuses to merge the row's axes into blocks
+        # ((64, 16, 8) split along its first axis, to (64, 1, 128)), and init raised.
         return None
     row_local = int(np.prod(local[len(shape) - k :], dtype=np.int64))
     if bits == 4 and shape[len(shape) - k] % 2:

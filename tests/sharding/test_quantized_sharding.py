@@ -187,3 +187,28 @@ def test_flax_linen_logical_partitioning_onto_an_fsdp_mesh(bits):
                       (grads, nn.meta.unbox(jax.jit(tx.init)(boxed)), params)))
     np.testing.assert_allclose(np.asarray(updates["params"]["Dense_0"]["kernel"]),
                                np.asarray(ref_updates["params"]["Dense_0"]["kernel"]), rtol=1e-6)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("jitted", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("shape", [(64, 16, 8), (64, 64, 8)])
+def test_a_row_of_several_axes_split_along_a_leading_axis_on_an_explicit_mesh(shape, jitted, bits):
+    """A leaf whose last axis (8) is too short for a block, so that its row is its last two
+    axes, split along its first axis on a mesh with Explicit axes (a stack of conv kernels).
+    jax's sharding rule for reshape refused to merge the row into blocks ((64, 16, 8) ->
+    (64, 1, 128)): init raised a ShardingTypeError. Such a leaf now stays in full precision,
+    eagerly and under jit alike, and its update is float32 state's, bit for bit. On a mesh with
+    Auto axes it is stored in low bits, as before."""
+    w = jnp.linspace(-1.0, 1.0, int(np.prod(shape))).reshape(shape)
+    tx, wide = rmsjax.quantized(rmsjax.adam(1e-3), bits=bits, min_size=1), rmsjax.adam(1e-3)
+    auto_mesh = jax.make_mesh((8,), ("x",), axis_types=(jax.sharding.AxisType.Auto,))
+    auto = {"w": jax.device_put(w, NamedSharding(auto_mesh, P("x")))}
+    assert len(_quantized_leaves(tx.init(auto))) == 2
+    mesh = jax.make_mesh((8,), ("x",), axis_types=(jax.sharding.AxisType.Explicit,))
+    params = {"w": jax.device_put(w, NamedSharding(mesh, P("x")))}
+    state = jax.jit(tx.init)(params) if jitted else tx.init(params)
+    assert not _quantized_leaves(state)
+    grads = {"w": jnp.cos(3.0 * params["w"])}
+    updates, _ = jax.jit(tx.update)(grads, state, params)
+    ref, _ = jax.jit(wide.update)(grads, wide.init(params), params)
+    np.testing.assert_array_equal(np.asarray(updates["w"]), np.asarray(ref["w"]))
