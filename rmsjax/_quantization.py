@@ -326,7 +326,8 @@ def _explicitly_sharded(leaf: Any) -> bool:
         return False
     explicit = {name for name, kind in zip(mesh.axis_names, getattr(mesh, "axis_types", ()), strict=False)
                 if kind == jax.sharding.AxisType.Explicit}
-    used = {a for entry in spec if entry is not None for a in (entry if isinstance(entry, tuple) else (entry,))}
+    used = {a for entry in spec if entry is not None
+            for a in (entry if isinstance(entry, tuple) else (entry,))}
     return bool(used & explicit)
 
 
