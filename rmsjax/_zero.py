@@ -139,6 +139,8 @@ def zero_shardings(tx: Any, params: Any, mesh: Any, axis: str = "data", *, uneve
         raise ValueError(f"zero_shardings: uneven must be one of {_UNEVEN}, got {uneven!r}")
     _validation.check_transformation("tx", tx, "zero_shardings")
     size = int(mesh.shape[axis])
+    types = dict(zip(mesh.axis_names, getattr(mesh, "axis_types", ()), strict=False))
+    explicit = types.get(axis) == jax.sharding.AxisType.Explicit
 
     abstract = jax.tree_util.tree_map_with_path(lambda path, leaf: _abstract(mesh, path, leaf), params,
                                                 is_leaf=_is_variable)
@@ -173,6 +175,11 @@ def zero_shardings(tx: Any, params: Any, mesh: Any, axis: str = "data", *, uneve
         if pair is not None:
             codes, scale = pair["codes"], pair["scale"]
             dims = [d for d in range(len(scale)) if codes[d] % size == 0 and scale[d] % size == 0]
+            if explicit and codes[:-1] != scale[:-1]:
+                # A row of several axes (blocks over the trailing axes): on an Explicit axis
+                # jax's reshape rule refuses to merge a split leaf's row into blocks, and the
+                # update raised a ShardingTypeError; such a leaf stays whole.
+                dims = []
         chosen = next((d for d in dims if spec[d] is None and shape[d] % size == 0), None)
         if chosen is None:
             skipped.append(f"state{jax.tree_util.keystr(path)} {shape}")
@@ -183,7 +190,8 @@ def zero_shardings(tx: Any, params: Any, mesh: Any, axis: str = "data", *, uneve
         result.append(NamedSharding(mesh, P(*new)))
     if skipped:
         reason = (f"no dimension (outside a quantization block) is a multiple of the {size} devices of "
-                  f"mesh axis {axis!r}")
+                  f"mesh axis {axis!r}" + (", or a quantized row of several axes on an Explicit axis"
+                                           if explicit else ""))
         if uneven == "error":
             raise ValueError(f"zero_shardings: cannot split {', '.join(skipped)} evenly: {reason} "
                              "(uneven='warn' or 'replicate' keeps such leaves replicated)")

@@ -366,3 +366,38 @@ def test_checkpoint_round_trip_and_restore_onto_four_devices(tmp_path):
     out = step4(on4["params"], on4["opt_state"], jax.device_put(jnp.asarray(batches[10]),
                                                                  NamedSharding(mesh4, P("data"))))
     assert all(bool(jnp.isfinite(x.astype(jnp.float32)).all()) for x in jax.tree.leaves(out[0]))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_a_quantized_row_of_several_axes_stays_whole_on_an_explicit_axis(bits):
+    """docs/low_memory.md's jit-only step on a mesh with Explicit axes (``jax.make_mesh``'s
+    default since jax 0.9). A quantized leaf whose row spans several axes ((64, 16, 8), an
+    (n, 1) head) was split along its first axis, and the step raised jax's ShardingTypeError:
+    its reshape rule refuses to merge a split leaf's row into blocks. Such leaves now stay
+    whole (listed in the warning); one-axis rows are still split, and the step gives the bits
+    of the step on one device."""
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Explicit,), devices=jax.devices()[:8])
+    replicated = NamedSharding(mesh, P())
+    params = jax.device_put({"conv": jnp.linspace(-1.0, 1.0, 64 * 16 * 8).reshape(64, 16, 8),
+                             "head": jnp.linspace(-1.0, 1.0, 4096).reshape(4096, 1),
+                             "w": jnp.linspace(-1.0, 1.0, 64 * 1024).reshape(64, 1024)}, replicated)
+    tx = rmsjax.quantized(rmsjax.adam(1e-3), bits=bits, min_size=1)
+    with pytest.warns(UserWarning, match=r"stay replicated.*mu\['conv'\].*mu\['head'\]"):
+        shardings = rmsjax.zero_shardings(tx, params, mesh)
+    mu = shardings.inner[0].mu
+    assert "data" not in tuple(mu["conv"].codes.spec) + tuple(mu["head"].codes.spec)
+    assert tuple(mu["w"].codes.spec)[0] == "data"
+    state = jax.jit(tx.init, out_shardings=shardings)(params)
+    grads = jax.tree.map(jnp.cos, params)
+
+    def step(p, s, g):
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    out = jax.jit(step, in_shardings=(replicated, shardings, replicated),
+                  out_shardings=(replicated, shardings))(params, state, grads)
+    local = jax.tree.map(lambda a: jax.device_put(np.asarray(a), jax.devices()[0]),
+                         (params, tx.init(params), grads))
+    ref = jax.jit(step)(*local)
+    for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(ref), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
