@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rmsjax import _low_precision, _quantization, averages, transforms
+from rmsjax import _low_precision, _moments, _quantization, averages, transforms
 from rmsjax import _validation as check
 from rmsjax.compat import _common
 
@@ -370,7 +370,11 @@ def _second_moment(
     (``bias_correction``, ``centered_variance``), on float32 copies of the state.
     """
     # AMSGrad divides by the running maximum of nu, kept in nu_max.
-    nu = state.nu_max if "nu_max" in state._fields else state.nu
+    amsgrad = "nu_max" in state._fields
+    nu = state.nu_max if amsgrad else state.nu
+    # rmsjax's nu_max is the maximum of nu; optax's (scale_by_amsgrad) that of the
+    # bias-corrected nu, what its step divides by: not corrected again.
+    corrected = amsgrad and not isinstance(state, transforms.ScaleByAmsgradState)
     nu = jax.tree.map(lambda v: jnp.asarray(v).astype(jnp.float32), nu)
     mu = None
     if centered:
@@ -391,7 +395,8 @@ def _second_moment(
         started = count > 0
         safe = jnp.maximum(count, jnp.ones_like(count))
         keep = lambda old, new: jax.tree.map(lambda o, n: jnp.where(started, n, o), old, new)
-        nu = keep(nu, averages.bias_correction(nu, decay, safe))
+        if not corrected:
+            nu = keep(nu, averages.bias_correction(nu, decay, safe))
         if mu is not None:
             mu = keep(mu, averages.bias_correction(mu, decay, safe))
     if mu is not None:
@@ -450,7 +455,8 @@ def effective_learning_rate(
         :math:`t` the state's step count (and :math:`\mu` too when ``centered``): pass ``b2``
         for ``adam``, or ``decay`` for ``rmsprop(bias_correction=True)``. With
         ``scale_by_adam(amsgrad=True)`` the running maximum ``nu_max`` is used in place of
-        ``nu``, as the optimizer does.
+        ``nu``, as the optimizer does; ``optax.amsgrad``'s ``nu_max`` is already the maximum
+        of the bias-corrected ``nu``, so it is used as it is, ``decay`` given or not.
 
     Returns:
       An :class:`EffectiveLearningRate`: ``per_leaf`` (a float32 pytree shaped like the
@@ -458,8 +464,10 @@ def effective_learning_rate(
 
     Raises:
       ValueError: if the state holds no second-moment ``nu`` (e.g. ``sgd``), several of them,
-        or no learning rate when none is passed; if ``eps`` or ``learning_rate`` is negative
-        or not finite, or ``decay`` is outside ``[0, 1)``.
+        or no learning rate when none is passed; if its ``nu`` is an infinity norm
+        (``compat.keras.Adamax``); if ``eps`` or ``learning_rate`` is negative or not finite,
+        or ``decay`` is outside ``[0, 1)``. (``optax.adamax`` keeps its infinity norm in an
+        ``optax.ScaleByAdamState``, which cannot be told from Adam's: do not pass it.)
       TypeError: if a number is not a real scalar, or a flag not a bool.
 
     Example:
@@ -510,8 +518,15 @@ def effective_learning_rate(
     # eps as given: a number lets the formulas below drop the 0/0 guard, as the optimizer does.
     eps32 = eps if isinstance(eps, (int, float)) else jnp.asarray(eps, jnp.float32)
 
-    nu = _second_moment(states[0], centered=centered, decay=decay)
     state = states[0]
+    moments = _moments.declared(state) or {}
+    if "nu" in moments and moments["nu"].rule == "peak":
+        raise ValueError(
+            f"the 'nu' of {_describe(state)} is an infinity norm (Adamax's), not a second "
+            "moment: its step divides by nu + eps, not by a square root, so "
+            "effective_learning_rate does not apply; read the state yourself."
+        )
+    nu = _second_moment(state, centered=centered, decay=decay)
     ones = jax.tree.map(jnp.ones_like, nu)
     # The step of a unit gradient, with the formulas the transformations use.
     if "nu_delta" in state._fields:  # AdaDelta: sqrt(delta + eps) / sqrt(nu + eps)

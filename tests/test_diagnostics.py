@@ -359,3 +359,29 @@ def test_learning_rate_refuses_an_injected_rate_rescheduled_by_a_static_lr_decay
     state = plain.init(params)
     _, state = plain.update(grads, state, params)
     np.testing.assert_allclose(float(rmsjax.learning_rate(state)), 0.1)
+
+
+def test_optax_amsgrad_nu_max_is_not_bias_corrected_twice():
+    # optax.amsgrad keeps the maximum of the bias-corrected nu (rmsjax's keeps that of nu): the
+    # step divides by it as it is. With decay=b2, as for Adam, it was corrected a second time.
+    tx = optax.amsgrad(0.1, b1=0.9, b2=0.999)
+    params = jax.tree.map(jnp.asarray, PARAMS)
+    with jax.numpy_dtype_promotion("standard"):  # optax's bias correction mixes dtypes
+        state = run(tx, GRADS[:4])
+        updates, state = tx.update(jax.tree.map(jnp.asarray, GRADS[4]), state, params)
+    amsgrad_state = state[0]
+    mu_hat = jax.tree.map(lambda m: np.asarray(m, np.float64) / (1 - 0.9**5), amsgrad_state.mu)
+    expected = jax.tree.map(lambda u, m: -np.asarray(u, np.float64) / m, updates, mu_hat)
+    for decay in (0.999, None):
+        eff = rmsjax.effective_learning_rate(state, learning_rate=0.1, decay=decay)
+        assert_tree_close(eff.per_leaf, expected, rtol=1e-4)
+
+
+def test_keras_adamax_infinity_norm_is_refused():
+    # Keras's Adamax divides by an infinity norm (its 'nu'), not by the root of a second
+    # moment: alpha / (sqrt(nu) + eps) was returned, silently wrong.
+    from rmsjax.compat import keras as kc
+
+    state = run(kc.Adamax(learning_rate=0.1))
+    with pytest.raises(ValueError, match="infinity norm"):
+        rmsjax.effective_learning_rate(state, eps=1e-7)
