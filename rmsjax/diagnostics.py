@@ -32,7 +32,7 @@ import optax
 
 from rmsjax import _low_precision, _moments, _quantization, averages, transforms
 from rmsjax import _validation as check
-from rmsjax.compat import _common
+from rmsjax.compat import _common, _keras_parts
 
 __all__ = ["EffectiveLearningRate", "effective_learning_rate", "learning_rate", "step_count"]
 
@@ -104,6 +104,9 @@ def _namedtuples(tree: Any) -> Iterator[Any]:
 
 _ROUNDING_COUNTERS = (_quantization.QuantizedState, _low_precision.LowPrecisionState)
 """Wrapper states whose ``count`` seeds stochastic rounding (one per call of ``update``)."""
+_MINI_STEP_COUNTERS = (*_ROUNDING_COUNTERS, _keras_parts.GradientAccumulationState)
+"""States whose ``count`` moves at every call, real update or not (Keras's accumulator counts
+its micro-steps, Keras's ``iterations``): read only when nothing else counts."""
 
 
 def _find(tree: Any, field: str) -> list[Any]:
@@ -315,7 +318,9 @@ def step_count(opt_state: Any) -> jax.Array:
     ``step``. Under ``optax.MultiSteps`` this counts the real (outer)
     updates, not the accumulated mini-steps, also when ``rmsjax.quantized`` or
     ``rmsjax.low_precision`` wraps it (their own counts, which seed the rounding, are read only
-    when nothing else counts).
+    when nothing else counts); so does it under ``compat.keras``'s
+    ``gradient_accumulation_steps``, whose micro-step count (Keras's ``iterations``) is read only
+    when nothing inside counts (``compat.keras.SGD`` with a constant rate keeps no other count).
 
     Args:
       opt_state: the state of an rmsjax optimizer, possibly chained or wrapped, or a Flax
@@ -343,7 +348,7 @@ def step_count(opt_state: Any) -> jax.Array:
     states = _find(tree, "count")
     # The count of quantized and low_precision seeds their rounding: it moves at every call,
     # so under optax.MultiSteps it counts the mini-steps. It is the last resort.
-    own = [state for state in states if not isinstance(state, _ROUNDING_COUNTERS)]
+    own = [state for state in states if not isinstance(state, _MINI_STEP_COUNTERS)]
     accumulating = [node for node in _namedtuples(tree) if isinstance(node, optax.MultiStepsState)]
     if not own and accumulating:
         return _scalar(accumulating[0].gradient_step).astype(jnp.int32)

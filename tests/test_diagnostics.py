@@ -385,3 +385,15 @@ def test_keras_adamax_infinity_norm_is_refused():
     state = run(kc.Adamax(learning_rate=0.1))
     with pytest.raises(ValueError, match="infinity norm"):
         rmsjax.effective_learning_rate(state, eps=1e-7)
+
+
+@pytest.mark.parametrize("factory", ["RMSprop", "Adam"])
+def test_step_count_under_keras_gradient_accumulation_counts_real_updates(factory):
+    # The accumulator's count is Keras's micro-step count: with a constant rate step_count read
+    # it (8 after 8 micro-steps of 2), with a schedule the learning-rate step's (4).
+    from rmsjax.compat import keras as kc
+
+    make = getattr(kc, factory)
+    for rate in (0.1, optax.linear_schedule(0.1, 0.01, 20)):
+        state = run(make(learning_rate=rate, gradient_accumulation_steps=2), GRADS * 2)
+        assert int(rmsjax.step_count(state)) == len(GRADS)
