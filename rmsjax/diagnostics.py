@@ -41,8 +41,9 @@ class EffectiveLearningRate(NamedTuple):
     """Per-coordinate effective learning rate and its summary statistics.
 
     Attributes:
-      per_leaf: a pytree shaped like the parameters (like the ``nu`` state it was computed
-        from) holding, for every coordinate, the step size that multiplies its gradient.
+      per_leaf: a pytree shaped like the ``nu`` state it was computed from (like the
+        parameters, except under ``rmsjax.packed``, whose ``nu`` is its packed buffers)
+        holding, for every coordinate, the step size that multiplies its gradient.
       min: the smallest effective learning rate over all coordinates (float32 scalar).
       median: the median over all coordinates (float32 scalar).
       mean: the mean over all coordinates (float32 scalar).
@@ -465,7 +466,8 @@ def effective_learning_rate(
 
     Returns:
       An :class:`EffectiveLearningRate`: ``per_leaf`` (a float32 pytree shaped like the
-      parameters) and its ``min``, ``median``, ``mean`` and ``max`` over all coordinates.
+      state's ``nu``: the parameters, or ``rmsjax.packed``'s buffers) and its ``min``,
+      ``median``, ``mean`` and ``max`` over all coordinates.
 
     Raises:
       ValueError: if the state holds no second-moment ``nu`` (e.g. ``sgd``), several of them,
