@@ -14,12 +14,18 @@ float32 state.
 * On CPU, low-bit state is also measured with the step compiled in place (``IN_PLACE``:
   XLA:CPU's region-analysis copy insertion, docs/low_bit.md *In place on CPU*), the recipe for
   low-bit state there; the JSON rows say which (``"in_place"``).
+* ``--vector-width 512`` compiles every step, float32's too, with XLA:CPU's
+  ``xla_cpu_prefer_vector_width`` at 512 bits (AVX-512 registers; XLA's default is 256), as
+  ``XLA_FLAGS=--xla_cpu_prefer_vector_width=512`` would for a whole program: the low-bit
+  steps are arithmetic, not memory, bound on CPU (docs/low_bit.md *Speed*). Outputs get a
+  ``_vw512`` suffix.
 
     python benchmarks/bench_quantized.py            # CPU: 4096 x 4096 and 20M, 9 trials
     python benchmarks/bench_quantized.py --quick    # a 1024 x 1024 leaf, 3 trials
     python benchmarks/bench_quantized.py --gpu      # 16384 x 16384 and 20M
     python benchmarks/bench_quantized.py --shapes 2048x2048 --optimizers adam --trials 5
     python benchmarks/bench_quantized.py --runs 5   # five processes; per cell the median and range
+    python benchmarks/bench_quantized.py --vector-width 512   # AVX-512 vectors on CPU
 
 The step time of one process moves by up to 40 % between runs on a shared machine (and the
 ratios with it), so ``--runs`` repeats the whole measurement in fresh processes and reports,
@@ -60,6 +66,8 @@ OPTIMIZERS = {
 PEAK_ONLY = ("adadelta", "rmsprop_centered_momentum", "rmsprop_momentum")
 BITS = (32, 8, 4)
 IN_PLACE = {"xla_cpu_copy_insertion_use_region_analysis": True}
+COMPILER_OPTIONS: dict = {}
+"""Options every step is compiled with (``--vector-width``), the in-place one added where asked."""
 
 
 def variants(backend: str) -> list[tuple[int, bool]]:
@@ -98,7 +106,8 @@ def train_step(tx, in_place=False):
         updates, state = tx.update(grads, state, params)
         return optax.apply_updates(params, updates), state
 
-    return jax.jit(step, donate_argnums=(0, 1), compiler_options=IN_PLACE if in_place else None)
+    options = {**COMPILER_OPTIONS, **(IN_PLACE if in_place else {})}
+    return jax.jit(step, donate_argnums=(0, 1), compiler_options=options or None)
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -185,7 +194,7 @@ def combine_runs(runs: list[dict]) -> dict:
     """One result from several runs of the same command: each speed row's ``ratio`` and
     ``ms`` become the medians over the runs, with every run's ratio in ``ratios``; memory
     and peak rows are compile-time figures, the same in every run, taken from the last."""
-    result = dict(runs[-1], runs=len(runs))
+    result: dict = dict(runs[-1], runs=len(runs))
     key = ("optimizer", "bits", "in_place", "shape")
     rows = {}
     for run in runs:
@@ -205,7 +214,9 @@ def markdown(result) -> str:
              f"medians of {result['trials']} interleaved trials of {result['steps']} steps"
              + (f"; each ratio is the median over {result['runs']} runs (separate processes), "
                 "lowest and highest in brackets." if result.get("runs", 1) > 1 else ".")
-             + (" In place: compiled with XLA:CPU's region-analysis copy insertion." if in_place else ""), ""]
+             + (" In place: compiled with XLA:CPU's region-analysis copy insertion." if in_place else "")
+             + (f" Every step compiled with xla_cpu_prefer_vector_width={result['vector_width']}."
+                if result.get("vector_width") else ""), ""]
     lines += ["## Step time", "",
               "| leaf | optimizer | float32 ms | " + " | ".join(COLUMNS[k] for k in keys) + " |",
               "|---|---|---:|" + "---:|" * len(keys)]
@@ -251,6 +262,9 @@ def main(argv=None):
                         help="trace the new quantized state a second time from optimization_barrier "
                         "copies (0.3.0's default), to compare the two on a backend; outputs get a "
                         "_second_trace suffix")
+    parser.add_argument("--vector-width", type=int, default=None, choices=(128, 256, 512),
+                        help="compile every step with XLA:CPU's xla_cpu_prefer_vector_width (bits); "
+                        "outputs get a _vw<N> suffix")
     parser.add_argument("--runs", type=int, default=1,
                         help="repeat the whole measurement in this many fresh processes; report "
                         "each cell's median and range")
@@ -262,6 +276,9 @@ def main(argv=None):
         return _repeat(args, list(sys.argv[1:] if argv is None else argv))
     from rmsjax import _quantization
     _quantization._TRACE_NEW_STATE_AGAIN = args.second_trace
+    COMPILER_OPTIONS.clear()
+    if args.vector_width is not None:
+        COMPILER_OPTIONS["xla_cpu_prefer_vector_width"] = args.vector_width
     gpu = jax.default_backend() == "gpu" if args.gpu is None else args.gpu
     if args.size is not None:
         shapes = [(args.size, args.size)]
@@ -282,6 +299,7 @@ def main(argv=None):
     peak_shape = parse_shape(args.peak_shape) if args.peak_shape else shapes[0]
     result = {
         "device": device_description(), "backend": jax.default_backend(), "jax": jax.__version__,
+        "vector_width": args.vector_width,
         "machine": platform.machine() + " " + platform.processor(), "trials": trials, "steps": steps,
         "memory": state_rows(optimizers),
         "peak": peak_rows(optimizers + [o for o in PEAK_ONLY if o not in optimizers and args.size is None],
@@ -290,13 +308,19 @@ def main(argv=None):
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = "bench_quantized_gpu" if gpu and args.size is None else "bench_quantized"
-    stem += "_second_trace" if args.second_trace else ""
+    stem = _stem(gpu and args.size is None, args.second_trace, args.vector_width)
     result["second_trace"] = args.second_trace
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
     (out / f"{stem}.md").write_text(markdown(result))
     print(markdown(result))
     return result
+
+
+def _stem(gpu: bool, second_trace: bool, vector_width: int | None) -> str:
+    """The name of the output files of one configuration."""
+    stem = "bench_quantized_gpu" if gpu else "bench_quantized"
+    stem += "_second_trace" if second_trace else ""
+    return stem + (f"_vw{vector_width}" if vector_width else "")
 
 
 def _repeat(args, argv: list[str]) -> dict:
@@ -320,8 +344,7 @@ def _repeat(args, argv: list[str]) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     gpu = result["backend"] == "gpu" if args.gpu is None else args.gpu
-    stem = "bench_quantized_gpu" if gpu and args.size is None else "bench_quantized"
-    stem += "_second_trace" if args.second_trace else ""
+    stem = _stem(gpu and args.size is None, args.second_trace, args.vector_width)
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
     (out / f"{stem}.md").write_text(markdown(result))
     print(markdown(result))

@@ -455,6 +455,18 @@ def test_benchmark_smoke(tmp_path):
     assert all(row["ratio"] > 0 for row in result["speed"])
 
 
+def test_benchmark_vector_width_compiles_every_step_with_it(tmp_path):
+    bench = _load(ROOT / "benchmarks" / "bench_quantized.py")
+    result = bench.main(["--size", "128", "--trials", "1", "--steps", "1", "--optimizers", "adagrad",
+                         "--vector-width", "512", "--out", str(tmp_path)])
+    try:
+        assert result["vector_width"] == 512
+        assert (tmp_path / "bench_quantized_vw512.json").exists()
+        assert "xla_cpu_prefer_vector_width=512" in (tmp_path / "bench_quantized_vw512.md").read_text()
+    finally:
+        bench.COMPILER_OPTIONS.clear()
+
+
 def test_benchmark_runs_combine_into_medians_and_ranges():
     bench = _load(ROOT / "benchmarks" / "bench_quantized.py")
 
