@@ -873,6 +873,9 @@ def quantized(
     several loops would share a full-size float32 value (a momentum buffer's
     ``g / (sqrt(nu') + eps)``, AdaDelta's new ``nu_delta`` at 8 bits), each gets a computation
     of its own from the codes (docs/low_bit.md, *Nothing full-size shared between loops*).
+    On a CPU with AVX-512, add ``"xla_cpu_prefer_vector_width": 512`` to those options: the
+    low-bit step is arithmetic there, and 512-bit vectors make it 15-27 % faster
+    (docs/low_bit.md, *Speed*).
 
     Args:
       inner: the transformation whose state is stored in low precision (any rmsjax
