@@ -467,6 +467,19 @@ def test_benchmark_vector_width_compiles_every_step_with_it(tmp_path):
         bench.COMPILER_OPTIONS.clear()
 
 
+def test_vector_width_probe_times_each_step_at_both_widths(tmp_path):
+    probe = _load(ROOT / "benchmarks" / "vector_width_probe.py")
+    rows = probe.main(["--shape", "128x128", "--trials", "1", "--steps", "1", "--optimizers", "adagrad",
+                       "--bits", "32,8", "--out", str(tmp_path)])
+    assert (tmp_path / "vector_width_probe.json").exists()
+    assert {(r["bits"], r["in_place"], r["wide"]) for r in rows} == {
+        (b, i, w) for b in (32, 8) for i in (False, True) for w in (False, True)}
+    assert probe.compile_options(True, True) == {"xla_cpu_copy_insertion_use_region_analysis": True,
+                                                 "xla_cpu_prefer_vector_width": 512}
+    assert probe.compile_options(False, False) is None
+    assert all(r["ms"] > 0 for r in rows)
+
+
 def test_benchmark_runs_combine_into_medians_and_ranges():
     bench = _load(ROOT / "benchmarks" / "bench_quantized.py")
 
