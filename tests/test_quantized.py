@@ -1166,7 +1166,8 @@ def test_low_bit_step_peaks_below_float32_state_on_every_jax(name, bits):
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="measured on XLA:CPU only in this release; "
                     "benchmarks/bench_quantized.py prints the peaks on any backend")
 @pytest.mark.parametrize("name,bits", [(name, bits) for bits in (8, 4) for name in ACCEPTANCE])
-@pytest.mark.parametrize("options", [IN_PLACE, {**IN_PLACE, **WIDE_VECTORS}], ids=["in_place", "in_place_vw512"])
+@pytest.mark.parametrize("options", [IN_PLACE, {**IN_PLACE, **WIDE_VECTORS}],
+                         ids=["in_place", "in_place_vw512"])
 def test_peak_memory_meets_the_acceptance_target(name, bits, options):
     """Arguments + temporaries within 0.15 B/param of what the stored state allows (the
     acceptance target), the step compiled in place, with XLA's default vectors or AVX-512's."""
