@@ -1182,7 +1182,7 @@ def test_wide_vectors_change_no_bit(name, bits):
     """The train step compiled with 512-bit vectors (docs/low_bit.md, *Speed*) gives the
     parameters and the stored state of the default compile bit for bit, over steps whose
     gradients span six orders of magnitude. (Not AdaDelta: there XLA:CPU's 512-bit code moves
-    about 0.4 % of the parameters by one ulp, with float32 state as with low-bit state.)"""
+    about 0.3 % of the parameters by one or two ulps, with float32 state as with low-bit state.)"""
     shape = (64, 1024)
 
     def run(options):
