@@ -101,12 +101,14 @@ def nbytes(tree) -> int:
     return sum(leaf.size * jnp.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(tree))
 
 
-def train_step(tx, in_place=False):
+def train_step(tx, in_place=False, options=None):
+    """The donated train step of ``tx``, compiled with ``options`` (default
+    :data:`COMPILER_OPTIONS`) and, when ``in_place``, :data:`IN_PLACE`."""
     def step(params, state, grads):
         updates, state = tx.update(grads, state, params)
         return optax.apply_updates(params, updates), state
 
-    options = {**COMPILER_OPTIONS, **(IN_PLACE if in_place else {})}
+    options = {**(COMPILER_OPTIONS if options is None else options), **(IN_PLACE if in_place else {})}
     return jax.jit(step, donate_argnums=(0, 1), compiler_options=options or None)
 
 

@@ -34,14 +34,6 @@ def compile_options(in_place: bool, wide: bool) -> dict | None:
     return {**(bench.IN_PLACE if in_place else {}), **(WIDE if wide else {})} or None
 
 
-def step_for(tx, options):
-    def step(params, state, grads):
-        updates, state = tx.update(grads, state, params)
-        return jax.tree.map(lambda p, u: p + u, params, updates), state
-
-    return jax.jit(step, donate_argnums=(0, 1), compiler_options=options)
-
-
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--shape", default="4096x4096")
@@ -59,7 +51,7 @@ def main(argv=None) -> list[dict]:
             for in_place in (False, True):
                 for wide in (False, True):
                     tx = bench.make(name, bits)
-                    step = step_for(tx, compile_options(in_place, wide))
+                    step = bench.train_step(tx, options=compile_options(in_place, wide) or {})
                     params = {"w": jax.numpy.zeros(shape, jax.numpy.float32)}
                     params, state = step(params, tx.init(params), grads)  # compile
                     jax.block_until_ready(params)

@@ -874,7 +874,7 @@ def quantized(
     ``g / (sqrt(nu') + eps)``, AdaDelta's new ``nu_delta`` at 8 bits), each gets a computation
     of its own from the codes (docs/low_bit.md, *Nothing full-size shared between loops*).
     On a CPU with AVX-512, add ``"xla_cpu_prefer_vector_width": 512`` to those options: the
-    low-bit step is arithmetic there, and 512-bit vectors make it 15-27 % faster
+    low-bit step is arithmetic there, and 512-bit vectors make it 12-22 % faster
     (docs/low_bit.md, *Speed*).
 
     Args:
