@@ -43,6 +43,7 @@ from jax import lax
 __all__ = [
     "MAPS",
     "block_scale",
+    "block_scales",
     "bound_scale",
     "decode",
     "encode",
@@ -400,6 +401,26 @@ def _block_max(x: jax.Array, blocked: tuple[int, ...] | None) -> jax.Array:
     return jnp.max(x, axis=-1)
 
 
+def _block_maxima(xs: tuple[jax.Array, ...], blocked: tuple[int, ...]) -> tuple[jax.Array, ...]:
+    """:func:`_block_max` of several arrays of one shape in one variadic reduction: one loop
+    that computes them all and reads their operands once. Each window stage of
+    :func:`_block_max` is a dimension of the same reduction: reduced in two, XLA:CPU wrote the
+    first stage's maxima out, 4 bytes per window of each array (4-bit Adam compiled in place:
+    9.38 against 9.13 B/param at its peak)."""
+    if len(xs) == 1:
+        return (_block_max(xs[0], blocked),)
+    n = blocked[-1]
+    windowed = (*blocked[:-1], n // _FUSED_WINDOW, _FUSED_WINDOW) \
+        if n > _FUSED_WINDOW and n % _FUSED_WINDOW == 0 else blocked
+    operands = tuple(x.astype(jnp.uint32).reshape(windowed) for x in xs)
+    start = tuple(jnp.array(0, jnp.uint32) for _ in xs)
+
+    def maxima(a: tuple[jax.Array, ...], b: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+        return tuple(lax.max(u, v) for u, v in zip(a, b, strict=True))
+
+    return tuple(lax.reduce(operands, start, maxima, tuple(range(len(blocked) - 1, len(windowed)))))
+
+
 def _power_of_two_above(biased: jax.Array, utype: Any, mantissa: int, mask: int) -> jax.Array:
     """Bits of ``2**(e - bias + 1)`` for biased exponents ``e`` (0 where ``e == 0``), at most
     ``2**(bias - 1)`` (float32: ``2**126``, float64: ``2**1022``): the largest power of two
@@ -450,16 +471,33 @@ def block_scale(x: jax.Array, old: jax.Array | None, dtype: Any, *,
     return _finish(fresh, old, utype, mantissa, x.dtype, dtype)
 
 
-def _largest_exponent(x: jax.Array, keep: jax.Array | None, blocked: tuple[int, ...] | None) -> jax.Array:
-    """Each block's largest :func:`_exponent_below` of its finite elements (and those where
-    ``keep`` is true), reduced in XLA's own loop (:func:`_block_max`)."""
+def block_scales(xs: tuple[jax.Array, ...], olds: tuple[jax.Array | None, ...], dtype: Any, *,
+                 keeps: tuple[jax.Array | None, ...], blocked: tuple[int, ...]) -> tuple[jax.Array, ...]:
+    """:func:`block_scale` of several arrays of one shape and dtype (the new moments of one
+    parameter), reduced in one loop (:func:`_block_maxima`): the same scales, each
+    array's elements computed once for all of them instead of once per reduction."""
+    utype, mantissa, mask, _ = _EXPONENT[jnp.dtype(xs[0].dtype)]
+    exponents = tuple(_finite_exponent(x, keep) for x, keep in zip(xs, keeps, strict=True))
+    tops = _block_maxima(exponents, blocked)
+    return tuple(_finish(_power_of_two_above(top, utype, mantissa, mask), old, utype, mantissa,
+                         xs[0].dtype, dtype) for top, old in zip(tops, olds, strict=True))
+
+
+def _finite_exponent(x: jax.Array, keep: jax.Array | None) -> jax.Array:
+    """:func:`_exponent_below` of each element of ``x`` (one byte for float32), 0 where the
+    element is not finite or ``keep`` is false."""
     utype, mantissa, mask, etype = _EXPONENT[jnp.dtype(x.dtype)]
     drop = _biased_exponent(x, utype, mantissa, mask) == jnp.asarray(mask, utype)  # inf or NaN
     exponent = _exponent_below(x, utype, mantissa, mask).astype(etype)
     if keep is not None:
         drop = drop | ~keep
-    exponent = jnp.where(drop, jnp.zeros_like(exponent), exponent)
-    return _block_max(exponent, blocked)
+    return jnp.where(drop, jnp.zeros_like(exponent), exponent)
+
+
+def _largest_exponent(x: jax.Array, keep: jax.Array | None, blocked: tuple[int, ...] | None) -> jax.Array:
+    """Each block's largest :func:`_exponent_below` of its finite elements (and those where
+    ``keep`` is true), reduced in XLA's own loop (:func:`_block_max`)."""
+    return _block_max(_finite_exponent(x, keep), blocked)
 
 
 def halves_scale(low: jax.Array, high: jax.Array, old: jax.Array | None, dtype: Any,

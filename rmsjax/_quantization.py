@@ -991,6 +991,10 @@ def _wrap(inner: optax.GradientTransformation, bits: int, block: int, minimum: i
         flat, treedef = jax.tree.flatten(updates)
         positions = jax.tree.unflatten(treedef, list(range(len(flat))))
         pending: list[_Pending] = []
+        # Scales of a divisor's leaves (keyed by the stored leaf's id), reduced in one loop with
+        # those of the moment divided by it (_encode_field), which computes the new divisor
+        # anyway for its ``keep``.
+        joint: dict[int, jax.Array] = {}
 
         stages = iter(range(1 << 30))
 
@@ -998,6 +1002,9 @@ def _wrap(inner: optax.GradientTransformation, bits: int, block: int, minimum: i
             decl = _moments.declared(old) or {}
             stage = next(stages)
             fields = {}
+            # In declaration order (it numbers the leaves, and so their rounding): a moment
+            # declared before its divisor, as rmsjax's are, reduces the divisor's maxima with
+            # its own (_encode_field); declared after it, each is reduced on its own.
             for name, moment in decl.items():
                 olds, news = getattr(old, name), getattr(new, name)
                 if not any(is_quantized(x) for x in jax.tree.leaves(olds, is_leaf=_stop)):
@@ -1013,6 +1020,7 @@ def _wrap(inner: optax.GradientTransformation, bits: int, block: int, minimum: i
                     aux["m"] = getattr(new, moment.centered)
                 if moment.divided_by is not None:
                     aux["d"] = getattr(new, moment.divided_by)
+                    aux["dq"] = getattr(old, moment.divided_by)
                 where = _matching(olds, positions)
                 if where is not None:
                     aux["i"] = where
@@ -1037,6 +1045,8 @@ def _wrap(inner: optax.GradientTransformation, bits: int, block: int, minimum: i
             def leaf(q: Any, x: Any, *rest: Any) -> Any:
                 if not is_quantized(q):
                     return x
+                given = joint.pop(id(q), None)  # this leaf's scales, reduced with another's
+                stored_divisor = rest[names.index("dq")] if "dq" in names else None
                 extra = {k: _value(v) for k, v in zip(names, rest, strict=True)}
                 q = _plain(q)
                 _check_stored(q, moment)
@@ -1067,6 +1077,18 @@ def _wrap(inner: optax.GradientTransformation, bits: int, block: int, minimum: i
                         value = separate
                 if maxima is not None:
                     scale = _new_scale_of_halves(maxima, layout, q.scale)
+                elif bound is None and keep is None and m is None and given is not None:
+                    scale = given
+                elif bound is None and keep is not None and m is None and "g" not in extra \
+                        and _joins(stored_divisor, q):
+                    # The keep reads the new divisor: its maxima are reduced in the same loop.
+                    ct, blocks = _compute_dtype(value.dtype), layout.blocked()[:-1]
+                    divisor_q = _plain(stored_divisor)
+                    new_divisor = jnp.asarray(d).astype(divisor_q.scale.dtype)
+                    scale, joint[id(stored_divisor)] = _codec.block_scales(
+                        (value.astype(ct), new_divisor.astype(ct)),
+                        (q.scale.reshape(blocks), divisor_q.scale.reshape(blocks)),
+                        value.dtype, keeps=(keep, None), blocked=layout.blocked())
                 else:
                     scale = _new_scale(value, layout, old_scale=q.scale, bound=bound, keep=keep)
                 pair = None
@@ -1133,6 +1155,16 @@ class _Pending:
         q = _encode(self.value, self.layout, self.signed, count, self.leaf_id, nearest=nearest, scale=scale,
                     halves=self.halves)
         return _wrapped(self.leaf, q)
+
+
+def _joins(stored_divisor: Any, q: QuantizedArray | PackedQuantizedArray) -> bool:
+    """Whether the moment stored as ``q`` can reduce its divisor's block maxima with its own
+    (:func:`rmsjax._codec.block_scales`): the divisor is stored in low bits with the same
+    layout and scale dtype."""
+    if stored_divisor is None or not is_quantized(stored_divisor):
+        return False
+    divisor = _plain(stored_divisor)
+    return _layout_of(divisor) == _layout_of(q) and divisor.scale.dtype == q.scale.dtype
 
 
 def _after(x: jax.Array, other: jax.Array) -> jax.Array:

@@ -245,6 +245,32 @@ def test_block_scales_follow_the_rule(block):
     assert len(np.unique(got)) > 3  # the case is not degenerate
 
 
+@pytest.mark.parametrize("block", [256, 128, 48])
+def test_scales_reduced_together_follow_the_rule(block):
+    """Several arrays' scales reduced in one variadic reduction (``block_scales``: a moment and
+    its divisor) are each the rule's, as ``block_scale`` gives them one by one."""
+    rng = np.random.default_rng(5)
+    xs, keeps, olds = [], [], []
+    for k in range(3):
+        x = (rng.standard_normal((6, 2 * block)) * np.exp(rng.uniform(-30, 30, (6, 1)))).astype(np.float32)
+        x[k, 3], x[k + 1, 7], x[k + 2, :] = np.inf, np.nan, 0.0
+        xs.append(x)
+        keeps.append(rng.uniform(size=x.shape) > 0.1 if k != 1 else None)
+        olds.append((2.0 ** rng.integers(-40, 40, (6, 2))).astype(np.float32))
+    got = _codec.block_scales(tuple(jnp.asarray(x) for x in xs), tuple(jnp.asarray(o) for o in olds),
+                              jnp.float32, keeps=tuple(None if k is None else jnp.asarray(k) for k in keeps),
+                              blocked=(6, 2, block))
+    assert len(got) == 3
+    for x, keep, old, scale in zip(xs, keeps, olds, got, strict=True):
+        keep = np.ones(x.shape, bool) if keep is None else keep
+        expected = _reference_scales(x, keep, old.astype(np.float64), block)
+        np.testing.assert_array_equal(np.asarray(scale), expected)
+        one = _codec.block_scale(jnp.asarray(x), jnp.asarray(old), jnp.float32, keep=jnp.asarray(keep),
+                                 blocked=(6, 2, block))
+        np.testing.assert_array_equal(np.asarray(scale), np.asarray(one))
+        assert len(np.unique(np.asarray(scale))) > 3
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 def test_rounding_is_unbiased_over_steps(bits):
     x = np.abs(np.random.default_rng(0).standard_normal((4, BLOCK[bits]))).astype(np.float32)

@@ -901,8 +901,12 @@ def test_the_bound_replaces_the_pass_over_new_moments():
                      lambda: optax.chain(optax.clip_by_global_norm(1.0), rmsjax.rmsprop(1e-3)))
     for make in one_pass_each:
         assert _reductions_over_new_moments(rmsjax.quantized(make(), bits=8), params) == 1
-    # ...and at 4 bits, where no bound is used, one for each moment.
-    assert _reductions_over_new_moments(rmsjax.quantized(rmsjax.adam(1e-3), bits=4), params) == 2
+    # ...and at 4 bits, where no bound is used, one for each moment, except that a moment and
+    # the second moment it is divided by (Adam's) share one: its keep reads the new divisor
+    # (test_a_moment_and_its_divisor_are_reduced_in_one_loop).
+    assert _reductions_over_new_moments(rmsjax.quantized(rmsjax.adam(1e-3), bits=4), params) == 1
+    assert _reductions_over_new_moments(rmsjax.quantized(rmsjax.rmsprop(1e-3, momentum=0.9), bits=4),
+                                        params) == 2
 
 
 BOUNDED_RULES = {
@@ -1117,10 +1121,11 @@ def peak_bytes_per_param(make, bits, n=2048, options=None):
 # benchmarks/bench_quantized.py --quick --peak-shape 2048x2048` prints them (the "temp" of its
 # peak table). What is left is XLA:CPU's copy of a donated code array that the parameter update
 # reads (1 byte per parameter at 8 bits, half a byte at 4: that loop is the user's apply_updates,
-# which nothing orders before the encode; 8-bit centred RMSprop with momentum copies two).
+# which nothing orders before the encode; 8-bit centred RMSprop with momentum copies two, and so
+# does 4-bit Adam, whose one reduction over both new moments reads both code arrays at once).
 # Compiled IN_PLACE (below) no step copies any, and every one meets the target.
 PEAK_TEMPORARIES = {
-    ("adam", 8): 1.1, ("adam", 4): 0.7, ("rmsprop", 8): 1.1, ("rmsprop", 4): 0.6,
+    ("adam", 8): 1.1, ("adam", 4): 1.1, ("rmsprop", 8): 1.1, ("rmsprop", 4): 0.6,
     ("adagrad", 8): 1.1, ("adagrad", 4): 0.6, ("adadelta", 8): 1.1, ("adadelta", 4): 1.1,
     ("centered_momentum", 8): 2.1, ("centered_momentum", 4): 0.7, ("momentum", 8): 1.1, ("momentum", 4): 0.7,
 }
@@ -1204,3 +1209,50 @@ def test_wide_vectors_change_no_bit(name, bits):
     assert len(default) == len(wide)
     for a, b in zip(default, wide, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+JOINED = {
+    "adam-4": (lambda: rmsjax.adam(1e-3), 4),
+    "amsgrad-4": (lambda: optax.chain(rmsjax.transforms.scale_by_adam(amsgrad=True), optax.scale(-1e-3)), 4),
+    "keras.Nadam-4": (lambda: keras_compat.Nadam(1e-3), 4),
+    # At 8 bits, moments behind clipping are reduced exactly (no bound).
+    "clipped-adamw-8": (lambda: optax.chain(optax.clip_by_global_norm(1.0),
+                                            rmsjax.adamw(1e-3, weight_decay=0.1)), 8),
+}
+
+
+@pytest.mark.parametrize("name", list(JOINED))
+def test_a_moment_and_its_divisor_are_reduced_in_one_loop(name, monkeypatch):
+    """A moment divided by a second moment (Adam's ``mu``), reduced exactly, leaves out of
+    its scales the elements whose new divisor is not finite, so its reduction computes the new
+    divisor anyway: the divisor's maxima are reduced in the same loop. That changes no bit of
+    the parameters or the stored state against reducing each moment on its own, over steps
+    whose gradients span six orders of magnitude and hold an overflowing, an infinite and a
+    NaN element; and the step has one reduction over the two new moments instead of two."""
+    make, bits = JOINED[name]
+    shape = (64, 1024)
+    params = {"w": jnp.ones(shape, jnp.float32)}
+
+    def run():
+        tx = rmsjax.quantized(make(), bits=bits)
+
+        def step(params, state, grads):
+            u, state = tx.update(grads, state, params)
+            return optax.apply_updates(params, u), state
+
+        step = jax.jit(step)
+        p, state = params, tx.init(params)
+        for k in range(4):
+            g = jax.random.normal(jax.random.key(k), shape) * 10.0 ** (2 * k - 3)
+            if k == 2:
+                g = g.at[3, 5].set(3e30).at[7, 9].set(jnp.inf).at[11, 700].set(jnp.nan)
+            p, state = step(p, state, {"w": g})
+        return [np.asarray(x) for x in jax.tree.leaves((p, state))], _reductions_over_new_moments(tx, params)
+
+    joined, n_joined = run()
+    monkeypatch.setattr(qz, "_joins", lambda *args: False)
+    apart, n_apart = run()
+    assert len(joined) == len(apart)
+    for a, b in zip(joined, apart, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert n_apart - n_joined == 1, (n_joined, n_apart)
