@@ -180,10 +180,28 @@ def speed_rows(optimizers, shape, trials, steps):
     return rows
 
 
+def cpu_model() -> str:
+    """The host CPU's model name and vector extensions that decide the low-bit step's speed
+    (the ratios differ between CPUs: docs/low_bit.md, *Speed*), or the platform's processor
+    field where /proc/cpuinfo is not there."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    name = fields.get("model name", platform.machine())
+    family = fields.get("cpu family")
+    flags = fields.get("flags", "").split()
+    widest = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    return f"{name}{f' (family {family})' if family else ''}, {widest}"
+
+
 def device_description() -> str:
     device = jax.devices()[0]
     kind = getattr(device, "device_kind", device.platform)
-    return f"{device.platform}: {kind} ({len(jax.devices())} device(s))"
+    host = f"; host {cpu_model()}" if device.platform == "cpu" else ""
+    return f"{device.platform}: {kind} ({len(jax.devices())} device(s)){host}"
 
 
 def _ratio_cell(row) -> str:

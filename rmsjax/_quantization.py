@@ -867,14 +867,14 @@ def quantized(
     On CPU, compile the donated train step in place, ``jax.jit(step, donate_argnums=(0, 1),
     compiler_options={"xla_cpu_copy_insertion_use_region_analysis": True})``: XLA:CPU then
     overwrites the codes instead of copying them first (Adam's step: 10.10 B/param at its peak
-    against 11.10 at 8 bits, 9.13 against 9.66 at 4; docs/low_bit.md, *In place on CPU*). At 4
+    against 11.10 at 8 bits, 9.13 against 10.16 at 4; docs/low_bit.md, *In place on CPU*). At 4
     bits each new moment is recomputed on the two halves of its blocks from the old codes'
     two nibbles (``rmsjax._halves``), so that the new bytes can overwrite the old ones; where
     several loops would share a full-size float32 value (a momentum buffer's
     ``g / (sqrt(nu') + eps)``, AdaDelta's new ``nu_delta`` at 8 bits), each gets a computation
     of its own from the codes (docs/low_bit.md, *Nothing full-size shared between loops*).
     On a CPU with AVX-512, add ``"xla_cpu_prefer_vector_width": 512`` to those options: the
-    low-bit step is arithmetic there, and 512-bit vectors make it 12-22 % faster
+    low-bit step is arithmetic there, and 512-bit vectors make it 12-32 % faster
     (docs/low_bit.md, *Speed*).
 
     Args:
@@ -1135,9 +1135,9 @@ class _Pending:
     of copying the old ones first. 2048 x 2048, XLA:CPU, B/param at the step's peak: RMSprop with
     momentum 16.07 -> 15.09 (8-bit) and 14.16 -> 13.66 (4-bit), centred RMSprop with momentum
     17.11 -> 16.12 and 15.25 -> 14.72; nothing else moves. Moments of one state are not ordered
-    after each other's maxima: Adam's two moments do not read each other's codes, and forcing
-    both reductions before either encode raised 4-bit Adam's peak (9.69 -> 10.16). The values
-    are unchanged.
+    after each other's maxima through :func:`_after` (Adam's two do not read each other's
+    codes); an exactly reduced moment and its divisor share one reduction instead
+    (``_encode_field``). The values are unchanged.
     """
 
     def __init__(self, leaf: Any, value: jax.Array, layout: _Layout, signed: bool, leaf_id: int,
