@@ -1080,7 +1080,7 @@ def _wrap(inner: optax.GradientTransformation, bits: int, block: int, minimum: i
                 elif bound is None and keep is None and m is None and given is not None:
                     scale = given
                 elif bound is None and keep is not None and m is None and "g" not in extra \
-                        and _joins(stored_divisor, q):
+                        and _joins(stored_divisor, q, divisor):
                     # The keep reads the new divisor: its maxima are reduced in the same loop.
                     ct, blocks = _compute_dtype(value.dtype), layout.blocked()[:-1]
                     divisor_q = _plain(stored_divisor)
@@ -1157,14 +1157,21 @@ class _Pending:
         return _wrapped(self.leaf, q)
 
 
-def _joins(stored_divisor: Any, q: QuantizedArray | PackedQuantizedArray) -> bool:
+def _joins(stored_divisor: Any, q: QuantizedArray | PackedQuantizedArray,
+           divisor: _moments.Moment | None) -> bool:
     """Whether the moment stored as ``q`` can reduce its divisor's block maxima with its own
     (:func:`rmsjax._codec.block_scales`): the divisor is stored in low bits with the same
-    layout and scale dtype."""
+    layout and scale dtype, and its scales are those of its new value as the update returns
+    it. Not for a centred divisor (stored as the variance, whose scales differ: centred
+    RMSprop's ``nu``) nor one divided by another moment (its own scales leave elements out):
+    reduced with the moment they would not be used, and the extra work moved the peak of 4-bit
+    centred RMSprop with momentum, compiled in place on jax 0.8, from 9.72 to 9.75 B/param."""
+    if divisor is None or divisor.centered is not None or divisor.divided_by is not None:
+        return False
     if stored_divisor is None or not is_quantized(stored_divisor):
         return False
-    divisor = _plain(stored_divisor)
-    return _layout_of(divisor) == _layout_of(q) and divisor.scale.dtype == q.scale.dtype
+    stored = _plain(stored_divisor)
+    return _layout_of(stored) == _layout_of(q) and stored.scale.dtype == q.scale.dtype
 
 
 def _after(x: jax.Array, other: jax.Array) -> jax.Array:
