@@ -376,6 +376,14 @@ _FUSED_WINDOW = 32
 """Elements per stage of a :func:`_block_max` reduction kept in XLA's own loop."""
 
 
+def _windowed(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """``shape`` with its last axis (one block) split into windows of :data:`_FUSED_WINDOW`
+    elements where they divide it, else ``shape`` itself: the stages of a block maximum."""
+    n = shape[-1]
+    return (*shape[:-1], n // _FUSED_WINDOW, _FUSED_WINDOW) \
+        if n > _FUSED_WINDOW and n % _FUSED_WINDOW == 0 else tuple(shape)
+
+
 def _block_max(x: jax.Array, blocked: tuple[int, ...] | None) -> jax.Array:
     """The maximum of each block (last axis, after reshaping to ``blocked`` when given) of
     unsigned integers ``x``, reduced in 32-bit lanes, in stages of :data:`_FUSED_WINDOW`
@@ -395,9 +403,9 @@ def _block_max(x: jax.Array, blocked: tuple[int, ...] | None) -> jax.Array:
         x = x.astype(jnp.uint32)  # widened before the reshape: a convert after it is not fused
     if blocked is not None:
         x = x.reshape(blocked)
-    n = x.shape[-1]
-    if n > _FUSED_WINDOW and n % _FUSED_WINDOW == 0:
-        x = jnp.max(x.reshape(*x.shape[:-1], n // _FUSED_WINDOW, _FUSED_WINDOW), axis=-1)
+    windowed = _windowed(x.shape)
+    if windowed != x.shape:
+        x = jnp.max(x.reshape(windowed), axis=-1)
     return jnp.max(x, axis=-1)
 
 
@@ -409,9 +417,7 @@ def _block_maxima(xs: tuple[jax.Array, ...], blocked: tuple[int, ...]) -> tuple[
     9.38 against 9.13 B/param at its peak)."""
     if len(xs) == 1:
         return (_block_max(xs[0], blocked),)
-    n = blocked[-1]
-    windowed = (*blocked[:-1], n // _FUSED_WINDOW, _FUSED_WINDOW) \
-        if n > _FUSED_WINDOW and n % _FUSED_WINDOW == 0 else blocked
+    windowed = _windowed(blocked)
     operands = tuple(x.astype(jnp.uint32).reshape(windowed) for x in xs)
     start = tuple(jnp.array(0, jnp.uint32) for _ in xs)
 
